@@ -1,0 +1,274 @@
+"""Controlled generation and Multi-Resolution Latent Fusion (DGInStyle §4).
+
+`Generator.sample` is guided, ControlNet-controlled DDIM over a latent canvas tiled into views
+(one view = plain generation). `Generator.mrlf` is the two-pass driver:
+
+    pass 1 at base size -> Lanczos x f -> VAE encode (posterior sample) ->
+    tiled pass at f x base with latent inpainting of the large label components -> decode ->
+    Lanczos back to base size.
+
+Per-sample randomness comes from one private CPU torch.Generator, drawn in the original's order
+(reference-dginstyle.md §4.5): pass-1 init, posterior sample, pass-2 init, then one inpainting
+noise per step. Images are PIL at the edges and [-1, 1] NCHW tensors inside.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mrlf.components import large_component_mask, latent_mask
+from mrlf.fusion import controlled_model, fused_step
+from mrlf.tiles import blend_weights, get_views
+from samplers import SD15, Schedule, add_noise, randn, step_alphas
+from samplers.guidance import Split
+from samplers.ddim import img2img_timesteps
+from segmentation.labels import one_hot, validate_label
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    steps: int = 20
+    guidance_scale: float = 7.5
+    control_scale: float = 1.0
+    guess_mode: bool = False
+    eta: float = 0.0
+    strength: float = 1.0  # img2img: fraction of the schedule run from the init image (1 = from noise)
+
+
+@dataclass(frozen=True)
+class MRLFSettings:
+    """Every size, stride, threshold and factor of the two-pass driver (faithful dataset values)."""
+
+    scale_factor: int = 2  # 1: plain controlled generation at the base size
+    window: int = 64  # latent view size of the tiled pass (64 latents = 512 px)
+    stride: int = 8  # latent stride of the tiled pass (dataset: 8 -> 81 views; demo: 16 -> 25)
+    component_threshold: int = 20000  # pixels (> this) at the base size; demo: 30000
+    inpaint_level: str = "faithful"  # "faithful": noise to t-1 as the original; "matched": to the step's target level
+    posterior: str = "sample"  # "sample" (faithful) or "mean" for the pass-1 re-encode
+    blend: str = "uniform"  # view weights: "uniform" (faithful average), "tent", "gaussian"
+    view_batch: int = 8
+
+    def __post_init__(self):
+        if self.scale_factor < 1 or int(self.scale_factor) != self.scale_factor:
+            raise ValueError(f"scale_factor must be a positive integer, got {self.scale_factor}")
+        if self.inpaint_level not in ("faithful", "matched"):
+            raise ValueError(f"inpaint_level must be 'faithful' or 'matched', got {self.inpaint_level!r}")
+        if self.posterior not in ("sample", "mean"):
+            raise ValueError(f"posterior must be 'sample' or 'mean', got {self.posterior!r}")
+        if self.view_batch < 1:
+            raise ValueError("view_batch must be >= 1")
+
+
+DEMO = MRLFSettings(stride=16, component_threshold=30000)  # the original demo.py
+DATASET = MRLFSettings()  # the original gen_datasets.py defaults
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[-1, 1] (B, 3, H, W) -> uint8 PIL images, rounded as diffusers' numpy_to_pil."""
+    x = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in x]
+
+
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """uint8 PIL -> (1, 3, H, W) in [-1, 1]."""
+    a = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+    return ((a.float() / 255.0 - 0.5) / 0.5)[None]
+
+
+@dataclass
+class Inpaint:
+    """Latent inpainting applied after each fused update: z <- m * noised(init) + (1 - m) * z."""
+
+    init: torch.Tensor  # clean scaled latents (B, 4, H, W)
+    mask: torch.Tensor  # (H, W) or (B, 1, H, W), 1 = take the noised init
+    level: str = "faithful"
+
+
+@dataclass
+class MRLFResult:
+    image: Image.Image
+    first_pass: Image.Image
+    mask: np.ndarray
+    components: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+
+class Generator:
+    """Guided, controlled SD sampling on a view-tiled latent canvas.
+
+    sd: an `ldm.sd.StableDiffusion` (its U-Net is the denoiser, U^P for Style Swap);
+    controlnet: a `controlnet.ControlNet` or None.
+    """
+
+    def __init__(self, sd, controlnet=None, schedule: Schedule = SD15):
+        self.sd, self.controlnet, self.schedule = sd, controlnet, schedule
+
+    @property
+    def factor(self) -> int:
+        return self.sd.latent_factor
+
+    def _check_size(self, height: int, width: int) -> tuple[int, int]:
+        f = self.factor * self.sd.unet.cfg.downsample_factor
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"image size {height}x{width} must be a positive multiple of {f}")
+        return height // self.factor, width // self.factor
+
+    def contexts(self, prompts: list[str], negative: str | list[str] = "") -> Split:
+        neg = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        if len(neg) != len(prompts):
+            raise ValueError(f"{len(neg)} negative prompts for {len(prompts)} prompts")
+        ctx = self.sd.encode_prompt(list(neg) + list(prompts))
+        return Split(ctx[: len(prompts)], ctx[len(prompts):])
+
+    @torch.no_grad()
+    def sample(self, latents: torch.Tensor, context: Split, hint: torch.Tensor | None = None,
+               settings: SamplingSettings = SamplingSettings(), window: int | None = None, stride: int | None = None,
+               view_batch: int = 8, blend: str = "uniform", inpaint: Inpaint | None = None,
+               generator=None, timesteps=None, callback=None) -> torch.Tensor:
+        """Denoise `latents` (B, 4, H, W) over all timesteps (or the given ones, for img2img).
+
+        window/stride: latent view size and stride (None: one view over the whole canvas).
+        generator: CPU torch.Generator (or one per sample) for inpainting and eta noise.
+        callback(i, t, latents) runs after each step.
+        """
+        sd, s = self.sd, settings
+        B, _, H, W = latents.shape
+        views = get_views(H, W, window or max(H, W), stride or max(H, W))
+        weights = None if blend == "uniform" else blend_weights(views[0].height, views[0].width, blend)
+        model_fn = controlled_model(sd.unet, self.controlnet, s.control_scale, s.guess_mode)
+        hint = None if hint is None else hint.to(sd.device, sd.dtype)
+        mask = None if inpaint is None else inpaint.mask.to(sd.device, latents.dtype)
+        z = latents.to(sd.device, sd.dtype)
+        ts = self.schedule.timesteps(s.steps) if timesteps is None else timesteps
+        for i, t in enumerate(int(t) for t in ts):
+            a_t, a_prev = step_alphas(self.schedule, t, s.steps)
+            noise = randn(z.shape, generator, sd.device, z.dtype) if s.eta > 0 else None
+            z = fused_step(model_fn, z, t, a_t, a_prev, views, context=context, guidance=s.guidance_scale,
+                           hint=hint, hint_factor=self.factor, view_batch=view_batch, weights=weights,
+                           eta=s.eta, noise=noise)
+            if inpaint is not None:
+                # Parity trap: the original noises the init to t-1 although z now sits at t - step.
+                level = t - 1 if inpaint.level == "faithful" else t - self.schedule.step_ratio(s.steps)
+                n = randn(z.shape, generator, sd.device, torch.float32)
+                init_t = self._noised(inpaint.init, n, level)
+                z = (mask * init_t + (1 - mask) * z.float()).to(z.dtype)
+            if callback is not None:
+                callback(i, t, z)
+        return z
+
+    def _noised(self, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        if t < 0:  # below the schedule: the final alpha, as the DDIM step's own target
+            a = self.schedule.final_alpha_cumprod
+            return (a ** 0.5) * x0.float() + ((1 - a) ** 0.5) * noise
+        return add_noise(x0.float(), noise, t, self.schedule)
+
+    def hint_from_labels(self, labels, height: int, width: int) -> torch.Tensor:
+        """(B, H, W) or (H, W) trainId labels (or a (B, K, H, W) one-hot/image hint) -> hint at height x width.
+
+        Label maps are nearest-upsampled like the original (pixel replication for integer factors).
+        """
+        if torch.is_tensor(labels) and labels.is_floating_point() and labels.ndim == 4:
+            hint = labels
+        else:
+            hint = one_hot(labels)
+            hint = hint[None] if hint.ndim == 3 else hint
+        if hint.shape[-2:] != (height, width):
+            hint = torch.nn.functional.interpolate(hint, size=(height, width), mode="nearest")
+        return hint
+
+    @torch.no_grad()
+    def generate(self, prompts: str | list[str], labels=None, *, height: int = 512, width: int = 512,
+                 images_per_prompt: int = 1, seeds: int | list[int] = 0, negative_prompt: str = "",
+                 settings: SamplingSettings = SamplingSettings(), init_images: torch.Tensor | None = None,
+                 window: int | None = None, stride: int | None = None, view_batch: int = 8,
+                 callback=None, output: str = "pil"):
+        """Prompts (+ label maps) -> images. One private CPU generator per image (seed i), so an image
+        does not depend on the batch it is generated in. `init_images` ([-1, 1]) with settings.strength < 1
+        is img2img. output: "pil", "tensor" ([-1, 1]) or "latents"."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = [p for p in prompts for _ in range(images_per_prompt)]
+        n = len(prompts)
+        seeds = list(range(seeds, seeds + n)) if isinstance(seeds, int) else list(seeds)
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} images")
+        h, w = self._check_size(height, width)
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        hint = None
+        if labels is not None:
+            if self.controlnet is None:
+                raise ValueError("labels given but no ControlNet loaded")
+            hint = self.hint_from_labels(labels, height, width)
+            if hint.shape[0] == n // images_per_prompt and images_per_prompt > 1:
+                hint = hint.repeat_interleave(images_per_prompt, 0)
+            if hint.shape[0] == 1 and n > 1:
+                hint = hint.expand(n, -1, -1, -1)
+            if hint.shape[0] != n:
+                raise ValueError(f"{hint.shape[0]} label maps for {n} images")
+        ctx = self.contexts(prompts, negative_prompt)
+        z = randn((n, 4, h, w), gens, self.sd.device, self.sd.dtype)
+        timesteps = None
+        if init_images is not None or settings.strength < 1:
+            if init_images is None:
+                raise ValueError("strength < 1 needs init_images")
+            timesteps = img2img_timesteps(settings.steps, settings.strength, self.schedule)
+            x0 = self.sd.encode_image(init_images.expand(n, -1, -1, -1) if init_images.shape[0] == 1 else init_images,
+                                      gens)
+            z = add_noise(x0.float(), z.float(), int(timesteps[0]), self.schedule).to(self.sd.dtype)
+        z = self.sample(z, ctx, hint, settings, window, stride, view_batch, generator=gens,
+                        timesteps=timesteps, callback=callback)
+        if output == "latents":
+            return z
+        images = self.sd.decode_latents(z)
+        return images if output == "tensor" else to_pil(images)
+
+    @torch.no_grad()
+    def mrlf(self, label: np.ndarray, prompt: str, generator: torch.Generator, *,
+             settings: SamplingSettings = SamplingSettings(), mrlf: MRLFSettings = DATASET,
+             negative_prompt: str = "", source: str = "label") -> MRLFResult:
+        """DGInStyle's two-pass generation for one (H, W) trainId label crop; returns the base-size image."""
+        label = validate_label(np.asarray(label), source=source)
+        H, W = label.shape
+        h, w = self._check_size(H, W)
+        f = mrlf.scale_factor
+        dev, dt = self.sd.device, self.sd.dtype
+        timings = {}
+        tic = time.perf_counter()
+        mask, comps = large_component_mask(label, mrlf.component_threshold)  # before any one-hot (void stays void)
+        ctx = self.contexts([prompt], negative_prompt)
+        hint1 = self.hint_from_labels(label, H, W)
+        # Pass 1: plain controlled generation at the base size (one view, as the original's stride 64 at 512).
+        z1 = randn((1, 4, h, w), generator, dev, dt)
+        z1 = self.sample(z1, ctx, hint1, settings, view_batch=mrlf.view_batch)
+        first = to_pil(self.sd.decode_latents(z1))[0]  # quantised to uint8, as the original
+        timings["pass1_s"] = time.perf_counter() - tic
+        if f == 1:
+            return MRLFResult(first, first, mask, comps, timings)
+        tic = time.perf_counter()
+        up = first.resize((W * f, H * f), Image.LANCZOS)
+        post = self.sd.vae.encode(from_pil(up).to(dev, self.sd.vae_dtype))
+        z_init = (post.sample(generator) if mrlf.posterior == "sample" else post.mode()) * self.sd.vae.cfg.scaling_factor
+        # Pass 2: tiled at f x base, large components re-injected from pass 1 after every fused update.
+        hint2 = self.hint_from_labels(label, H * f, W * f)
+        m = torch.from_numpy(latent_mask(mask, self.factor // f) if self.factor % f == 0 else
+                             _nearest_resize(mask, h * f, w * f)).float()
+        z2 = randn((1, 4, h * f, w * f), generator, dev, dt)
+        z2 = self.sample(z2, ctx, hint2, settings, mrlf.window, mrlf.stride, mrlf.view_batch, mrlf.blend,
+                         Inpaint(z_init, m, mrlf.inpaint_level), generator=generator)
+        big = to_pil(self.sd.decode_latents(z2))[0]
+        image = big.resize((W, H), Image.LANCZOS)
+        timings["pass2_s"] = time.perf_counter() - tic
+        return MRLFResult(image, first, mask, comps, timings)
+
+
+def _nearest_resize(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+    """PyTorch legacy nearest to (h, w): index floor(i * H / h)."""
+    H, W = mask.shape
+    return mask[(np.arange(h) * H // h)[:, None], (np.arange(w) * W // w)[None, :]]
+
+
+def settings_dict(settings: SamplingSettings, mrlf: MRLFSettings) -> dict:
+    return {"sampling": asdict(settings), "mrlf": asdict(mrlf)}
