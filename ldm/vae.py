@@ -155,11 +155,21 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        # Drawn on the generator's device (CPU by convention) then moved, so results match across devices.
-        gen_device = generator.device if generator is not None else self.mean.device
-        noise = torch.randn(self.mean.shape, generator=generator, device=gen_device, dtype=torch.float32)
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """mean + std * noise. The noise is drawn on the generator's device (CPU by convention) and moved,
+        so results match across devices; a list gives one generator per sample (batch-independent draws)."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != self.mean.shape[0]:
+                raise ValueError(f"{len(generator)} generators for a batch of {self.mean.shape[0]}")
+            noise = torch.cat([self._noise(self.mean.shape[1:], g) for g in generator])
+        else:
+            noise = self._noise(self.mean.shape, generator, batched=True)
         return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
+
+    def _noise(self, shape, generator, batched: bool = False) -> torch.Tensor:
+        device = generator.device if generator is not None else self.mean.device
+        shape = tuple(shape) if batched else (1, *shape)
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
 
     def mode(self) -> torch.Tensor:
         return self.mean

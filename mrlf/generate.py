@@ -106,12 +106,19 @@ class Output:
         except OSError as e:
             raise SystemExit(f"error: output folder {root} is not writable: {e}") from e
         self.manifest = root / "manifest.jsonl"
+        if self.manifest.exists() and self.manifest.stat().st_size:
+            with open(self.manifest, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")  # end a line torn by a kill, so the next record starts clean
 
     def done(self) -> set[str]:
         if not self.manifest.exists():
             return set()
         ids = set()
         for line in self.manifest.read_text().splitlines():
+            if not line.strip():
+                continue
             try:
                 ids.add(json.loads(line)["id"])
             except (json.JSONDecodeError, KeyError):

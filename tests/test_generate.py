@@ -1,0 +1,147 @@
+"""The dataset CLI: outputs, manifest, seeds, resume, sharding and bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mrlf import generate
+from segmentation.labels import save_label
+from segmentation.synthetic import street_scene
+
+FAST = ["--size", "64", "--steps", "2", "--window", "8", "--stride", "4", "--threshold", "300", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def labels(tmp_path_factory):
+    d = tmp_path_factory.mktemp("labels")
+    for i in range(3):
+        save_label(street_scene(96, 128, i), d / f"{i:05d}_labelTrainIds.png")
+    return d
+
+
+def _run(out, labels, *extra, n=3):
+    return generate.main(["--labels", str(labels), "-n", str(n), "--out", str(out), *FAST, *extra])
+
+
+def _files(out):
+    return {os.path.relpath(os.path.join(r, f), out): open(os.path.join(r, f), "rb").read()
+            for r, _, fs in os.walk(out) for f in fs if f != "manifest.jsonl"}
+
+
+def _manifest(out):
+    return [json.loads(line) for line in open(out / "manifest.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def full_run(labels, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    assert _run(out, labels) == 0
+    return out
+
+
+def test_outputs_and_manifest(full_run, labels):
+    rows = _manifest(full_run)
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    keys = {"id", "index", "seed", "global_seed", "prompt", "weather", "class", "class_name", "source", "crop_box",
+            "large_components", "image", "label", "settings", "timing_s"}
+    assert all(keys <= set(r) for r in rows)
+    assert len({r["seed"] for r in rows}) == 3
+    for r in rows:
+        img = Image.open(full_run / r["image"])
+        lab = np.asarray(Image.open(full_run / r["label"]))
+        x1, y1, x2, y2 = r["crop_box"]
+        src = np.asarray(Image.open(r["source"]))
+        assert img.size == (64, 64) and img.mode == "RGB" and (x2 - x1, y2 - y1) == (64, 64)
+        assert np.array_equal(lab, src[y1:y2, x1:x2])  # saved label = the crop, void kept as 255
+        assert r["class"] is not None and (lab == r["class"]).any()
+        assert Image.open(full_run / "vis" / f"{r['id']}.png").size == (192, 64)
+        assert r["prompt"].endswith("weather.") == (r["weather"] is not None)
+
+
+def test_resume_after_interruption_gives_identical_files(full_run, labels, tmp_path):
+    assert _run(tmp_path, labels, "--only", "1") == 0  # an "interrupted" run that finished only sample 1
+    with open(tmp_path / "manifest.jsonl", "a") as f:
+        f.write('{"id": "torn')  # and a torn line from a kill mid-write
+    (tmp_path / "images" / ".tmp-dead.png").write_bytes(b"half")  # a dead temp file is ignored
+    assert _run(tmp_path, labels) == 0
+    rows = _manifest_lines_ok(tmp_path)
+    assert sorted(r["index"] for r in rows) == [0, 1, 2]
+    got = {k: v for k, v in _files(tmp_path).items() if ".tmp-" not in k}
+    assert got == _files(full_run)
+
+
+def _manifest_lines_ok(out):
+    rows = []
+    for line in open(out / "manifest.jsonl"):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def test_two_ranks_are_disjoint_and_complete(full_run, labels, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert _run(tmp_path, labels) == 0
+    ids = [r["id"] for r in _manifest(tmp_path)]
+    assert len(ids) == len(set(ids)) == 3
+    assert _files(tmp_path) == _files(full_run)
+
+
+def test_one_sample_regenerates_alone(full_run, labels, tmp_path):
+    assert _run(tmp_path, labels, "--only", "2") == 0
+    row = _manifest(tmp_path)[0]
+    assert row["index"] == 2
+    for sub in ("images", "labels"):
+        name = os.path.basename(row["image" if sub == "images" else "label"])
+        assert (tmp_path / sub / name).read_bytes() == (full_run / sub / name).read_bytes()
+
+
+def test_gen_file_and_single_maps(labels, tmp_path):
+    jobs = tmp_path / "7.json"
+    jobs.write_text(json.dumps([{"class": "13", "class_name": "car", "file_name": str(labels / "00000_labelTrainIds.png")}]))
+    assert generate.main(["--jobs", str(jobs), "--out", str(tmp_path / "a"), *FAST]) == 0
+    assert _manifest(tmp_path / "a")[0]["class"] == 13
+    assert generate.main(["--label-maps", str(labels / "00001_labelTrainIds.png"), "--out", str(tmp_path / "b"),
+                          *FAST]) == 0
+    assert _manifest(tmp_path / "b")[0]["crop_box"] == [32, 16, 96, 80]  # centre crop
+
+
+def test_bad_inputs_fail_clearly(labels, tmp_path):
+    bad = tmp_path / "bad_labelTrainIds.png"
+    Image.fromarray(np.full((96, 128), 42, np.uint8)).save(bad)
+    with pytest.raises(ValueError, match=r"bad_labelTrainIds.png.*42"):
+        generate.main(["--label-maps", str(bad), "--out", str(tmp_path / "o1"), *FAST])
+    lab = np.asarray(Image.open(labels / "00000_labelTrainIds.png"))
+    absent = next(c for c in range(19) if not (lab == c).any())
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"class": str(absent), "file_name": str(labels / "00000_labelTrainIds.png")}]))
+    with pytest.raises(ValueError, match="00000_labelTrainIds"):
+        generate.main(["--jobs", str(jobs), "--out", str(tmp_path / "o2"), *FAST])
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        generate.main(["--label-maps", str(labels / "00000_labelTrainIds.png"), "--out", str(tmp_path / "o3"),
+                       "--size", "128", "--steps", "1", "--no-progress"])
+    assert not any((tmp_path / "o3" / "images").iterdir())  # nothing half-written
+
+
+def test_unwritable_output(labels, tmp_path):
+    target = tmp_path / "file"
+    target.write_text("a file, not a folder")
+    with pytest.raises(SystemExit, match="not writable"):
+        _run(target / "out", labels)
+    assert target.read_text() == "a file, not a folder"
+
+
+def test_cli_argument_errors():
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--controlnet", "x"])
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--style", "0.5"])
+
+
+def test_sample_seed_is_stable():
+    assert generate.sample_seed(0, 5) == generate.sample_seed(0, 5) != generate.sample_seed(1, 5)
