@@ -1,0 +1,141 @@
+"""Our SD-1.5 networks vs diffusers / transformers, identical weights, in the same run.
+
+    python bench/models.py                      # CPU, fp32, small latents (default)
+    python bench/models.py --device cuda --dtype fp16 --latent 64 --batch 2
+    python bench/models.py --write BENCHMARKS.md
+
+Times are medians over --repeats forwards after a warm-up, interleaved (ours, ref, ours, ...)
+so machine noise hits both; memory is the peak allocated on CUDA, or on CPU the peak RSS
+of the forward over the RSS before it (Linux /proc). The ratio column is ours / reference (< 1 is faster / smaller).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import randomize_  # noqa: E402
+
+from ldm import checkpoint  # noqa: E402
+from ldm import diffusers_keys as dk  # noqa: E402
+from ldm import AutoencoderKL, CLIPTextModel, UNetModel  # noqa: E402
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak(device, fn):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    # CPU: reset the process's peak RSS (Linux clear_refs 5), then read the new peak over the current RSS.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _proc_kb("VmRSS")
+    fn()
+    return (_proc_kb("VmHWM") - base) / 1024
+
+
+def _proc_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def compare(name, ours, ref, device, repeats):
+    with torch.inference_mode():
+        ours(), ref()  # warm-up
+        _sync(device)
+        t_ours, t_ref = [], []
+        for _ in range(repeats):
+            for fn, acc in ((ours, t_ours), (ref, t_ref)):
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                acc.append(time.perf_counter() - t0)
+        m_ref, m_ours = _peak(device, ref), _peak(device, ours)
+    a, b = statistics.median(t_ours) * 1e3, statistics.median(t_ref) * 1e3
+    return dict(name=name, ours_ms=a, ref_ms=b, ratio=a / b, ours_mb=m_ours, ref_mb=m_ref)
+
+
+CONFIG_TO_REF = {"unet": dk.unet_config_to_diffusers, "vae": dk.vae_config_to_diffusers,
+                 "text_encoder": dk.clip_config_to_transformers}
+
+
+def build(device, dtype):
+    from diffusers import AutoencoderKL as DVAE, UNet2DConditionModel
+    from transformers import CLIPTextModel as HFCLIP
+
+    out = {}
+    for name, cls in (("unet", UNetModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
+        ours = randomize_(cls(), seed=0).eval()
+        sd = checkpoint.native_to_diffusers(name, ours.cfg, ours.state_dict())
+        cfg = CONFIG_TO_REF[name](ours.cfg)
+        if name == "unet":
+            ref = UNet2DConditionModel(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+        elif name == "vae":
+            ref = DVAE(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+        else:
+            from transformers import CLIPTextConfig as HFC
+            ref = HFCLIP(HFC(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
+            sd = {k.removeprefix("text_model."): v for k, v in sd.items()} if not hasattr(ref, "text_model") else sd
+        ref.load_state_dict(sd, strict=True)
+        out[name] = (ours.to(device, dtype), ref.to(device, dtype).eval())
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--latent", type=int, default=32, help="latent side (pixels / 8)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--write", help="append the table to this markdown file")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    models = build(device, dtype)
+    B, L = args.batch, args.latent
+    x = torch.randn(B, 4, L, L, device=device, dtype=dtype)
+    t = torch.tensor([999, 500][:B] * (B // 2 or 1), device=device)[:B]
+    ctx = torch.randn(B, 77, 768, device=device, dtype=dtype)
+    ids = torch.randint(0, 49408, (B, 77), device=device)
+    z = torch.randn(1, 4, L, L, device=device, dtype=dtype)
+    (u, du), (v, dv), (c, dc) = models["unet"], models["vae"], models["text_encoder"]
+    rows = [compare(f"U-Net {B}x4x{L}x{L}", lambda: u(x, t, ctx), lambda: du(x, t, ctx).sample, device, args.repeats),
+            compare(f"VAE decode 1x4x{L}x{L}", lambda: v.decode(z), lambda: dv.decode(z).sample, device, args.repeats),
+            compare(f"CLIP text {B}x77", lambda: c(ids), lambda: dc(ids).last_hidden_state, device, args.repeats)]
+    import diffusers
+    import transformers
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    head = (f"### SD-1.5 networks vs diffusers {diffusers.__version__} / transformers {transformers.__version__}\n\n"
+            f"{datetime.date.today()}, {dev}, {args.dtype}, torch {torch.__version__}; "
+            f"`python bench/models.py --device {args.device} --dtype {args.dtype} --latent {L} --batch {B}`\n\n"
+            "| module | ours ms | reference ms | time ratio | ours peak MB | reference peak MB |\n|---|---|---|---|---|---|\n")
+    table = head + "".join(f"| {r['name']} | {r['ours_ms']:.1f} | {r['ref_ms']:.1f} | {r['ratio']:.2f} | "
+                           f"{r['ours_mb']:.0f} | {r['ref_mb']:.0f} |\n" for r in rows)
+    print(table)
+    if args.write:
+        with open(args.write, "a") as f:
+            f.write("\n" + table)
+
+
+if __name__ == "__main__":
+    main()
