@@ -5,8 +5,8 @@
     python bench/models.py --write BENCHMARKS.md
 
 Times are medians over --repeats forwards after a warm-up, interleaved (ours, ref, ours, ...)
-so machine noise hits both; memory is the peak allocated on CUDA, or on CPU the peak RSS
-of the forward over the RSS before it (Linux /proc). The ratio column is ours / reference (< 1 is faster / smaller).
+so machine noise hits both; memory is the peak allocated on CUDA, or on CPU the peak of the
+live tensor storages created by the forward (tracked by a dispatch mode; weights excluded). The ratio column is ours / reference (< 1 is faster / smaller).
 """
 from __future__ import annotations
 
@@ -17,16 +17,23 @@ import platform
 import statistics
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import randomize_  # noqa: E402
 
 from ldm import checkpoint  # noqa: E402
 from ldm import diffusers_keys as dk  # noqa: E402
+from controlnet import ControlNet, ControlNetConfig  # noqa: E402
+from controlnet.checkpoint import controlnet_config_to_diffusers, controlnet_to_diffusers  # noqa: E402
 from ldm import AutoencoderKL, CLIPTextModel, UNetModel  # noqa: E402
+from mrlf.fusion import controlled_model  # noqa: E402
+from samplers import cfg  # noqa: E402
+from samplers.guidance import Split  # noqa: E402
 
 
 def _sync(device):
@@ -43,17 +50,35 @@ def _peak(device, fn):
         fn()
         _sync(device)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    # CPU: reset the process's peak RSS (Linux clear_refs 5), then read the new peak over the current RSS.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _proc_kb("VmRSS")
-    fn()
-    return (_proc_kb("VmHWM") - base) / 1024
+    with LiveTensorBytes() as mem:
+        fn()
+    return mem.peak / 2**20
 
 
-def _proc_kb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages created inside the block and still alive (CPU analogue of
+    torch.cuda.max_memory_allocated; weights that existed before are not counted)."""
+
+    def __enter__(self):
+        self.live, self.peak, self.seen = 0, 0, set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key and key not in self.seen:
+                    self.seen.add(key)
+                    self.live += st.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(st, self._free, key, st.nbytes())
+        return out
+
+    def _free(self, key, nbytes):
+        self.seen.discard(key)
+        self.live -= nbytes
 
 
 def compare(name, ours, ref, device, repeats):
@@ -99,6 +124,16 @@ def build(device, dtype):
     return out
 
 
+def build_controlnet(unet, device, dtype):
+    from diffusers import ControlNetModel
+
+    ours = randomize_(ControlNet(ControlNetConfig(unet=unet.cfg)), seed=1).eval()
+    ref = ControlNetModel(**{k: v for k, v in controlnet_config_to_diffusers(ours.control_cfg).items()
+                             if not k.startswith("_")})
+    ref.load_state_dict(controlnet_to_diffusers(ours.state_dict(), ours.control_cfg), strict=True)
+    return ours.to(device, dtype), ref.to(device, dtype).eval()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cpu")
@@ -119,7 +154,21 @@ def main(argv=None):
     ids = torch.randint(0, 49408, (B, 77), device=device)
     z = torch.randn(1, 4, L, L, device=device, dtype=dtype)
     (u, du), (v, dv), (c, dc) = models["unet"], models["vae"], models["text_encoder"]
+    (cn, dcn) = build_controlnet(u, device, dtype)
+    hint = torch.rand(1, 20, 8 * L, 8 * L, device=device, dtype=dtype)
+    ctx_uc = ctx[:1].repeat(2, 1, 1)
+    ours_step = cfg(controlled_model(u, cn), 7.5, context=Split(ctx_uc[:1], ctx_uc[1:]), hint=hint)
+
+    def ref_step():  # diffusers' pipeline body for one guided step: [uncond; cond] through ControlNet + U-Net
+        xx, hh = torch.cat([x[:1]] * 2), torch.cat([hint] * 2)
+        down, mid = dcn(xx, 500, ctx_uc, controlnet_cond=hh, conditioning_scale=1.0, return_dict=False)
+        e = du(xx, 500, ctx_uc, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        eu, ec = e.chunk(2)
+        return eu + 7.5 * (ec - eu)
+
     rows = [compare(f"U-Net {B}x4x{L}x{L}", lambda: u(x, t, ctx), lambda: du(x, t, ctx).sample, device, args.repeats),
+            compare(f"guided ControlNet+U-Net step 1x4x{L}x{L}", lambda: ours_step(x[:1], 500), ref_step, device,
+                    args.repeats),
             compare(f"VAE decode 1x4x{L}x{L}", lambda: v.decode(z), lambda: dv.decode(z).sample, device, args.repeats),
             compare(f"CLIP text {B}x77", lambda: c(ids), lambda: dc(ids).last_hidden_state, device, args.repeats)]
     import diffusers
