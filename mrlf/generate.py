@@ -211,7 +211,7 @@ def parse_args(argv=None):
     s.add_argument("--preset", choices=["dataset", "demo"], default="dataset",
                    help="dataset: stride 8, threshold 20000; demo: stride 16, threshold 30000")
     s.add_argument("--faithful", action="store_true",
-                   help="reproduce the original's crop index range (rng.integers(0, n-1))")
+                   help="the original's crop index draw (rng.integers(0, n-1)); refuses the non-original options")
     s.add_argument("--size", type=int, default=None, help="crop / base size in pixels (default 512; 256 with the tiny model)")
     s.add_argument("--steps", type=int, default=None, help="DDIM steps (default 20; 10 with the tiny model)")
     s.add_argument("--guidance", type=float, default=7.5)
@@ -239,6 +239,13 @@ def parse_args(argv=None):
         p.error("--style needs --style-source")
     if not 0.0 <= args.style <= 1.0:
         p.error("--style must be in [0, 1]")
+    if args.faithful:
+        unfaithful = [f"--{k.replace('_', '-')} {v}" for k, v in
+                      (("blend", args.blend), ("inpaint_level", args.inpaint_level), ("posterior", args.posterior))
+                      if v not in (None, "uniform", "faithful", "sample")]
+        if unfaithful or args.negative_prompt:
+            p.error(f"--faithful reproduces the original; it cannot be combined with "
+                    f"{', '.join(unfaithful + (['--negative-prompt'] if args.negative_prompt else []))}")
     tiny = args.base is None  # the tiny random model: a quick smoke run unless told otherwise
     args.size = args.size or (256 if tiny else 512)
     args.steps = args.steps or (10 if tiny else 20)

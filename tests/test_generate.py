@@ -141,6 +141,9 @@ def test_cli_argument_errors():
         generate.parse_args(["--controlnet", "x"])
     with pytest.raises(SystemExit):
         generate.parse_args(["--style", "0.5"])
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--faithful", "--blend", "tent"])
+    assert generate.parse_args(["--faithful", "--blend", "uniform"]).faithful
 
 
 def test_sample_seed_is_stable():
