@@ -1,0 +1,443 @@
+"""What every torchrun training script here shares: DDP setup, seeding, rank-0 logging,
+checkpoints with every RNG state, EMA, gradient-accumulation sync control. Nothing more:
+no Trainer class, no callbacks; each script (train/finetune_unet.py, train/train_controlnet.py,
+train/train_segmentation.py) is one flat loop that calls these helpers (the DiT / nanoGPT
+train.py style, docs: design/style.md practice 9 and 10).
+
+Typical use, top to bottom::
+
+    d = setup_distributed()                      # torchrun env -> process group, device
+    seed_everything(args.seed, d)                # seed * world_size + rank
+    log = create_logger(out_dir, d)              # rank 0: stdout + out_dir/log.txt
+    tb = open_tensorboard(out_dir, d)            # None unless rank 0 and tensorboard installed
+    model = DDP(model, ...) if d.distributed else model
+    ...
+    for micro in range(accum):
+        with no_sync(model, sync=micro == accum - 1):   # all-reduce grads on the last micro-step only
+            with autocast(d.device, compute_dtype):
+                loss = ...
+            scaler.scale(loss / accum).backward()
+    ...
+    loss_avg = all_reduce_mean(loss_sum / n, d)  # the same number on every rank
+    write_metrics(out_dir, step, {"loss": loss_avg}, d, tb)   # rank 0: out_dir/metrics.jsonl
+    save_checkpoint(ckpt_dir, step, {"model": unwrap(model).state_dict(), ...}, d, keep_last=3)
+    ...
+    cleanup_distributed()
+
+Checkpoints (``step_0001000.pt``) hold whatever state dict the script passes, plus ``step``,
+``world_size`` and ``rng``: the python / numpy / torch CPU / CUDA generator states of *every* rank
+(gathered to rank 0) and any extra torch/numpy ``Generator`` objects the script names (data samplers).
+Writes are atomic (temporary file + ``os.replace``) and the last N are kept. ``restore_rng`` puts
+each rank's states back, so a resumed run continues bit-identically (same world size, same device).
+Load with ``load_checkpoint`` (``weights_only=True``: only tensors and plain Python values inside).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
+
+
+# ---------------------------------------------------------------------------------------
+# Processes and devices
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits: torchrun's RANK / LOCAL_RANK / WORLD_SIZE and its device."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str | None = None) -> Dist:
+    """Read torchrun's environment, pick the device, and start the process group.
+
+    A plain ``python script.py`` (no WORLD_SIZE) is rank 0 of 1 with no process group. Under
+    torchrun each process takes GPU ``LOCAL_RANK`` (``torch.cuda.set_device``) and joins an NCCL
+    group, or a gloo group on CPU. `device` ("cuda", "cpu") overrides the choice (default: CUDA
+    when available).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
+    return Dist(rank=rank, local_rank=local_rank, world_size=world, device=dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def main_process_first(d: Dist) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. writes a cache), then the others (which read it)."""
+    if not d.is_main:
+        barrier()
+    try:
+        yield
+    finally:
+        if d.is_main:
+            barrier()
+
+
+def seed_everything(seed: int, d: Dist) -> int:
+    """Seed python, numpy and torch (CPU and CUDA) with seed * world_size + rank (DiT's rule):
+    every rank gets its own stream, and a run is reproducible for a given world size."""
+    s = int(seed) * d.world_size + d.rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)  # also seeds every CUDA device
+    return s
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP (and torch.compile's wrapper)."""
+    if isinstance(model, DDP):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+@contextmanager
+def no_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Gradient accumulation without needless all-reduce: inside, a DDP model only accumulates
+    local gradients unless `sync` (the last micro-step). A non-DDP model is unaffected.
+    (nanoGPT flips ``model.require_backward_grad_sync``; DDP.no_sync is the public form.)"""
+    if sync or not isinstance(model, DDP):
+        yield
+    else:
+        with model.no_sync():
+            yield
+
+
+def all_reduce_mean(value: torch.Tensor | float, d: Dist) -> float:
+    """Mean over ranks of a scalar (a collective: every rank must call it at the same step)."""
+    t = torch.as_tensor(value, dtype=torch.float64, device=d.device).detach().clone().reshape(())
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= d.world_size
+    return float(t.item())
+
+
+def requires_grad(model: nn.Module, flag: bool = True) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(flag)
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# Precision
+# ---------------------------------------------------------------------------------------
+
+PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 on a CUDA device that supports it, else fp32; 'no'/'fp32' -> fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}; expected one of {PRECISIONS}")
+    if precision == "auto":
+        ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if ok else torch.float32
+    return {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed-precision context (fp32 master weights, ops in `dtype`); a no-op for fp32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
+    """A GradScaler, enabled for fp16 only (bf16 has fp32's exponent range)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# ---------------------------------------------------------------------------------------
+# EMA
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float = 0.9999) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers copied)."""
+    params = dict(model.named_parameters())
+    for name, p in ema.named_parameters():
+        p.lerp_(params[name].detach().to(p.dtype), 1.0 - decay)
+    bufs = dict(model.named_buffers())
+    for name, b in ema.named_buffers():
+        b.copy_(bufs[name])
+
+
+# ---------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------
+
+def create_logger(output_dir: str | os.PathLike | None, d: Dist, name: str = "train") -> logging.Logger:
+    """Rank 0 logs to stdout and ``output_dir/log.txt`` (appended); other ranks get a NullHandler.
+
+    Calling it again (a second run in the same process) replaces the handlers.
+    """
+    logger = logging.getLogger(name)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    logger.propagate = False
+    if d.is_main:
+        fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+        if output_dir is not None:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(Path(output_dir) / "log.txt"))
+        for h in handlers:
+            h.setFormatter(fmt)
+            logger.addHandler(h)
+        logger.setLevel(logging.INFO)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def open_tensorboard(output_dir: str | os.PathLike, d: Dist):
+    """A TensorBoard SummaryWriter on rank 0 when tensorboard is installed, else None."""
+    if not d.is_main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+
+def write_metrics(output_dir: str | os.PathLike, step: int, metrics: Mapping[str, Any], d: Dist, tb=None) -> None:
+    """Rank 0 appends ``{"step": step, **metrics}`` to ``output_dir/metrics.jsonl`` (and scalars to
+    TensorBoard). Values must be JSON-serialisable."""
+    if not d.is_main:
+        return
+    with open(Path(output_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+    if tb is not None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                tb.add_scalar(k, v, step)
+
+
+def truncate_metrics(output_dir: str | os.PathLike, step: int, d: Dist) -> None:
+    """On resume: drop the metrics rows logged after the checkpoint's step (they will be logged again)."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if d.is_main and path.exists():
+        rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def image_grid(images: list, ncols: int):
+    """PIL images of one size -> one PIL image, row-major, `ncols` per row."""
+    from PIL import Image
+
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    w, h = images[0].size
+    rows = math.ceil(len(images) / ncols)
+    grid = Image.new("RGB", (ncols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB").resize((w, h)), ((i % ncols) * w, (i // ncols) * h))
+    return grid
+
+
+# ---------------------------------------------------------------------------------------
+# RNG state
+# ---------------------------------------------------------------------------------------
+
+def _np_global_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_np_global_state(s: Mapping) -> None:
+    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+                         s["cached_gaussian"]))
+
+
+def rng_state(generators: Mapping[str, torch.Generator | np.random.Generator] | None = None) -> dict:
+    """This process's RNG states as plain values and CPU tensors: python, numpy, torch CPU, the
+    current CUDA device, and each named extra generator (torch or numpy)."""
+    state = {"python": random.getstate(), "numpy": _np_global_state(), "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+             "generators": {}}
+    for name, g in (generators or {}).items():
+        if isinstance(g, torch.Generator):
+            state["generators"][name] = {"kind": "torch", "state": g.get_state()}
+        elif isinstance(g, np.random.Generator):
+            state["generators"][name] = {"kind": "numpy", "state": g.bit_generator.state}
+        else:
+            raise TypeError(f"generator {name!r}: expected a torch or numpy Generator, got {type(g).__name__}")
+    return state
+
+
+def set_rng_state(state: Mapping, generators: Mapping[str, torch.Generator | np.random.Generator] | None = None) -> None:
+    """Inverse of `rng_state` (the named generators are updated in place)."""
+    random.setstate(_as_python_state(state["python"]))
+    _set_np_global_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    saved = state.get("generators", {})
+    for name, g in (generators or {}).items():
+        if name not in saved:
+            raise KeyError(f"checkpoint holds no state for generator {name!r} (it has {sorted(saved)})")
+        if isinstance(g, torch.Generator):
+            g.set_state(saved[name]["state"])
+        else:
+            g.bit_generator.state = saved[name]["state"]
+
+
+def _as_python_state(s):
+    # random.setstate wants (version, tuple_of_ints, gauss_next); a round trip may give lists.
+    return (s[0], tuple(s[1]), s[2])
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------
+
+def checkpoint_path(checkpoint_dir: str | os.PathLike, step: int) -> Path:
+    return Path(checkpoint_dir) / f"step_{step:07d}.pt"
+
+
+def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
+    """``step_*.pt`` files of a folder, oldest step first (temporary files are ignored)."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(checkpoint_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(resume: str | None, checkpoint_dir: str | os.PathLike) -> Path | None:
+    """``--resume``: None/"" -> start fresh; "auto" -> the latest checkpoint if any; else a path (must exist)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(checkpoint_dir)
+    path = Path(resume)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"--resume {path}: no step_*.pt checkpoint in this folder")
+        return found
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint")
+    return path
+
+
+def gather_objects(obj, d: Dist) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects; a collective)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_checkpoint(checkpoint_dir: str | os.PathLike, step: int, state: Mapping[str, Any], d: Dist,
+                    keep_last: int | None = None,
+                    generators: Mapping[str, torch.Generator | np.random.Generator] | None = None) -> Path:
+    """Write ``checkpoint_dir/step_<step>.pt`` (a collective: call it on every rank).
+
+    `state`: the script's own entries (model, optimizer, scaler, ema, config, ...), as tensors and
+    plain Python values. Added here: ``step``, ``world_size`` and ``rng`` (one `rng_state` per rank,
+    with `generators`). Rank 0 writes a temporary file in the same folder and renames it, then
+    deletes all but the newest `keep_last` checkpoints; every rank waits for it (barrier).
+    """
+    rngs = gather_objects(rng_state(generators), d)
+    path = checkpoint_path(checkpoint_dir, step)
+    if d.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {**state, "step": int(step), "world_size": d.world_size, "rng": rngs}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if keep_last is not None and keep_last > 0:
+            for old in list_checkpoints(checkpoint_dir)[:-keep_last]:
+                old.unlink(missing_ok=True)
+    barrier()
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint written by `save_checkpoint`, tensors on CPU (safe unpickling: weights_only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def restore_rng(ckpt: Mapping, d: Dist, generators: Mapping[str, torch.Generator | np.random.Generator] | None = None,
+                logger: logging.Logger | None = None) -> bool:
+    """Put this rank's saved RNG states back. Returns False (and warns) when the checkpoint was
+    written with another world size: the run then continues, but not bit-identically."""
+    rngs = ckpt.get("rng") or []
+    if len(rngs) != d.world_size:
+        if logger is not None:
+            logger.warning(f"checkpoint has RNG states of {len(rngs)} rank(s), this run has {d.world_size}: "
+                           "keeping fresh seeds (the resumed run is not bit-identical to an uninterrupted one)")
+        return False
+    set_rng_state(rngs[d.rank], generators)
+    return True

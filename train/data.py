@@ -1,0 +1,637 @@
+"""Datasets for the diffusion training scripts (U^S fine-tuning and ControlNet training).
+
+Layouts (``discover_pairs``; ``layout="auto"`` picks by what the root holds):
+  - ``gta``: ``ROOT/images/XXXXX.png`` + ``ROOT/labels/XXXXX_labelTrainIds.png``. The raw GTA
+    ids (``labels/XXXXX.png``) are converted once with
+    ``python -m segmentation.labels convert --source gta ROOT/labels``; missing trainId files are
+    refused with that command in the message.
+  - ``cityscapes``: ``ROOT/leftImg8bit/<split>/<city>/*_leftImg8bit.png`` +
+    ``ROOT/gtFine/<split>/<city>/*_gtFine_labelTrainIds.png``.
+  - ``paired``: ``ROOT/images/<stem>.{png,jpg}`` + ``ROOT/labels/<stem>.png`` (or
+    ``<stem>_labelTrainIds.png``) already holding trainIds (e.g. a generated DGInStyle dataset).
+  - ``jsonl``: the original's dataset file (reference §10): one JSON object per line with
+    ``text``, ``image`` and ``conditioning_image`` (the *raw* label; its ``_labelTrainIds.png``
+    sibling is read). Relative paths are tried against the file's folder, then the working dir.
+  ``find_images`` lists every ``*.png/*.jpg`` under a folder (recursive) for U^S fine-tuning.
+
+Sampling and randomness (what makes DDP and resume exact):
+  ``ShardSampler`` is an infinite, index-based, rank-sharded sampler (DistributedSampler's split,
+  one permutation per epoch from ``seed``) that yields keys ``(epoch, index)`` and can start at any
+  position of its stream (resume: ``start = step * batch_size * grad_accum``). Each item draws
+  *everything* random about itself (rare class and file, rescale ratio, crop, caption dropout, and a
+  64-bit ``seed`` for its diffusion noise) from ``np.random.default_rng([seed, rank, epoch, index])``:
+  ranks differ (§12.14), and an item does not depend on the batch it lands in, on worker processes,
+  or on what ran before it. ``diffusion_inputs`` turns the per-item seeds into per-item CPU torch
+  generators for t ~ U{0..999}, ε and the VAE posterior sample, so gradient accumulation sees
+  exactly the noise a large batch would.
+
+Latent caching (``LatentCache``, ``fill_latent_cache``): the VAE posterior *moments* of an item are
+stored once (keyed by file, size, mtime, crop box and VAE fingerprint) and a fresh posterior sample
+is drawn from them every step, as without the cache. It only applies when an item's view is
+deterministic: no rescaling (a single ratio) and a centre crop (``crop="center"``; an image of
+exactly the training resolution is its own centre crop). Random crops, random rescales and RCS
+draw a new view each time, so the datasets refuse a cache there.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset, Sampler
+
+from ldm.vae import DiagonalGaussian
+from mrlf.prompts import class_stack
+from segmentation.labels import IGNORE, TRAIN_ID_SUFFIX, load_label, train_id_path
+from segmentation.rcs import (DEFAULT_MIN_PIXELS, DEFAULT_TEMPERATURE, ClassStats, RareClassSampler, RCSError,
+                              class_stats, place_crop)
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+LAYOUTS = ("auto", "gta", "cityscapes", "paired", "jsonl")
+DREAMBOOTH_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # reference §9: random rescale before the crop
+CITYSCAPES_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5)  # reference §5.2: Cityscapes resize ratios
+
+
+class LayoutError(ValueError):
+    """A dataset folder or file that does not have the expected layout."""
+
+
+# ---------------------------------------------------------------------------------------
+# Finding files
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pair:
+    image: Path
+    label: Path  # trainId label PNG (0..18, 255)
+    text: str | None = None  # the dataset file's "text" (the full label's class stack; informational)
+
+
+def _few(paths, n: int = 3) -> str:
+    paths = list(paths)
+    s = ", ".join(str(p) for p in paths[:n])
+    return s + (f" ... ({len(paths)} in all)" if len(paths) > n else "")
+
+
+def _images_in(folder: Path, recursive: bool = False) -> list[Path]:
+    found = folder.rglob("*") if recursive else folder.glob("*")
+    return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """Every ``*.png/*.jpg/*.jpeg`` under `root` (recursive, sorted), label files skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LayoutError(f"{root}: not a folder of images")
+    files = [p for p in _images_in(root, recursive=True)
+             if not p.name.endswith((TRAIN_ID_SUFFIX, "_labelIds.png", "_color.png", "_instanceIds.png"))]
+    if not files:
+        raise LayoutError(f"{root}: no *.png / *.jpg images found (recursively)")
+    return files
+
+
+def _missing_train_ids(missing: list[Path], raw_dir: Path, source: str) -> LayoutError:
+    cmd = f"python -m segmentation.labels convert --source {source} {raw_dir}"
+    if source == "cityscapes":
+        cmd += " --recursive"
+    return LayoutError(f"{len(missing)} trainId label file(s) are missing, e.g. {_few(missing)}. "
+                       f"Convert the raw label ids once with:  {cmd}")
+
+
+def _gta_pairs(root: Path) -> list[Pair]:
+    images, labels = root / "images", root / "labels"
+    files = _images_in(images)
+    if not files:
+        raise LayoutError(f"{images}: no images")
+    pairs, missing, unlabelled = [], [], []
+    for img in files:
+        lab = labels / (img.stem + TRAIN_ID_SUFFIX)
+        if lab.is_file():
+            pairs.append(Pair(img, lab))
+        elif (labels / (img.stem + ".png")).is_file():
+            missing.append(lab)
+        else:
+            unlabelled.append(img)
+    if missing:
+        raise _missing_train_ids(missing, labels, "gta")
+    if unlabelled:
+        raise LayoutError(f"{len(unlabelled)} image(s) have no label in {labels}, e.g. {_few(unlabelled)}")
+    return pairs
+
+
+def _paired_pairs(root: Path) -> list[Pair]:
+    images, labels = root / "images", root / "labels"
+    files = _images_in(images)
+    if not files:
+        raise LayoutError(f"{images}: no images")
+    pairs, unlabelled = [], []
+    for img in files:
+        for cand in (labels / (img.stem + TRAIN_ID_SUFFIX), labels / (img.stem + ".png")):
+            if cand.is_file():
+                pairs.append(Pair(img, cand))
+                break
+        else:
+            unlabelled.append(img)
+    if unlabelled:
+        raise LayoutError(f"{len(unlabelled)} image(s) have no label <stem>.png or <stem>{TRAIN_ID_SUFFIX} "
+                          f"in {labels}, e.g. {_few(unlabelled)}")
+    return pairs
+
+
+def _cityscapes_pairs(root: Path, split: str) -> list[Pair]:
+    img_dir, gt_dir = root / "leftImg8bit" / split, root / "gtFine" / split
+    if not img_dir.is_dir() or not gt_dir.is_dir():
+        raise LayoutError(f"{root}: Cityscapes layout needs leftImg8bit/{split}/ and gtFine/{split}/")
+    files = sorted(img_dir.rglob("*_leftImg8bit.png"))
+    if not files:
+        raise LayoutError(f"{img_dir}: no *_leftImg8bit.png images")
+    pairs, missing = [], []
+    for img in files:
+        stem = img.name[: -len("_leftImg8bit.png")]
+        lab = gt_dir / img.parent.relative_to(img_dir) / f"{stem}_gtFine_labelTrainIds.png"
+        (pairs.append(Pair(img, lab)) if lab.is_file() else missing.append(lab))
+    if missing:
+        raise _missing_train_ids(missing, root / "gtFine", "cityscapes")
+    return pairs
+
+
+def _resolve(p: str, base: Path, what: str, line_no: int, src: Path) -> Path:
+    path = Path(p)
+    cands = [path] if path.is_absolute() else [base / path, Path.cwd() / path]
+    for c in cands:
+        if c.exists():
+            return c
+    raise LayoutError(f"{src}:{line_no}: {what} {p!r} not found (tried {_few(cands)})")
+
+
+def _jsonl_pairs(path: Path) -> list[Pair]:
+    pairs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise LayoutError(f"{path}:{n}: not a JSON object ({e}); the dataset file has one object per line") from None
+        if not isinstance(row, dict) or not {"image", "conditioning_image"} <= set(row):
+            raise LayoutError(f"{path}:{n}: needs keys 'image' and 'conditioning_image' (and 'text'), "
+                              f"got {sorted(row) if isinstance(row, dict) else type(row).__name__}")
+        img = _resolve(row["image"], path.parent, "image", n, path)
+        cond = row["conditioning_image"]
+        raw = _resolve(cond, path.parent, "conditioning_image", n, path)
+        lab = raw if raw.name.endswith(TRAIN_ID_SUFFIX) else train_id_path(raw)
+        if not lab.is_file():
+            raise _missing_train_ids([lab], raw.parent, "gta")
+        pairs.append(Pair(img, lab, row.get("text")))
+    if not pairs:
+        raise LayoutError(f"{path}: empty dataset file")
+    return pairs
+
+
+def detect_layout(root: str | os.PathLike) -> str:
+    root = Path(root)
+    if root.is_file():
+        if root.suffix in (".json", ".jsonl"):
+            return "jsonl"
+        raise LayoutError(f"{root}: a file, but not a .json/.jsonl dataset file")
+    if not root.is_dir():
+        raise LayoutError(f"{root}: no such folder or dataset file")
+    if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
+        return "cityscapes"
+    if (root / "images").is_dir() and (root / "labels").is_dir():
+        if any((root / "labels").glob("*" + TRAIN_ID_SUFFIX)):
+            return "gta"
+        raise LayoutError(
+            f"{root / 'labels'} holds no *{TRAIN_ID_SUFFIX} files. If these are raw GTA ids, convert them once "
+            f"with:  python -m segmentation.labels convert --source gta {root / 'labels'}  ; if they already hold "
+            f"trainIds (0..18, 255), pass --layout paired")
+    raise LayoutError(f"{root}: unknown dataset layout; expected images/ + labels/ (gta, paired), "
+                      f"leftImg8bit/ + gtFine/ (cityscapes), or a .jsonl dataset file")
+
+
+def discover_pairs(root: str | os.PathLike, layout: str = "auto", split: str = "train") -> tuple[str, list[Pair]]:
+    """(layout, pairs) of an image + trainId label dataset; see the module docstring."""
+    if layout not in LAYOUTS:
+        raise LayoutError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    root = Path(root)
+    if layout == "auto":
+        layout = detect_layout(root)
+    if layout == "jsonl":
+        if not root.is_file():
+            raise LayoutError(f"{root}: the jsonl layout needs a dataset file")
+        return layout, _jsonl_pairs(root)
+    if not root.is_dir():
+        raise LayoutError(f"{root}: no such folder")
+    if layout == "cityscapes":
+        return layout, _cityscapes_pairs(root, split)
+    for sub in ("images", "labels"):
+        if not (root / sub).is_dir():
+            raise LayoutError(f"{root}: the {layout} layout needs an {sub}/ folder")
+    return layout, (_gta_pairs(root) if layout == "gta" else _paired_pairs(root))
+
+
+def pair_class_stats(pairs: Sequence[Pair], cache_dir: str | os.PathLike | None = None) -> ClassStats:
+    """RCS statistics of exactly these labels, row i = pairs[i] (segmentation.rcs.class_stats per
+    label folder, cached in `cache_dir`, or next to the labels when None)."""
+    by_dir: dict[Path, list[int]] = {}
+    for i, p in enumerate(pairs):
+        by_dir.setdefault(p.label.parent, []).append(i)
+    n = len(pairs)
+    counts = np.zeros((n, 19), np.int64)
+    void = np.zeros(n, np.int64)
+    shapes = np.zeros((n, 2), np.int64)
+    for folder, rows in by_dir.items():
+        names = [pairs[i].label.name for i in rows]
+        pattern = "*" + TRAIN_ID_SUFFIX if all(s.endswith(TRAIN_ID_SUFFIX) for s in names) else "*.png"
+        cache = True
+        if cache_dir is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            tag = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]
+            cache = Path(cache_dir) / f"rcs_stats_{tag}.json"
+        st = class_stats(folder, pattern=pattern, cache=cache)
+        where = {f: j for j, f in enumerate(st.files)}
+        for i, name in zip(rows, names):
+            j = where[name]
+            counts[i], void[i], shapes[i] = st.counts[j], st.void[j], st.shapes[j]
+    root = Path(os.path.commonpath([str(p.label) for p in pairs])) if n > 1 else pairs[0].label.parent
+    if root.is_file():
+        root = root.parent
+    files = [p.label.relative_to(root).as_posix() for p in pairs]
+    return ClassStats(folder=root, files=files, counts=counts, void=void, shapes=shapes)
+
+
+# ---------------------------------------------------------------------------------------
+# Sampler and per-item randomness
+# ---------------------------------------------------------------------------------------
+
+class ShardSampler(Sampler):
+    """Infinite stream of keys ``(epoch, index)`` for one rank.
+
+    Epoch e is a permutation of range(n) (``np.random.default_rng([seed, e])``, or the identity
+    without shuffling), padded by wrapping to a multiple of `world_size` and split rank::world,
+    as torch's DistributedSampler does; the ranks' shares of an epoch are disjoint (up to the
+    padding). Position p of this rank's stream is epoch p // ceil(n / world); ``start`` skips the
+    first `start` keys (exact resume without replaying data).
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 start: int = 0):
+        if n < 1:
+            raise ValueError("ShardSampler needs a non-empty dataset")
+        self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
+        self.start = int(start)
+        self.per_rank = -(-n // world_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        idx = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        total = self.per_rank * self.world_size
+        idx = np.resize(idx, total)  # wrap-around padding
+        return idx[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        pos, epoch, order = self.start, -1, None
+        while True:
+            e, k = divmod(pos, self.per_rank)
+            if e != epoch:
+                epoch, order = e, self.order(e)
+            yield (int(epoch), int(order[k]))
+            pos += 1
+
+
+def _key(key, epoch: int) -> tuple[int, int]:
+    if isinstance(key, (tuple, list)):
+        return int(key[0]), int(key[1])
+    return int(epoch), int(key)  # a plain index (torch's DistributedSampler): the dataset's set_epoch
+
+
+def item_rng(seed: int, rank: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(rank), int(epoch), int(index)])
+
+
+# ---------------------------------------------------------------------------------------
+# Image helpers
+# ---------------------------------------------------------------------------------------
+
+def load_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        return im.convert("RGB")
+
+
+def _scaled(size: tuple[int, int], ratio: float) -> tuple[int, int]:
+    return max(1, int(round(size[0] * ratio))), max(1, int(round(size[1] * ratio)))
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
+    return (torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0 - 0.5) / 0.5
+
+
+def pad_to(array: np.ndarray, size: int, value: int | None) -> np.ndarray:
+    """Pad (H, W[, C]) at the bottom/right up to size x size: a constant `value`, or reflection when None."""
+    h, w = array.shape[:2]
+    ph, pw = max(0, size - h), max(0, size - w)
+    if not ph and not pw:
+        return array
+    widths = [(0, ph), (0, pw)] + [(0, 0)] * (array.ndim - 2)
+    if value is None:
+        return np.pad(array, widths, mode="reflect" if min(h, w) > 1 else "edge")
+    return np.pad(array, widths, mode="constant", constant_values=value)
+
+
+def center_box(h: int, w: int, size: int) -> tuple[int, int]:
+    return (w - size) // 2, (h - size) // 2
+
+
+# ---------------------------------------------------------------------------------------
+# Latent cache
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """A short hash of a VAE's config and weights (cache entries of another VAE are never reused)."""
+    h = hashlib.sha1(vae.cfg.to_json().encode())
+    sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in vae.parameters()])
+    h.update(sums.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class LatentCache:
+    """VAE posterior moments (2·latent channels, h, w) per item view, in ``folder/vae-<fingerprint>/``."""
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: str):
+        self.dir = Path(folder) / f"vae-{fingerprint}"
+
+    @staticmethod
+    def key(path: Path, box: tuple[int, int], resolution: int, ratio: float) -> str:
+        st = Path(path).stat()
+        s = f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{box}|{resolution}|{ratio}"
+        return hashlib.sha1(s.encode()).hexdigest()
+
+    def file(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> torch.Tensor | None:
+        f = self.file(key)
+        return load_file(str(f))["moments"] if f.is_file() else None
+
+    def put(self, key: str, moments: torch.Tensor) -> None:
+        f = self.file(key)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
+        save_file({"moments": moments.detach().float().cpu().contiguous()}, str(tmp))
+        os.replace(tmp, f)
+
+
+class _Cached:
+    """Mixin for datasets whose items can read VAE moments from a LatentCache. A dataset using it
+    defines ``cache_key(index)`` and ``view(index)`` (the deterministic pixel view the cache encodes)."""
+
+    cache: LatentCache | None = None
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch of plain integer keys (with torch's DistributedSampler; call next to its set_epoch, and
+        without persistent workers, which keep their own copy). ShardSampler's keys carry their epoch."""
+        self.epoch = int(epoch)
+
+    def _cached(self, index: int) -> torch.Tensor:
+        m = self.cache.get(self.cache_key(index))
+        if m is None:
+            raise RuntimeError(f"latent cache {self.cache.dir} has no entry for item {index}; "
+                               f"fill it first (fill_latent_cache)")
+        return m
+
+
+@torch.no_grad()
+def fill_latent_cache(dataset: _Cached, vae: torch.nn.Module, device, rank: int = 0, world_size: int = 1,
+                      batch_size: int = 8, logger=None) -> int:
+    """Encode this rank's share (index rank::world) of the items missing from the cache; returns the
+    number written. Call on every rank, then barrier."""
+    todo = [i for i in range(rank, len(dataset), world_size) if dataset.cache.get(dataset.cache_key(i)) is None]
+    dtype = next(vae.parameters()).dtype
+    for s in range(0, len(todo), batch_size):
+        idx = todo[s:s + batch_size]
+        x = torch.stack([dataset.view(i) for i in idx]).to(device, dtype)
+        post = vae.encode(x)
+        moments = torch.cat([post.mean, post.logvar], dim=1).float()
+        for i, m in zip(idx, moments):
+            dataset.cache.put(dataset.cache_key(i), m)
+        if logger is not None and (s // batch_size) % 50 == 0:
+            logger.info(f"latent cache: {s + len(idx)}/{len(todo)} encoded on rank {rank}")
+    return len(todo)
+
+
+# ---------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------
+
+class ImageDataset(_Cached, Dataset):
+    """Images for U^S fine-tuning (reference §9): rescale by a random ratio from `scales` (bilinear),
+    pad by reflection if smaller than `resolution`, then a random (or centre) square crop.
+    Items: pixel_values (3, R, R) in [-1, 1], caption (the instance prompt, "" for DGInStyle),
+    seed (int64, for the diffusion noise), desc ("file@ratio,x1,y1", for logs)."""
+
+    def __init__(self, files: Sequence[Path], resolution: int = 512, scales: Sequence[float] = DREAMBOOTH_SCALES,
+                 crop: str = "random", caption: str = "", seed: int = 0, rank: int = 0,
+                 cache: LatentCache | None = None):
+        if crop not in ("random", "center"):
+            raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
+        if not files:
+            raise LayoutError("ImageDataset: no image files")
+        self.files, self.resolution, self.scales = list(files), int(resolution), tuple(float(s) for s in scales)
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales must be positive, got {scales}")
+        self.crop, self.caption, self.seed, self.rank = crop, caption, int(seed), int(rank)
+        if cache is not None and not self.deterministic:
+            raise ValueError("latent caching needs a deterministic view: one scale and crop='center' "
+                             f"(got scales={self.scales}, crop={crop!r})")
+        self.cache = cache
+
+    @property
+    def deterministic(self) -> bool:
+        return len(self.scales) == 1 and self.crop == "center"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _view(self, index: int, rng: np.random.Generator | None):
+        path = self.files[index]
+        ratio = self.scales[0] if len(self.scales) == 1 else float(rng.choice(self.scales))
+        im = load_rgb(path)
+        if ratio != 1.0:
+            im = im.resize(_scaled(im.size, ratio), Image.BILINEAR)
+        a = pad_to(np.asarray(im), self.resolution, None)
+        h, w = a.shape[:2]
+        r = self.resolution
+        if self.crop == "center":
+            x1, y1 = center_box(h, w, r)
+        else:
+            x1, y1 = int(rng.integers(0, w - r + 1)), int(rng.integers(0, h - r + 1))
+        return a[y1:y1 + r, x1:x1 + r], ratio, (x1, y1)
+
+    def view(self, index: int) -> torch.Tensor:
+        return to_tensor(self._view(index, None)[0])
+
+    def cache_key(self, index: int) -> str:
+        path = self.files[index]
+        with Image.open(path) as im:
+            size = _scaled(ImageOps.exif_transpose(im).size, self.scales[0])
+        box = center_box(max(size[1], self.resolution), max(size[0], self.resolution), self.resolution)
+        return LatentCache.key(path, box, self.resolution, self.scales[0])
+
+    def __getitem__(self, key) -> dict:
+        epoch, index = _key(key, self.epoch)
+        rng = item_rng(self.seed, self.rank, epoch, index)
+        item = {"caption": self.caption}
+        if self.cache is not None:
+            item["moments"] = self._cached(index)
+            ratio, (x1, y1) = self.scales[0], (-1, -1)
+        else:
+            crop, ratio, (x1, y1) = self._view(index, rng)
+            item["pixel_values"] = to_tensor(crop)
+        item["seed"] = int(rng.integers(2**63 - 1))
+        item["desc"] = f"{self.files[index].name}@{ratio:g},{x1},{y1}"
+        return item
+
+
+class ControlNetDataset(_Cached, Dataset):
+    """(image, trainId label) crops for ControlNet training (reference §8.3, RCS §5.2).
+
+    Per item, in this order, from ``item_rng(seed, rank, epoch, index)``:
+      1. crop="rcs": (class c, file) from the RareClassSampler (the index only seeds the draw);
+         otherwise file = pairs[index];
+      2. the resize ratio (``rng.choice(resize_ratios)``, only when there are several): image
+         bilinear, label nearest (Cityscapes recipe);
+      3. images smaller than the resolution are padded (image by reflection, label with 255);
+      4. the crop: rcs -> ``place_crop`` around a random pixel of c (``rcs_tries`` = 1 is the
+         original's single try with no pixel check; more tries re-draw until the crop holds more than
+         ``rcs_min_crop_ratio`` of its area in class c); random -> uniform; center -> fixed;
+      5. caption dropout: ``rng.random() < proportion_empty_prompts`` -> "" (always drawn);
+      6. the 64-bit noise seed.
+    Items: pixel_values (3, R, R) in [-1, 1] (or moments from the cache), label (R, R) uint8 trainIds
+    (void 255; one-hot on the device, 20 channels), caption (the crop's class stack, or ""),
+    seed, desc ("file@x1,y1[#c]").
+    """
+
+    def __init__(self, pairs: Sequence[Pair], resolution: int = 512, crop: str = "rcs", *, seed: int = 0,
+                 rank: int = 0, stats: ClassStats | None = None, rcs_temperature: float = DEFAULT_TEMPERATURE,
+                 rcs_min_pixels: int = DEFAULT_MIN_PIXELS, rcs_tries: int = 1, rcs_min_crop_ratio: float = 0.01,
+                 resize_ratios: Sequence[float] = (1.0,), proportion_empty_prompts: float = 0.0,
+                 cache: LatentCache | None = None):
+        if crop not in ("rcs", "random", "center"):
+            raise ValueError(f"crop must be 'rcs', 'random' or 'center', got {crop!r}")
+        if not 0.0 <= proportion_empty_prompts <= 1.0:
+            raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {proportion_empty_prompts}")
+        if not pairs:
+            raise LayoutError("ControlNetDataset: no (image, label) pairs")
+        self.pairs, self.resolution, self.crop = list(pairs), int(resolution), crop
+        self.seed, self.rank = int(seed), int(rank)
+        self.ratios = tuple(float(r) for r in resize_ratios)
+        if not self.ratios or min(self.ratios) <= 0:
+            raise ValueError(f"resize ratios must be positive, got {resize_ratios}")
+        self.p_empty = float(proportion_empty_prompts)
+        self.rcs_tries, self.rcs_min_crop_ratio = int(rcs_tries), float(rcs_min_crop_ratio)
+        self.sampler = None
+        if crop == "rcs":
+            if stats is None:
+                raise ValueError("crop='rcs' needs the label statistics (pair_class_stats)")
+            if len(stats.files) != len(self.pairs):
+                raise ValueError(f"statistics of {len(stats.files)} labels for {len(self.pairs)} pairs")
+            self.sampler = RareClassSampler(stats, rcs_temperature, rcs_min_pixels)
+        if cache is not None and not self.deterministic:
+            raise ValueError("latent caching needs a deterministic view: crop='center' and one resize ratio "
+                             f"(got crop={crop!r}, ratios={self.ratios})")
+        self.cache = cache
+
+    @property
+    def deterministic(self) -> bool:
+        return self.crop == "center" and len(self.ratios) == 1
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _load(self, i: int, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+        pair = self.pairs[i]
+        label = load_label(pair.label)
+        image = load_rgb(pair.image)
+        if image.size != (label.shape[1], label.shape[0]):
+            raise LayoutError(f"{pair.image} is {image.size[0]}x{image.size[1]} but its label {pair.label} is "
+                              f"{label.shape[1]}x{label.shape[0]} (WxH)")
+        if ratio != 1.0:
+            size = _scaled(image.size, ratio)
+            image = image.resize(size, Image.BILINEAR)
+            label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+        r = self.resolution
+        return pad_to(np.asarray(image), r, None), pad_to(label, r, IGNORE)
+
+    def view(self, index: int) -> torch.Tensor:
+        image, label = self._load(index, self.ratios[0])
+        x1, y1 = center_box(*label.shape, self.resolution)
+        r = self.resolution
+        return to_tensor(image[y1:y1 + r, x1:x1 + r])
+
+    def cache_key(self, index: int) -> str:
+        pair = self.pairs[index]
+        with Image.open(pair.image) as im:
+            w, h = _scaled(ImageOps.exif_transpose(im).size, self.ratios[0])
+        box = center_box(max(h, self.resolution), max(w, self.resolution), self.resolution)
+        return LatentCache.key(pair.image, box, self.resolution, self.ratios[0])
+
+    def __getitem__(self, key) -> dict:
+        epoch, index = _key(key, self.epoch)
+        rng = item_rng(self.seed, self.rank, epoch, index)
+        c = None
+        if self.sampler is not None:
+            c, index = self.sampler.sample(rng)
+        ratio = self.ratios[0] if len(self.ratios) == 1 else float(rng.choice(self.ratios))
+        image, label = self._load(index, ratio)
+        h, w = label.shape
+        r = self.resolution
+        if self.crop == "rcs" and np.any(label == c):
+            x1, y1, _, _ = place_crop(label, c, rng, r, min_ratio=self.rcs_min_crop_ratio, max_tries=self.rcs_tries,
+                                      source=str(self.pairs[index].label)).box
+        elif self.crop == "center":
+            x1, y1 = center_box(h, w, r)
+        else:  # random, or RCS whose class vanished in a downscale
+            x1, y1 = int(rng.integers(0, w - r + 1)), int(rng.integers(0, h - r + 1))
+        label = np.ascontiguousarray(label[y1:y1 + r, x1:x1 + r])
+        drop = rng.random() < self.p_empty
+        item = {"label": torch.from_numpy(label), "caption": "" if drop else class_stack(label)}
+        if self.cache is not None:
+            item["moments"] = self._cached(index)
+        else:
+            item["pixel_values"] = to_tensor(image[y1:y1 + r, x1:x1 + r])
+        item["seed"] = int(rng.integers(2**63 - 1))
+        item["desc"] = f"{self.pairs[index].label.name}@{x1},{y1}" + (f"#{c}" if c is not None else "")
+        return item
+
+
+# ---------------------------------------------------------------------------------------
+# Batches -> diffusion training inputs
+# ---------------------------------------------------------------------------------------
+
+def diffusion_inputs(batch: dict, vae: torch.nn.Module, device, num_train_timesteps: int = 1000,
+                     scaling_factor: float | None = None):
+    """(z0, noise, t) for a batch: scaled latents of a VAE posterior *sample* (as the original),
+    ε ~ N(0, I) and t ~ U{0..N-1}, all drawn per item from ``torch.Generator().manual_seed(seed)``
+    on the CPU (t, then ε, then the posterior noise) and moved to `device`."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in batch["seed"]]
+    t = torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g) for g in gens]).to(device)
+    with torch.no_grad():
+        if "moments" in batch:
+            posterior = DiagonalGaussian(batch["moments"].to(device, torch.float32))
+        else:
+            dtype = next(vae.parameters()).dtype
+            posterior = vae.encode(batch["pixel_values"].to(device, dtype))
+        shape = posterior.mean.shape[1:]
+        noise = torch.cat([torch.randn((1, *shape), generator=g) for g in gens]).to(device)
+        z0 = posterior.sample(gens).float() * (scaling_factor or vae.cfg.scaling_factor)
+    return z0, noise, t

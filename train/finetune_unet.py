@@ -1,0 +1,293 @@
+"""Fine-tune the SD-1.5 U-Net on the source domain: U^P -> U^S (DGInStyle's DreamBooth step, reference §9).
+
+Every image under --data (recursive, *.png/*.jpg), the empty prompt, a random rescale from
+{0.5, 0.75, 1, 1.25, 1.5, 2} then a random --resolution crop (padded by reflection when smaller),
+ε-MSE with DDPM noising (t ~ U{0..999}); AdamW lr 2e-6 (betas 0.9/0.999, weight decay 1e-2,
+eps 1e-8), constant schedule, gradient clipping at 1.0. Only the U-Net trains; the VAE and
+text encoder are frozen in the compute dtype. The original ran batch 1 x accumulation 2,
+30000 steps, fp16, gradient checkpointing.
+
+Single GPU:
+    python -m train.finetune_unet --base stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --data data/gta/images --output-dir runs/unet_s \
+        --batch-size 1 --grad-accum 2 --max-steps 30000 --gradient-checkpointing
+N GPUs on one machine (batch and accumulation are per GPU; the effective batch is N x B x A):
+    torchrun --standalone --nproc_per_node=N -m train.finetune_unet ...same arguments...
+Resume (exact: same world size): add --resume auto (latest in OUTPUT/checkpoints) or --resume PATH.
+Smoke run on CPU with a random tiny model (the images are noise):
+    python -m train.finetune_unet --tiny --data some/images --output-dir /tmp/u --resolution 64 --max-steps 20
+
+Outputs in --output-dir: log.txt, metrics.jsonl, checkpoints/step_*.pt (model, optimizer, scaler,
+EMA, step, config, every rank's RNG state), samples/step_*.png (DDIM grids of --sample-prompt),
+and at the end unet.safetensors (native), diffusers/ (the whole pipeline with the new U-Net when
+the base held all parts, else a U-Net folder) and sd15_unet_s.safetensors (a CompVis single file).
+With --ema the exports hold the EMA weights.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from ldm import checkpoint as ckpt_io
+from ldm.sd import StableDiffusion
+from mrlf.pipeline import Generator, SamplingSettings
+from samplers import SD15, add_noise
+from train import common
+from train.data import (DREAMBOOTH_SCALES, ImageDataset, LatentCache, ShardSampler, diffusion_inputs,
+                        fill_latent_cache, find_images, vae_fingerprint)
+
+SAMPLE_PROMPT = "road building sky person vegetation car"
+
+
+def load_base(args) -> tuple[StableDiffusion, Path | None]:
+    """The SD parts to start from (fp32 on CPU), and the pipeline folder they came from (if any)."""
+    if args.tiny:
+        return StableDiffusion.random("tiny", seed=args.seed), None
+    path = ckpt_io.resolve_path(args.base)
+    parts = ckpt_io.load_components(path, dtype=torch.float32, device="cpu")
+    missing = [n for n in ("unet", "vae", "text_encoder") if n not in parts]
+    if missing:
+        raise SystemExit(f"--base {args.base}: holds no {', '.join(missing)}; fine-tuning needs the U-Net, "
+                         f"VAE and text encoder (a pipeline folder or a CompVis single file)")
+    folder = path if path.is_dir() and (path / "model_index.json").is_file() else None
+    return StableDiffusion(parts["unet"], parts["vae"], parts["text_encoder"]), folder
+
+
+def diffusion_loss(unet, z0, noise, t, context) -> torch.Tensor:
+    """ε-prediction MSE (mean over all elements) at DDPM-noised latents x_t = √ᾱ_t z0 + √(1-ᾱ_t) ε."""
+    x_t = add_noise(z0, noise, t, SD15)
+    eps = unet(x_t, t, context)
+    return F.mse_loss(eps.float(), noise.float())
+
+
+@torch.no_grad()
+def sample_grid(sd: StableDiffusion, unet, prompt: str, n: int, resolution: int, steps: int, seed: int, amp):
+    """n DDIM samples of `prompt` (CFG 7.5, seeds seed..seed+n-1) with `unet`, as one PIL grid."""
+    was_training = unet.training
+    unet.eval()
+    try:
+        view = StableDiffusion(unet, sd.vae, sd.text_encoder, sd.tokenizer)
+        with amp:
+            images = Generator(view).generate([prompt] * n, height=resolution, width=resolution,
+                                              seeds=list(range(seed, seed + n)),
+                                              settings=SamplingSettings(steps=steps))
+    finally:
+        unet.train(was_training)
+    return common.image_grid(images, ncols=min(n, 4))
+
+
+def export(args, unet, sd: StableDiffusion, base_folder: Path | None, out: Path, log) -> None:
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.export_dtype]
+    unet = unet.to("cpu", torch.float32).eval()
+    vae = sd.vae.to("cpu", torch.float32)
+    te = sd.text_encoder.to("cpu", torch.float32)
+    p = ckpt_io.save_native(out / "unet.safetensors", unet, dtype=dtype, overwrite=True)
+    log.info(f"exported the U-Net (native): {p}")
+    copy_dirs = [base_folder / "tokenizer"] if base_folder is not None and (base_folder / "tokenizer").is_dir() else []
+    p = ckpt_io.save_diffusers(out / "diffusers", {"unet": unet, "vae": vae, "text_encoder": te}, dtype=dtype,
+                               overwrite=True, copy_dirs=copy_dirs)
+    log.info(f"exported the pipeline with the new U-Net (diffusers layout): {p}"
+             + ("" if copy_dirs else " (no tokenizer/ folder in the base: add one for diffusers' from_pretrained)"))
+    p = ckpt_io.save_compvis(out / "sd15_unet_s.safetensors", {"unet": unet, "vae": vae, "text_encoder": te},
+                             dtype=dtype, overwrite=True)
+    log.info(f"exported a CompVis single file: {p}")
+
+
+def main(args):
+    d = common.setup_distributed(args.device)
+    common.seed_everything(args.seed, d)
+    out = Path(args.output_dir)
+    ckpt_dir = out / "checkpoints"
+    log = common.create_logger(out, d)
+    tb = common.open_tensorboard(out, d)
+    if d.device.type == "cuda" and args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = common.compute_dtype(args.mixed_precision, d.device)
+    log.info(f"rank {d.rank}/{d.world_size} on {d.device}, compute dtype {amp_dtype}; args: {json.dumps(vars(args))}")
+    if args.tiny:
+        log.warning("=" * 72 + "\n--tiny: a RANDOMLY INITIALISED tiny model, not SD-1.5. For tests and smoke runs "
+                    "only; nothing it learns or exports is useful.\n" + "=" * 72)
+    elif not args.base:
+        raise SystemExit("pass --base PATH (SD-1.5 weights: pipeline folder, CompVis file, native file) or --tiny")
+
+    # Models: the U-Net trains in fp32 (master weights) under autocast; VAE and text encoder are
+    # frozen and cast to the compute dtype.
+    sd, base_folder = load_base(args)
+    unet = sd.unet.to(d.device, torch.float32).train()
+    common.requires_grad(unet, True)
+    unet.gradient_checkpointing = args.gradient_checkpointing
+    for m in (sd.vae, sd.text_encoder):
+        common.requires_grad(m.to(d.device, amp_dtype).eval(), False)
+    ema = common.requires_grad(copy.deepcopy(unet).eval(), False) if args.ema else None
+    model = DDP(unet, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.distributed else unet
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                            weight_decay=args.weight_decay, eps=args.adam_eps)
+    scaler = common.grad_scaler(d.device, amp_dtype)
+    log.info(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters")
+
+    step, position = 0, 0  # optimizer steps; items this rank has drawn from its sampler stream
+    resume = common.resolve_resume(args.resume, ckpt_dir)
+    if resume is not None:
+        state = common.load_checkpoint(resume)
+        unet.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+        step = state["step"]
+        position = state.get("sampler", {}).get("position", 0)
+        common.restore_rng(state, d, logger=log)
+        common.truncate_metrics(out, step, d)
+        log.info(f"resumed from {resume} at step {step}")
+        del state
+
+    # Data: per-item randomness from (seed, rank, epoch, index); the sampler restarts where the
+    # previous run stopped, so a resumed run sees exactly the items an uninterrupted one would.
+    files = find_images(args.data)
+    scales = tuple(args.scales)
+    cache = None
+    if args.cache_latents:
+        cache = LatentCache(args.cache_latents, vae_fingerprint(sd.vae))
+    dataset = ImageDataset(files, args.resolution, scales, "center" if args.center_crop else "random",
+                           caption=args.prompt, seed=args.seed, rank=d.rank, cache=cache)
+    if cache is not None:
+        n = fill_latent_cache(dataset, sd.vae, d.device, d.rank, d.world_size, logger=log)
+        common.barrier()
+        log.info(f"latent cache {cache.dir}: {n} new entries on rank 0")
+    per_step = args.batch_size * args.grad_accum
+    sampler = ShardSampler(len(dataset), d.rank, d.world_size, seed=args.seed, start=position)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=d.device.type == "cuda", generator=torch.Generator(),
+                        persistent_workers=args.num_workers > 0)
+    log.info(f"{len(dataset)} images under {args.data}; {args.batch_size} x {args.grad_accum} per rank and step, "
+             f"{per_step * d.world_size} per step in all")
+
+    with torch.no_grad():  # the instance prompt ("" for DGInStyle) is the same for every item
+        context1 = sd.text_encoder(sd.tokenizer([args.prompt]).to(d.device)).float()
+    amp = common.autocast(d.device, amp_dtype)
+    batches = iter(loader)
+    loss_sum, loss_n, t0, step0 = torch.zeros((), device=d.device), 0, time.time(), step
+    descs = []
+    while step < args.max_steps:
+        for micro in range(args.grad_accum):
+            batch = next(batches)
+            position += args.batch_size
+            descs = batch["desc"]
+            z0, noise, t = diffusion_inputs(batch, sd.vae, d.device)
+            context = context1.expand(z0.shape[0], -1, -1)
+            with common.no_sync(model, sync=micro == args.grad_accum - 1):
+                with amp:
+                    loss = diffusion_loss(model, z0, noise, t, context)
+                scaler.scale(loss / args.grad_accum).backward()
+            loss_sum += loss.detach()
+            loss_n += 1
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            common.update_ema(ema, unet, args.ema_decay)
+        step += 1
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            loss_avg = common.all_reduce_mean(loss_sum / loss_n, d)
+            all_descs = common.gather_objects(list(descs), d)
+            dt = time.time() - t0
+            metrics = {"loss": loss_avg, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+                       "samples_per_s": (step - step0) * per_step * d.world_size / max(dt, 1e-9),
+                       "samples": all_descs}
+            if d.device.type == "cuda":
+                metrics["max_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+            log.info(f"step {step:7d}  loss {loss_avg:.5f}  grad norm {float(grad_norm):.3f}  "
+                     f"{metrics['samples_per_s']:.2f} samples/s"
+                     + (f"  {metrics['max_mem_gb']:.1f} GiB" if "max_mem_gb" in metrics else ""))
+            common.write_metrics(out, step, metrics, d, tb)
+            loss_sum, loss_n, t0, step0 = torch.zeros((), device=d.device), 0, time.time(), step
+
+        if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps) and d.is_main:
+            grid = sample_grid(sd, ema if ema is not None else unet, args.sample_prompt, args.num_samples,
+                               args.resolution, args.sample_steps, args.seed, amp)
+            (out / "samples").mkdir(parents=True, exist_ok=True)
+            grid.save(out / "samples" / f"step_{step:07d}.png")
+            if tb is not None:
+                import numpy as np
+                tb.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+
+        if step % args.ckpt_every == 0 or step == args.max_steps:
+            state = {"model": unet.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                     "ema": ema.state_dict() if ema is not None else None, "config": vars(args),
+                     "sampler": {"position": position, "world_size": d.world_size},
+                     "arch": unet.cfg.to_dict()}
+            path = common.save_checkpoint(ckpt_dir, step, state, d, keep_last=args.keep_last)
+            log.info(f"saved {path}")
+
+    if d.is_main and args.export:
+        export(args, ema if ema is not None else unet, sd, base_folder, out, log)
+    common.barrier()
+    log.info("done")
+    if tb is not None:
+        tb.close()
+    common.cleanup_distributed()
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--base", help="SD-1.5 weights: a diffusers pipeline folder, a CompVis single file, our native file, "
+                                  "or a model id in the local HF cache")
+    g.add_argument("--tiny", action="store_true", help="random tiny model instead of --base (tests, smoke runs)")
+    g.add_argument("--data", required=True, help="folder of training images (searched recursively)")
+    g.add_argument("--output-dir", required=True)
+    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--scales", type=float, nargs="+", default=list(DREAMBOOTH_SCALES),
+                   help="random rescale ratios applied before the crop")
+    g.add_argument("--center-crop", action="store_true", help="centre crop instead of a random crop")
+    g.add_argument("--prompt", default="", help="instance prompt (DGInStyle: empty)")
+    g.add_argument("--cache-latents", metavar="DIR",
+                   help="cache VAE moments in DIR (needs a deterministic view: --center-crop and a single --scales)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=1, help="micro-batch per GPU")
+    g.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
+    g.add_argument("--max-steps", type=int, default=30000)
+    g.add_argument("--lr", type=float, default=2e-6)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--weight-decay", type=float, default=1e-2)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--mixed-precision", choices=common.PRECISIONS, default="auto",
+                   help="autocast dtype with fp32 master weights; auto = bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--ema", action="store_true", help="keep an EMA of the U-Net (exports then hold the EMA)")
+    g.add_argument("--ema-decay", type=float, default=0.9999)
+    g.add_argument("--no-tf32", dest="tf32", action="store_false", help="disable TF32 matmuls on CUDA")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--num-workers", type=int, default=2)
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--ckpt-every", type=int, default=1000)
+    g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
+    g.add_argument("--resume", help="'auto' (latest in OUTPUT/checkpoints, if any) or a checkpoint path")
+    g.add_argument("--sample-every", type=int, default=200, help="0: no sample grids")
+    g.add_argument("--sample-prompt", default=SAMPLE_PROMPT)
+    g.add_argument("--sample-steps", type=int, default=25)
+    g.add_argument("--num-samples", type=int, default=4)
+    g.add_argument("--no-export", dest="export", action="store_false", help="skip the final exports")
+    g.add_argument("--export-dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())

@@ -1,0 +1,374 @@
+"""Train DGInStyle's label ControlNet on the frozen source U-Net U^S (reference §8).
+
+The ControlNet starts as a copy of U^S's encoder half (ControlNet.from_unet: hint encoder
+default-initialised, zero convs zero) or from --controlnet PATH; U^S, the VAE and the text encoder
+are frozen and cast to the compute dtype. Data: --resolution crops of (image, trainId label),
+placed by rare-class sampling (§5.2, seeded per rank and item, so ranks differ: §12.14), captioned
+with the crop's class stack ("road sidewalk ... car"), with the label as a 20-channel one-hot hint
+(19 classes + void). ε-MSE, AdamW lr 1e-5 (0.9/0.999, wd 1e-2, eps 1e-8), constant schedule,
+clipping at 1.0. --proportion-empty-prompts replaces that share of captions by "" (really; the
+original parsed and ignored it). Validation renders the same labels with this ControlNet on U^S
+and, with --prior PATH, swapped onto U^P (the Style Swap check the original skipped, §12.13).
+
+Single GPU (the original: batch 2 x accumulation 4):
+    python -m train.train_controlnet --base runs/unet_s/diffusers --prior stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --data data/gta --output-dir runs/controlnet --batch-size 2 --grad-accum 4 --max-steps 100000
+N GPUs on one machine (batch and accumulation are per GPU):
+    torchrun --standalone --nproc_per_node=N -m train.train_controlnet ...same arguments...
+Resume (exact: same world size): add --resume auto or --resume PATH.
+--data takes a GTA root (images/ + labels/*_labelTrainIds.png), a Cityscapes root, a paired folder
+(--layout paired) or the original's dataset file (.jsonl); see train/data.py.
+Smoke run on CPU with random tiny models:
+    python -m train.train_controlnet --tiny --data some/paired_root --layout paired --output-dir /tmp/cn \
+        --resolution 64 --max-steps 20
+
+Outputs in --output-dir: log.txt, metrics.jsonl, label_stats.json (pixels seen per class, all ranks),
+checkpoints/step_*.pt, validation/step_*.png (rows: label | U^S images | U^P images), and at the end
+controlnet.safetensors (native) and controlnet/ (a diffusers ControlNetModel folder). With --ema the
+exports hold the EMA weights.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from controlnet.checkpoint import load_controlnet, save_controlnet
+from controlnet.model import ControlNet
+from ldm import checkpoint as ckpt_io
+from ldm.sd import StableDiffusion
+from mrlf.pipeline import Generator, SamplingSettings
+from mrlf.prompts import class_stack
+from samplers import SD15, add_noise
+from segmentation.labels import CLASS_NAMES, IGNORE, NUM_CHANNELS, colorize, load_label, one_hot, train_id_path
+from train import common
+from train.data import (CITYSCAPES_RATIOS, LAYOUTS, ControlNetDataset, LatentCache, ShardSampler, center_box,
+                        diffusion_inputs, discover_pairs, fill_latent_cache, pad_to, pair_class_stats,
+                        vae_fingerprint)
+
+
+def load_base(args) -> StableDiffusion:
+    """U^S with its VAE and text encoder, fp32 on CPU."""
+    if args.tiny:
+        return StableDiffusion.random("tiny", seed=args.seed)
+    parts = ckpt_io.load_components(ckpt_io.resolve_path(args.base), dtype=torch.float32, device="cpu")
+    missing = [n for n in ("unet", "vae", "text_encoder") if n not in parts]
+    if missing:
+        raise SystemExit(f"--base {args.base}: holds no {', '.join(missing)}; pass U^S as a pipeline folder, "
+                         f"CompVis file or native pipeline file")
+    return StableDiffusion(parts["unet"], parts["vae"], parts["text_encoder"])
+
+
+def controlnet_loss(controlnet, unet, z0, noise, t, context, hint) -> torch.Tensor:
+    """ε-MSE of the frozen U-Net steered by the ControlNet's residuals at x_t = √ᾱ_t z0 + √(1-ᾱ_t) ε."""
+    x_t = add_noise(z0, noise, t, SD15)
+    control = controlnet(x_t, hint, t, context)
+    eps = unet(x_t, t, context, control=control)  # residuals are cast to the U-Net's dtype there
+    return F.mse_loss(eps.float(), noise.float())
+
+
+def validation_labels(args, pairs) -> list[np.ndarray]:
+    """Centre crops (padded with 255) of --validation-labels (trainId PNGs, or a .jsonl file whose
+    conditioning_image labels are read as trainIds), else of the first training labels."""
+    paths = []
+    for v in args.validation_labels or []:
+        v = Path(v)
+        if v.suffix in (".json", ".jsonl"):
+            for line in v.read_text().splitlines():
+                if line.strip():
+                    c = Path(json.loads(line)["conditioning_image"])
+                    c = c if c.is_absolute() or c.exists() else v.parent / c
+                    paths.append(c if c.name.endswith("_labelTrainIds.png") else train_id_path(c))
+        else:
+            paths.append(v)
+    if not paths:
+        paths = [p.label for p in pairs[: args.num_validation]]
+    r = args.resolution
+    out = []
+    for p in paths:
+        lab = pad_to(load_label(p), r, IGNORE)
+        x1, y1 = center_box(*lab.shape, r)
+        out.append(np.ascontiguousarray(lab[y1:y1 + r, x1:x1 + r]))
+    return out
+
+
+@torch.no_grad()
+def validate(sd, prior_unet, controlnet, labels, args, amp):
+    """One grid row per label: colour label | images on U^S | images on U^P (Style Swap)."""
+    was_training = controlnet.training
+    controlnet.eval()
+    prompts = [class_stack(lab) for lab in labels]
+    k, r = args.validation_images, args.resolution
+    seeds = list(range(args.seed, args.seed + k * len(labels)))
+    settings = SamplingSettings(steps=args.validation_steps)
+    rows = []
+    try:
+        with amp:
+            runs = [Generator(sd, controlnet).generate(prompts, np.stack(labels), height=r, width=r,
+                                                       images_per_prompt=k, seeds=seeds, settings=settings)]
+            if prior_unet is not None:
+                swapped = StableDiffusion(prior_unet, sd.vae, sd.text_encoder, sd.tokenizer)
+                runs.append(Generator(swapped, controlnet).generate(prompts, np.stack(labels), height=r, width=r,
+                                                                    images_per_prompt=k, seeds=seeds,
+                                                                    settings=settings))
+    finally:
+        controlnet.train(was_training)
+    for i, lab in enumerate(labels):
+        rows.append(Image.fromarray(colorize(lab)))
+        for images in runs:
+            rows.extend(images[i * k:(i + 1) * k])
+    return common.image_grid(rows, ncols=1 + k * len(runs)), prompts
+
+
+def main(args):
+    d = common.setup_distributed(args.device)
+    common.seed_everything(args.seed, d)
+    out = Path(args.output_dir)
+    ckpt_dir = out / "checkpoints"
+    log = common.create_logger(out, d)
+    tb = common.open_tensorboard(out, d)
+    if d.device.type == "cuda" and args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = common.compute_dtype(args.mixed_precision, d.device)
+    log.info(f"rank {d.rank}/{d.world_size} on {d.device}, compute dtype {amp_dtype}; args: {json.dumps(vars(args))}")
+    if args.tiny:
+        log.warning("=" * 72 + "\n--tiny: RANDOMLY INITIALISED tiny models, not U^S / SD-1.5. For tests and smoke "
+                    "runs only; nothing it learns or exports is useful.\n" + "=" * 72)
+    elif not args.base:
+        raise SystemExit("pass --base PATH (U^S: pipeline folder, CompVis file or native pipeline file) or --tiny")
+
+    # Models. The ControlNet trains in fp32 under autocast; U^S, VAE and text encoder are frozen in
+    # the compute dtype (as the original's weight_dtype).
+    sd = load_base(args)
+    if args.controlnet:
+        controlnet = load_controlnet(args.controlnet, dtype=torch.float32)
+        if controlnet.control_cfg.unet != sd.unet.cfg:
+            raise SystemExit(f"--controlnet {args.controlnet}: its U-Net config does not match --base's U-Net")
+        if controlnet.control_cfg.hint_channels != NUM_CHANNELS:
+            raise SystemExit(f"--controlnet {args.controlnet}: takes {controlnet.control_cfg.hint_channels}-channel "
+                             f"hints; label training feeds {NUM_CHANNELS} (19 classes + void)")
+        log.info(f"ControlNet initialised from {args.controlnet}")
+    else:
+        controlnet = ControlNet.from_unet(sd.unet, hint_channels=NUM_CHANNELS)
+        log.info("ControlNet initialised from U^S's encoder half (zero convs zero)")
+    controlnet = common.requires_grad(controlnet.to(d.device, torch.float32).train(), True)
+    controlnet.gradient_checkpointing = args.gradient_checkpointing
+    for m in (sd.unet, sd.vae, sd.text_encoder):
+        common.requires_grad(m.to(d.device, amp_dtype).eval(), False)
+    # The frozen U-Net needs train mode for its checkpointing to engage (it has no dropout or other
+    # train-mode behaviour); gradients still flow through it to the ControlNet's residuals.
+    sd.unet.gradient_checkpointing = args.gradient_checkpointing
+    sd.unet.train(args.gradient_checkpointing)
+    prior = None
+    if args.prior:
+        prior = common.requires_grad(ckpt_io.load_unet(ckpt_io.resolve_path(args.prior), dtype=amp_dtype,
+                                                       device=d.device).eval(), False)
+        if prior.cfg != sd.unet.cfg:
+            raise SystemExit(f"--prior {args.prior}: its U-Net config does not match --base's U-Net")
+    ema = common.requires_grad(copy.deepcopy(controlnet).eval(), False) if args.ema else None
+    model = (DDP(controlnet, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+             if d.distributed else controlnet)
+    opt = torch.optim.AdamW(controlnet.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                            weight_decay=args.weight_decay, eps=args.adam_eps)
+    scaler = common.grad_scaler(d.device, amp_dtype)
+    log.info(f"ControlNet: {sum(p.numel() for p in controlnet.parameters()) / 1e6:.1f} M parameters")
+
+    step, position = 0, 0  # optimizer steps; items this rank has drawn from its sampler stream
+    label_totals = torch.zeros(len(CLASS_NAMES) + 1, dtype=torch.float64)  # + void; all ranks, previous runs
+    resume = common.resolve_resume(args.resume, ckpt_dir)
+    if resume is not None:
+        state = common.load_checkpoint(resume)
+        controlnet.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+        label_totals = state.get("label_totals", label_totals).double()
+        step = state["step"]
+        position = state.get("sampler", {}).get("position", 0)
+        common.restore_rng(state, d, logger=log)
+        common.truncate_metrics(out, step, d)
+        log.info(f"resumed from {resume} at step {step}")
+        del state
+
+    # Data
+    layout, pairs = discover_pairs(args.data, args.layout, args.split)
+    ratios = tuple(args.resize_ratios) if args.resize_ratios else (CITYSCAPES_RATIOS if layout == "cityscapes" else (1.0,))
+    stats = None
+    if args.crop == "rcs":
+        with common.main_process_first(d):  # rank 0 counts (and caches) the label statistics
+            stats = pair_class_stats(pairs, cache_dir=out / "rcs_cache")
+    cache = LatentCache(args.cache_latents, vae_fingerprint(sd.vae)) if args.cache_latents else None
+    dataset = ControlNetDataset(pairs, args.resolution, args.crop, seed=args.seed, rank=d.rank, stats=stats,
+                                rcs_temperature=args.rcs_temperature, rcs_min_pixels=args.rcs_min_pixels,
+                                rcs_tries=args.rcs_tries, rcs_min_crop_ratio=args.rcs_min_crop_ratio,
+                                resize_ratios=ratios, proportion_empty_prompts=args.proportion_empty_prompts,
+                                cache=cache)
+    if cache is not None:
+        n = fill_latent_cache(dataset, sd.vae, d.device, d.rank, d.world_size, logger=log)
+        common.barrier()
+        log.info(f"latent cache {cache.dir}: {n} new entries on rank 0")
+    per_step = args.batch_size * args.grad_accum
+    sampler = ShardSampler(len(dataset), d.rank, d.world_size, seed=args.seed, start=position)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=d.device.type == "cuda", generator=torch.Generator(),
+                        persistent_workers=args.num_workers > 0)
+    log.info(f"{len(pairs)} pairs ({layout} layout) from {args.data}; crop {args.crop}, resize ratios {ratios}; "
+             f"{args.batch_size} x {args.grad_accum} per rank and step, {per_step * d.world_size} per step in all")
+    val_labels = validation_labels(args, pairs) if d.is_main and args.validation_every else []
+
+    amp = common.autocast(d.device, amp_dtype)
+    batches = iter(loader)
+    loss_sum, loss_n, t0, step0 = torch.zeros((), device=d.device), 0, time.time(), step
+    label_counts = torch.zeros(256, dtype=torch.int64, device=d.device)
+    descs = []
+    while step < args.max_steps:
+        for micro in range(args.grad_accum):
+            batch = next(batches)
+            position += args.batch_size
+            descs = batch["desc"]
+            z0, noise, t = diffusion_inputs(batch, sd.vae, d.device)
+            labels = batch["label"].to(d.device, non_blocking=True)
+            label_counts += torch.bincount(labels.flatten(), minlength=256)
+            hint = one_hot(labels)  # (B, 20, H, W): 19 classes + void
+            with torch.no_grad():
+                context = sd.text_encoder(sd.tokenizer(list(batch["caption"])).to(d.device))
+            with common.no_sync(model, sync=micro == args.grad_accum - 1):
+                with amp:
+                    loss = controlnet_loss(model, sd.unet, z0, noise, t, context, hint)
+                scaler.scale(loss / args.grad_accum).backward()
+            loss_sum += loss.detach()
+            loss_n += 1
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(controlnet.parameters(), args.max_grad_norm)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            common.update_ema(ema, controlnet, args.ema_decay)
+        step += 1
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            loss_avg = common.all_reduce_mean(loss_sum / loss_n, d)
+            all_descs = common.gather_objects(list(descs), d)
+            dt = time.time() - t0
+            metrics = {"loss": loss_avg, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+                       "samples_per_s": (step - step0) * per_step * d.world_size / max(dt, 1e-9),
+                       "samples": all_descs}
+            if d.device.type == "cuda":
+                metrics["max_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+            log.info(f"step {step:7d}  loss {loss_avg:.5f}  grad norm {float(grad_norm):.3f}  "
+                     f"{metrics['samples_per_s']:.2f} samples/s"
+                     + (f"  {metrics['max_mem_gb']:.1f} GiB" if "max_mem_gb" in metrics else ""))
+            common.write_metrics(out, step, metrics, d, tb)
+            loss_sum, loss_n, t0, step0 = torch.zeros((), device=d.device), 0, time.time(), step
+
+        if args.validation_every and (step % args.validation_every == 0 or step == args.max_steps) and d.is_main:
+            grid, prompts = validate(sd, prior, ema if ema is not None else controlnet, val_labels, args, amp)
+            log.info(f"validation grid at step {step}: prompts {prompts}")
+            (out / "validation").mkdir(parents=True, exist_ok=True)
+            grid.save(out / "validation" / f"step_{step:07d}.png")
+            if tb is not None:
+                tb.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+
+        if step % args.ckpt_every == 0 or step == args.max_steps:
+            counts = label_counts.double()
+            if d.distributed:
+                torch.distributed.all_reduce(counts)
+            totals = label_totals + torch.cat([counts[:len(CLASS_NAMES)], counts[IGNORE:IGNORE + 1]]).cpu()
+            state = {"model": controlnet.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                     "ema": ema.state_dict() if ema is not None else None, "config": vars(args),
+                     "sampler": {"position": position, "world_size": d.world_size},
+                     "arch": controlnet.control_cfg.to_dict(), "label_totals": totals}
+            path = common.save_checkpoint(ckpt_dir, step, state, d, keep_last=args.keep_last)
+            if d.is_main:
+                names = list(CLASS_NAMES) + ["others"]
+                (out / "label_stats.json").write_text(json.dumps(
+                    {"step": step, "pixels": {n: int(v) for n, v in zip(names, totals.tolist())}}, indent=1) + "\n")
+            log.info(f"saved {path}")
+
+    if d.is_main and args.export:
+        final = (ema if ema is not None else controlnet).to("cpu", torch.float32).eval()
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.export_dtype]
+        p = save_controlnet(out / "controlnet.safetensors", final, "native", dtype=dtype, overwrite=True)
+        log.info(f"exported {p} (native)")
+        p = save_controlnet(out / "controlnet", final, "diffusers", dtype=dtype, overwrite=True)
+        log.info(f"exported {p} (diffusers ControlNetModel folder)")
+    common.barrier()
+    log.info("done")
+    if tb is not None:
+        tb.close()
+    common.cleanup_distributed()
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("models")
+    g.add_argument("--base", help="U^S (fine-tuned SD-1.5): pipeline folder, CompVis file, native pipeline file")
+    g.add_argument("--tiny", action="store_true", help="random tiny models instead of --base (tests, smoke runs)")
+    g.add_argument("--prior", help="U^P for the Style Swap validation (any layout ldm.checkpoint reads)")
+    g.add_argument("--controlnet", help="initial ControlNet weights (default: a copy of U^S's encoder half)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="dataset root or .jsonl dataset file")
+    g.add_argument("--layout", choices=LAYOUTS, default="auto")
+    g.add_argument("--split", default="train", help="Cityscapes split")
+    g.add_argument("--output-dir", required=True)
+    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--crop", choices=("rcs", "random", "center"), default="rcs",
+                   help="rcs: rare-class sampling (§5.2); center: the original's default without RCS")
+    g.add_argument("--rcs-temperature", type=float, default=0.01)
+    g.add_argument("--rcs-min-pixels", type=int, default=3000, help="files eligible for class c: > this many pixels of c")
+    g.add_argument("--rcs-tries", type=int, default=1, help="crop placements per item (1: the original, no check)")
+    g.add_argument("--rcs-min-crop-ratio", type=float, default=0.01,
+                   help="with --rcs-tries > 1: accept a crop with more than this fraction of class-c pixels")
+    g.add_argument("--resize-ratios", type=float, nargs="+",
+                   help="random rescale ratios (default: 1.0; Cityscapes: 0.5 0.75 1 1.25 1.5)")
+    g.add_argument("--proportion-empty-prompts", type=float, default=0.0, help="caption dropout probability")
+    g.add_argument("--cache-latents", metavar="DIR", help="cache VAE moments in DIR (only with --crop center)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=2, help="micro-batch per GPU")
+    g.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    g.add_argument("--max-steps", type=int, default=100000)
+    g.add_argument("--lr", type=float, default=1e-5)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--weight-decay", type=float, default=1e-2)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--mixed-precision", choices=common.PRECISIONS, default="auto",
+                   help="autocast dtype (frozen models cast to it); auto = bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="for the ControlNet and the frozen U-Net")
+    g.add_argument("--ema", action="store_true")
+    g.add_argument("--ema-decay", type=float, default=0.9999)
+    g.add_argument("--no-tf32", dest="tf32", action="store_false")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--num-workers", type=int, default=4)
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--ckpt-every", type=int, default=2000)
+    g.add_argument("--keep-last", type=int, default=3)
+    g.add_argument("--resume", help="'auto' (latest in OUTPUT/checkpoints, if any) or a checkpoint path")
+    g.add_argument("--validation-every", type=int, default=1000, help="0: no validation")
+    g.add_argument("--validation-labels", nargs="+", help="trainId label PNGs or a .jsonl validation file")
+    g.add_argument("--num-validation", type=int, default=4, help="training labels used when none are given")
+    g.add_argument("--validation-images", type=int, default=2, help="images per label and U-Net")
+    g.add_argument("--validation-steps", type=int, default=20, help="DDIM steps")
+    g.add_argument("--no-export", dest="export", action="store_false")
+    g.add_argument("--export-dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())
