@@ -21,6 +21,7 @@ CLI: ``python -m ldm.checkpoint inspect PATH`` and ``python -m ldm.checkpoint co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import os
@@ -36,6 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ldm import diffusers_keys as dk
 from ldm.clip import CLIPTextModel
@@ -424,10 +426,22 @@ def _read_pipeline_folder(folder: Path, components, variant) -> Checkpoint:
 # Conversion between layouts (state dicts in, state dicts out; tensors are not copied)
 # ---------------------------------------------------------------------------------------
 
+class _SkipInit(TorchFunctionMode):
+    """Skip `torch.nn.init` calls while building on the meta device: the values are replaced
+    by the checkpoint's anyway, and initialising meta tensors goes through torch._refs, whose
+    first use imports torch._dynamo (1-6 s once per process)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
 def build_model(name: str, config=None, device: str | torch.device = "meta") -> nn.Module:
-    """An empty component model (on the meta device by default) for `config` or the preset."""
+    """A component model for `config` (or the preset); on the meta device (the default) it is
+    empty, with initialisation skipped, ready for `load_into`."""
     kind = KINDS[name]
-    with torch.device(device):
+    with torch.device(device), (_SkipInit() if torch.device(device).type == "meta" else contextlib.nullcontext()):
         return kind.model(config or kind.preset)
 
 
@@ -534,12 +548,11 @@ def _family_hint(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "this looks like an SD-2.x checkpoint (OpenCLIP text encoder)"
     for k, v in state_dict.items():
-        if k.endswith("attn2.to_k.weight") and v.ndim == 2:
+        if k.endswith("attn2.to_k.weight") and v.ndim == 2 and v.shape[1] in (1024, 2048):
             ctx = v.shape[1]
-            if ctx in (1024, 2048):
-                return f"this looks like an {'SD-2.x' if ctx == 1024 else 'SDXL'} U-Net (context width {ctx})"
-        if k.endswith("proj_in.weight") and v.ndim == 2:
-            return "this U-Net has linear proj_in/proj_out (SD-2.x style)"
+            return f"this looks like an {'SD-2.x' if ctx == 1024 else 'SDXL'} U-Net (context width {ctx})"
+    if any(k.endswith("proj_in.weight") and v.ndim == 2 for k, v in state_dict.items()):
+        return "this U-Net has linear proj_in/proj_out (SD-2.x style)"
     return None
 
 
@@ -564,9 +577,12 @@ def check_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], 
     what = type(module).__name__
     cfg = getattr(module, "cfg", None)
     lines = [f"{source or '<state dict>'}: does not fit {what}" + (f"({cfg})" if cfg is not None else "") + ":"]
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+    for label, items in (("missing", missing), ("unexpected", unexpected)):
         if items:
             lines.append(f"  {len(items)} {label} key{'s' * (len(items) != 1)}: {_few(items)}")
+    if misshaped:
+        lines.append(f"  {len(misshaped)} mis-shaped key{'s' * (len(misshaped) != 1)}:")
+        lines += [f"    {m}" for m in misshaped[:8]] + ([f"    ... ({len(misshaped) - 8} more)"] if len(misshaped) > 8 else [])
     hint = _family_hint(state_dict)
     if hint:
         lines.append(f"  hint: {hint}; this code implements SD-1.x networks")
@@ -852,6 +868,11 @@ def save_diffusers(folder, models, dtype: torch.dtype | None = None, variant: st
             shutil.copytree(d, tmp / d.name)
             if d.name == "tokenizer":
                 index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+        if "text_encoder" in models and "tokenizer" not in index:
+            from ldm.tokenizer import Tokenizer  # SD-1.x's CLIP vocabulary: the folder opens in diffusers as is
+
+            Tokenizer(max_length=models["text_encoder"].cfg.max_length).save_hf_files(str(tmp / "tokenizer"))
+            index["tokenizer"] = ["transformers", "CLIPTokenizer"]
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 

@@ -559,6 +559,28 @@ def test_meta_device_loading(tiny, compvis_file, dtype):
     assert all(t.is_meta for t in ck.build_model("unet").parameters())
 
 
+def test_meta_loading_assigns_without_copying(tiny):
+    sd = tiny["unet"].state_dict()
+    m = ck.load_into(ck.build_model("unet", UNetConfig.tiny()), sd, dtype=None)
+    assert all(v.data_ptr() == sd[k].data_ptr() for k, v in m.state_dict().items())  # same memory: no second copy
+    half = ck.load_into(ck.build_model("unet", UNetConfig.tiny()), sd, dtype=torch.float16)
+    assert all(v.data_ptr() != sd[k].data_ptr() for k, v in half.state_dict().items())
+
+
+def test_meta_build_skips_initialisation():
+    # Initialising meta tensors would import torch._dynamo (seconds per process); a CPU build still initialises.
+    code = ("import sys; from ldm import checkpoint as ck\n"
+            "m = ck.build_model('text_encoder'); assert next(m.parameters()).is_meta\n"
+            "assert 'torch._dynamo' not in sys.modules, 'meta build imported torch._dynamo'\n"
+            "import torch; from ldm.config import CLIPTextConfig\n"
+            "c = ck.build_model('text_encoder', CLIPTextConfig.tiny(), device='cpu')\n"
+            "assert c.text_model.embeddings.token_embedding.weight.std() > 0.5")
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
 # ---------------------------------------------------------------------------------------
 # Detection, inspection, CLI, atomic writes, local HF cache
 # ---------------------------------------------------------------------------------------

@@ -59,3 +59,16 @@ def test_bad_path_is_a_clear_error(tmp_path):
         StableDiffusion.from_checkpoint(tmp_path / "nowhere.safetensors")
     with pytest.raises(ValueError):
         StableDiffusion.random("huge")
+
+
+def test_diffusers_export_opens_as_a_diffusers_pipeline(saved):
+    from diffusers import StableDiffusionPipeline
+
+    sd, d = saved
+    pipe = StableDiffusionPipeline.from_pretrained(d / "diffusers", safety_checker=None, local_files_only=True)
+    ids = pipe.tokenizer(["road car"], padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids
+    assert torch.equal(ids, sd.tokenizer(["road car"]))
+    with torch.no_grad():
+        ref = pipe.text_encoder(ids).last_hidden_state
+    assert torch.allclose(ref, sd.encode_prompt("road car"), atol=1e-5)
