@@ -5,6 +5,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels (tests/test_kernels.py) run on triton's CPU interpreter. triton
+    # decides at import time (its own @jit helpers, e.g. tl.sum, are built then), and other test modules
+    # import it indirectly (diffusers, transformers), so the switch must be set before any of them.
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):
