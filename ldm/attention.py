@@ -5,10 +5,11 @@ Backends:
   - ``math``: plain PyTorch in fp32; the specification the others are tested against;
   - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (PyTorch picks flash /
     memory-efficient / cuDNN / math kernels by itself);
-  - ``triton``: our fused kernels in ``ldm.kernels`` (imported lazily, CUDA only).
+  - ``triton``: our fused kernel in ``ldm.kernels`` (imported lazily, CUDA only; head dims
+    40/64/80/128/160, any query/key lengths).
 Choose per call (``backend=``), per process (``set_backend``) or with the environment
-variable ``LDM_ATTENTION``. ``auto`` (the default) picks the fastest correct backend for
-the device of the inputs.
+variable ``LDM_ATTENTION``. ``auto`` (the default) is the fastest backend measured at SD
+shapes: SDPA on CPU and on CUDA.
 """
 from __future__ import annotations
 
@@ -61,14 +62,9 @@ def math_attention(q, k, v, causal: bool = False):
 
 
 def _resolve(backend: str, q: torch.Tensor) -> str:
-    if backend != "auto":
-        return backend
-    if q.is_cuda:
-        from ldm import kernels  # lazy: CPU installs never import triton here
-
-        if kernels.attention_supported(q):
-            return "triton"
-    return "sdpa"
+    # "auto" is SDPA on every device: on an H100 at SD-1.5's shapes PyTorch's cuDNN / flash SDPA kernels
+    # beat our Triton kernel (BENCHMARKS.md), so Triton is used only when asked for by name.
+    return "sdpa" if backend == "auto" else backend
 
 
 def attention(q, k, v, causal: bool = False, backend: str | None = None):
