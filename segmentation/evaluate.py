@@ -1,0 +1,217 @@
+"""Evaluate a segmentor on the DG benchmarks: sliding-window inference, mIoU, a table and JSON.
+
+    python -m segmentation.evaluate --checkpoint CKPT \\
+        --dataset cityscapes:data/cityscapes bdd100k:data/bdd100k mapillary:data/mapillary \\
+                  acdc:data/acdc dark_zurich:data/dark_zurich \\
+        [--mode slide --crop 512 --stride 256] [--hr] [--out results.json]
+    torchrun --standalone --nproc_per_node=4 -m segmentation.evaluate ...same arguments...
+
+Any subset of the five benchmarks (or any layout of segmentation.datasets: ``gta``, ``folder``,
+``dginstyle`` ...) can be given as LAYOUT:PATH. As in SegModel's ``tools/test.py`` (§11.3):
+the image is resized (keep ratio) to the dataset's test scale (Cityscapes/BDD100K/Mapillary
+1024x512, ACDC/Dark Zurich 960x540; doubled with ``--hr``), logits are computed over sliding
+512x512 windows with stride 256 (overlaps averaged) or on the whole image, resized back to the
+label's size (bilinear), and the arg-max is scored against the full-resolution label. Under
+torchrun the images are sharded over ranks and the confusion matrices all-reduced. The table
+prints IoUs x 100 with 1 decimal; the JSON holds fractions (mIoU convention: segmentation.metrics).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .datasets import BENCHMARKS, SegDataset, parse_spec
+from .labels import CLASS_NAMES, IGNORE, NUM_CLASSES
+from .metrics import ConfusionMeter, summarize
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """mmseg ``slide_inference`` window origins along one axis; the last window is aligned to the
+    edge, and a single window covers an axis shorter than the crop."""
+    n = max(size - crop + stride - 1, 0) // stride + 1
+    return sorted({max(min(i * stride + crop, size) - crop, 0) for i in range(n)})
+
+
+@torch.no_grad()
+def slide_logits(model: Callable, image: torch.Tensor, crop: int | tuple[int, int] = 512,
+                 stride: int | tuple[int, int] = 256, num_classes: int = NUM_CLASSES,
+                 window_batch: int = 4) -> torch.Tensor:
+    """Logits (B, C, H, W) of ``image`` (B, 3, H, W) averaged over overlapping ``crop`` windows
+    placed every ``stride`` pixels (plus edge-aligned ones). Windows are run ``window_batch`` at
+    a time (numerically the same as one by one in eval mode)."""
+    ch, cw = (crop, crop) if isinstance(crop, int) else crop
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    b, _, h, w = image.shape
+    boxes = [(y, min(y + ch, h), x, min(x + cw, w)) for y in window_starts(h, ch, sh) for x in window_starts(w, cw, sw)]
+    out = image.new_zeros((b, num_classes, h, w), dtype=torch.float32)
+    count = image.new_zeros((1, 1, h, w), dtype=torch.float32)
+    for k in range(0, len(boxes), window_batch):
+        chunk = boxes[k:k + window_batch]
+        same = all((y2 - y1, x2 - x1) == (chunk[0][1] - chunk[0][0], chunk[0][3] - chunk[0][2]) for y1, y2, x1, x2 in chunk)
+        if same:
+            crops = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
+            logits = model(crops).float().split(b)
+        else:
+            logits = [model(image[:, :, y1:y2, x1:x2]).float() for y1, y2, x1, x2 in chunk]
+        for (y1, y2, x1, x2), lg in zip(chunk, logits):
+            out[:, :, y1:y2, x1:x2] += lg
+            count[:, :, y1:y2, x1:x2] += 1
+    return out / count
+
+
+@torch.no_grad()
+def predict_logits(model, image: torch.Tensor, mode: str = "slide", crop=512, stride=256,
+                   out_size: tuple[int, int] | None = None, num_classes: int = NUM_CLASSES,
+                   window_batch: int = 4) -> torch.Tensor:
+    """Logits for ``image`` by ``mode`` ("slide" or "whole"), resized to ``out_size`` if given."""
+    if mode == "slide":
+        logits = slide_logits(model, image, crop, stride, num_classes, window_batch)
+    elif mode == "whole":
+        logits = model(image).float()
+    else:
+        raise ValueError(f"unknown inference mode {mode!r} (slide | whole)")
+    if out_size is not None and tuple(logits.shape[-2:]) != tuple(out_size):
+        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+    return logits
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def evaluate_dataset(model, dataset: SegDataset, *, mode: str = "slide", crop=512, stride=256,
+                     device="cpu", autocast_dtype: torch.dtype | None = None, limit: int | None = None,
+                     window_batch: int = 4, log: Callable[[str], None] | None = None,
+                     num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Confusion matrix of ``model`` over ``dataset`` (sharded over ranks and all-reduced when a
+    process group is initialised)."""
+    rank, world = _dist_info()
+    was_training = model.training
+    model.eval()
+    meter = ConfusionMeter(num_classes, IGNORE, device=device)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    tic = time.perf_counter()
+    for i in range(rank, n, world):
+        item = dataset[i]
+        image = item["image"][None].to(device)
+        label = item["label"].to(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
+                            enabled=autocast_dtype is not None):
+            logits = predict_logits(model, image, mode, crop, stride, tuple(label.shape), num_classes, window_batch)
+        meter.update(logits.argmax(1)[0], label)
+        if log is not None and rank == 0 and (i // world) % 50 == 0:
+            log(f"  {i + 1}/{n} images ({time.perf_counter() - tic:.1f} s)")
+    model.train(was_training)
+    return meter.result()
+
+
+def format_table(results: dict[str, dict], class_names: Sequence[str] = CLASS_NAMES) -> str:
+    """Classes as rows, datasets as columns, IoU x 100 with 1 decimal ('-' for NaN), then mIoU."""
+    names = list(results)
+    w0 = max(len(c) for c in [*class_names, "mIoU"]) + 2
+    ws = [max(len(n), 6) + 2 for n in names]
+    fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"  # noqa: E731
+    lines = ["class".ljust(w0) + "".join(n.rjust(w) for n, w in zip(names, ws))]
+    lines.append("-" * len(lines[0]))
+    for c in class_names:
+        lines.append(c.ljust(w0) + "".join(fmt(results[n]["IoU"].get(c)).rjust(w) for n, w in zip(names, ws)))
+    lines.append("-" * len(lines[0]))
+    lines.append("mIoU".ljust(w0) + "".join(fmt(results[n]["mIoU"]).rjust(w) for n, w in zip(names, ws)))
+    if len(names) > 1:
+        vals = [results[n]["mIoU"] for n in names if results[n]["mIoU"] is not None]
+        lines.append(f"average mIoU over {len(vals)} datasets: {fmt(sum(vals) / len(vals)) if vals else '-'}")
+    return "\n".join(lines)
+
+
+def _init_distributed() -> bool:
+    """Initialise a process group when started by torchrun with more than one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m segmentation.evaluate", description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="segmentor file: a training checkpoint or an export")
+    ap.add_argument("--config", default=None, help="preset name, for files that carry no config")
+    ap.add_argument("--dataset", nargs="+", required=True, metavar="LAYOUT:PATH",
+                    help=f"datasets to evaluate; benchmarks: {', '.join(BENCHMARKS)}")
+    ap.add_argument("--split", default=None, help="split (default: each layout's validation split)")
+    ap.add_argument("--mode", choices=("slide", "whole"), default="slide")
+    ap.add_argument("--crop", type=int, default=512)
+    ap.add_argument("--stride", type=int, default=256)
+    ap.add_argument("--window-batch", type=int, default=4, help="sliding windows per forward")
+    ap.add_argument("--test-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+                    help="override every dataset's test resize (keep ratio); 0 0 keeps the size")
+    ap.add_argument("--hr", action="store_true", help="double the test scales (HRDA-style 1024 configs)")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N images of each dataset")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--amp", choices=("fp16", "bf16"), default=None, help="autocast dtype (CUDA)")
+    ap.add_argument("--out", default=None, help="JSON output (default: <checkpoint>_eval.json)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from .models import load_segmentor
+
+    args = parse_args(argv)
+    _init_distributed()
+    rank, world = _dist_info()
+    device = args.device
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    log = print if rank == 0 else (lambda *a, **k: None)
+    model = load_segmentor(args.checkpoint, args.config, device=device)
+    amp = {"fp16": torch.float16, "bf16": torch.bfloat16, None: None}[args.amp]
+    results, meta = {}, {}
+    for spec in args.dataset:
+        layout, path = parse_spec(spec)
+        scale = layout.test_scale if args.test_scale is None else tuple(args.test_scale)
+        if scale == (0, 0):
+            scale = None
+        elif args.hr and scale is not None:
+            scale = (2 * scale[0], 2 * scale[1])
+        ds = SegDataset(path, layout, args.split, test_scale=scale)
+        name = layout.name if layout.name not in results else spec
+        log(f"{name}: {len(ds)} images from {path} (test scale {scale}, {args.mode})")
+        tic = time.perf_counter()
+        cm = evaluate_dataset(model, ds, mode=args.mode, crop=args.crop, stride=args.stride, device=device,
+                              autocast_dtype=amp, limit=args.limit, window_batch=args.window_batch, log=log,
+                              num_classes=model.cfg.num_classes)
+        results[name] = summarize(cm.cpu())
+        results[name]["confusion_matrix"] = cm.cpu().tolist()
+        meta[name] = {"path": str(path), "images": len(ds) if args.limit is None else min(args.limit, len(ds)),
+                      "test_scale": scale, "seconds": round(time.perf_counter() - tic, 2)}
+    if rank == 0:
+        print(format_table(results))
+        out = Path(args.out) if args.out else Path(str(args.checkpoint) + "_eval.json")
+        payload = {"checkpoint": str(args.checkpoint), "mode": args.mode, "crop": args.crop, "stride": args.stride,
+                   "world_size": world, "datasets": meta, "results": results}
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

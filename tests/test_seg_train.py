@@ -1,0 +1,172 @@
+"""Segmentation training: optimizer groups, schedule, overfitting, the torchrun script (DDP, resume)."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from segmentation.datasets import SegDataset
+from segmentation.evaluate import evaluate_dataset
+from segmentation.labels import colorize
+from segmentation.metrics import mean_iou
+from segmentation.models import build_segmentor, load_segmentor
+from segmentation.synthetic import street_scene
+from train.train_segmentation import lr_factor, main, param_groups, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_scenes(root, n, size=64, seed=0, noise=10.0, generated=False):
+    """Synthetic street layouts and label-coloured images with Gaussian noise, as a 'folder'
+    dataset (or a DGInStyle output folder with a manifest when ``generated``)."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        lab = street_scene(size, size, seed=[seed, i])
+        img = np.clip(colorize(lab) + rng.normal(0, noise, lab.shape + (3,)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / "images" / f"{i:04d}.png")
+        Image.fromarray(lab).save(root / "labels" / f"{i:04d}_labelTrainIds.png")
+        lines.append(json.dumps({"id": f"{i:04d}", "image": f"images/{i:04d}.png",
+                                 "label": f"labels/{i:04d}_labelTrainIds.png"}))
+    if generated:
+        (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_param_groups_follow_mmcv_custom_keys():
+    model = build_segmentor("tiny")
+    groups = param_groups(model, lr=6e-5, weight_decay=0.01)
+    by_name = {n: g for g in groups for n in g["param_names"]}
+    assert set(by_name) == {n for n, _ in model.named_parameters()}
+    for name, g in by_name.items():
+        if name.startswith("decode_head."):
+            assert g["lr"] == pytest.approx(6e-4) and g["weight_decay"] == 0.01, name
+        elif "norm" in name:  # backbone LayerNorms (patch_embed*.norm, block*.norm1/2, attn.norm, norm1..4)
+            assert g["lr"] == pytest.approx(6e-5) and g["weight_decay"] == 0.0, name
+        else:
+            assert g["lr"] == pytest.approx(6e-5) and g["weight_decay"] == 0.01, name
+    assert "backbone.block1.0.attn.norm.weight" in by_name and by_name["backbone.norm4.bias"]["weight_decay"] == 0.0
+
+
+def test_poly_schedule_with_linear_warmup():
+    assert lr_factor(0, 40000) == pytest.approx(1e-6)  # warmup starts at ratio 1e-6
+    # mmcv: warmup_lr = regular * (1 - (1 - it / 1500) * (1 - 1e-6)), regular = 1 - it / 40000
+    assert lr_factor(750, 40000) == pytest.approx((1 - 750 / 40000) * (0.5 + 0.5e-6))
+    assert lr_factor(1500, 40000) == pytest.approx(1 - 1500 / 40000)
+    assert lr_factor(20000, 40000) == pytest.approx(0.5)
+    assert lr_factor(39999, 40000) == pytest.approx(1 / 40000)
+    warm = [lr_factor(i, 40000) for i in range(0, 1500, 50)]
+    assert warm == sorted(warm)
+    assert lr_factor(10, 100, warmup_iters=0, power=2.0) == pytest.approx(0.81)
+
+
+@pytest.fixture
+def one_thread():
+    """Two intra-op threads on 2 shared cores oversubscribe badly (OpenMP spin-waits: ~7x slower
+    under load); one thread keeps the CPU tests fast and their timing predictable."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_tiny_model_overfits_synthetic_layouts(tmp_path, one_thread):
+    """The model, loss and optimizer can learn: two label-coloured street layouts at 64x64 are
+    segmented to mIoU > 0.8 (scored by the evaluation code on the files; ~0.88 with these seeds,
+    ~10 s). The tiny classes (1-px poles, a few-pixel signs) are what keeps it below 1 at a
+    stride-4 decoder."""
+    tic = time.perf_counter()
+    root = write_scenes(tmp_path, 2, size=64)
+    ds = SegDataset(root, "folder", test_scale=None)
+    items = [ds[i] for i in range(len(ds))]
+    x = torch.stack([it["image"] for it in items])
+    y = torch.stack([it["label"] for it in items])
+    torch.manual_seed(0)
+    model = build_segmentor("tiny", dropout=0.0).train()
+    before = mean_iou(evaluate_dataset(model, ds, mode="whole"))
+    steps, lr = 800, 3e-2
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for it in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_factor(it, steps, warmup_iters=20)
+        loss = F.cross_entropy(model(x), y, ignore_index=255)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    miou = mean_iou(evaluate_dataset(model, ds, mode="whole"))
+    print(f"mIoU {before:.3f} -> {miou:.3f} in {time.perf_counter() - tic:.1f} s")
+    assert before < 0.2 and miou > 0.8
+
+
+def _args(out, src, gen, *extra):
+    return parse_args(["--tiny", "--source", f"folder:{src}", "--generated", str(gen), "--crop", "32",
+                       "--source-scale", "64", "64", "--batch-size", "2", "--log-every", "2", "--lr", "1e-3",
+                       "--warmup-iters", "2", "--output-dir", str(out), "--device", "cpu", "--num-workers", "0",
+                       *extra])
+
+
+def test_resume_continues_exactly(tmp_path, one_thread):
+    src = write_scenes(tmp_path / "src", 3, size=48)
+    gen = write_scenes(tmp_path / "gen", 3, size=32, seed=1, generated=True)
+    main(_args(tmp_path / "a", src, gen, "--max-iters", "6", "--ckpt-every", "3", "--keep-last", "2"))
+    ckpts = sorted((tmp_path / "a" / "checkpoints").glob("step_*.pt"))
+    assert [p.name for p in ckpts] == ["step_0000003.pt", "step_0000006.pt"]
+    # a second run restarted from step 3 ends with exactly the same weights and optimizer state
+    main(_args(tmp_path / "b", src, gen, "--max-iters", "6", "--ckpt-every", "3", "--resume", str(ckpts[0])))
+    a = torch.load(ckpts[1], weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "step_0000006.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6 and a["model_config"] == b["model_config"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+    start = torch.load(ckpts[0], weights_only=True)["model"]
+    assert any(not torch.equal(start[k], v) for k, v in a["model"].items())  # it did train
+    m = load_segmentor(tmp_path / "a" / "model.safetensors")  # the export equals the last checkpoint
+    assert all(torch.equal(v, a["model"][k]) for k, v in m.state_dict().items())
+    metrics = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4, 6] and all(0 <= m["generated_share"] <= 1 for m in metrics)
+
+
+def test_two_process_gloo_run(tmp_path):
+    """torchrun with 2 CPU processes (gloo): DDP training on mixed data, sharded evaluation,
+    a rank-0 checkpoint with both ranks' RNG states, the export, then a resumed run."""
+    src = write_scenes(tmp_path / "src", 4, size=48)
+    gen = write_scenes(tmp_path / "gen", 4, size=32, seed=1, generated=True)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "train.train_segmentation", "--tiny", "--device", "cpu", "--num-workers", "0",
+           "--source", f"folder:{src}", "--generated", f"dginstyle:{gen}", "--mix-ratio", "1:1",
+           "--crop", "32", "--source-scale", "64", "64", "--batch-size", "2", "--log-every", "2",
+           "--ckpt-every", "2", "--keep-last", "1", "--eval", f"folder:{src}", "--eval-every", "4",
+           "--eval-mode", "whole", "--output-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd + ["--max-iters", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ck = torch.load(out / "checkpoints" / "step_0000004.pt", weights_only=True)
+    assert ck["world_size"] == 2 and len(ck["rng"]) == 2
+    assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])  # per-rank seeds
+    assert [p.name for p in (out / "checkpoints").glob("*.pt")] == ["step_0000004.pt"]  # keep-last 1
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4, 4] and "mIoU/folder" in metrics[-1]
+    log = (out / "log.txt").read_text()
+    assert "rank 0/2" in log and "P(generated) = 0.500" in log
+    # the sharded evaluation, all-reduced, equals a single-process evaluation of the same weights
+    model = load_segmentor(out / "model.safetensors")
+    assert all(torch.equal(v, ck["model"][k]) for k, v in model.state_dict().items())
+    single = mean_iou(evaluate_dataset(model, SegDataset(src, "folder"), mode="whole"))
+    assert metrics[-1]["mIoU/folder"] == pytest.approx(single, abs=1e-6)
+    r = subprocess.run(cmd + ["--max-iters", "6", "--resume", "auto"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from" in (out / "log.txt").read_text()
+    assert [p.name for p in (out / "checkpoints").glob("*.pt")] == ["step_0000006.pt"]
