@@ -251,6 +251,29 @@ def open_tensorboard(output_dir: str | os.PathLike, d: Dist):
     return SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
 
+def optimizer_step(opt, scaler, params, max_grad_norm: float | None = None):
+    """One update after the (accumulated) backward passes: unscale (fp16), clip, step, update the
+    scaler, zero the grads. Returns the gradient norm before clipping (None without clipping)."""
+    norm = None
+    if max_grad_norm is not None:
+        scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def log_metrics(log, output_dir: str | os.PathLike, step: int, metrics: Mapping[str, Any], d: Dist, tb=None) -> None:
+    """Log one line on rank 0 (numbers only; with the peak CUDA memory) and append the metrics to
+    ``metrics.jsonl`` / TensorBoard."""
+    if d.device.type == "cuda":
+        metrics = {**metrics, "max_mem_gb": torch.cuda.max_memory_allocated(d.device) / 2**30}
+    nums = "  ".join(f"{k} {v:.5g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+    log.info(f"step {step:7d}  {nums}")
+    write_metrics(output_dir, step, metrics, d, tb)
+
+
 def write_metrics(output_dir: str | os.PathLike, step: int, metrics: Mapping[str, Any], d: Dist, tb=None) -> None:
     """Rank 0 appends ``{"step": step, **metrics}`` to ``output_dir/metrics.jsonl`` (and scalars to
     TensorBoard). Values must be JSON-serialisable."""

@@ -190,11 +190,7 @@ def main(args):
                 scaler.scale(loss / args.grad_accum).backward()
             loss_sum += loss.detach()
             loss_n += 1
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = common.optimizer_step(opt, scaler, unet.parameters(), args.max_grad_norm)
         if ema is not None:
             common.update_ema(ema, unet, args.ema_decay)
         step += 1
@@ -206,12 +202,7 @@ def main(args):
             metrics = {"loss": loss_avg, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
                        "samples_per_s": (step - step0) * per_step * d.world_size / max(dt, 1e-9),
                        "samples": all_descs}
-            if d.device.type == "cuda":
-                metrics["max_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
-            log.info(f"step {step:7d}  loss {loss_avg:.5f}  grad norm {float(grad_norm):.3f}  "
-                     f"{metrics['samples_per_s']:.2f} samples/s"
-                     + (f"  {metrics['max_mem_gb']:.1f} GiB" if "max_mem_gb" in metrics else ""))
-            common.write_metrics(out, step, metrics, d, tb)
+            common.log_metrics(log, out, step, metrics, d, tb)
             loss_sum, loss_n, t0, step0 = torch.zeros((), device=d.device), 0, time.time(), step
 
         if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps) and d.is_main:

@@ -196,9 +196,7 @@ def main(args):
             logits = ddp(image)
         loss = F.cross_entropy(logits.float(), label, ignore_index=IGNORE)
         scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        common.optimizer_step(opt, scaler, None)
         step += 1
         loss_sum += loss.detach()
         loss_n += 1
@@ -210,11 +208,7 @@ def main(args):
             dt = time.time() - t0
             metrics = {"loss": loss_avg, "lr": opt.param_groups[0]["lr"], "generated_share": gen_share,
                        "samples_per_s": (step - step0) * args.batch_size * d.world_size / max(dt, 1e-9)}
-            if d.device.type == "cuda":
-                metrics["max_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
-            log.info(f"step {step:6d}  loss {loss_avg:.4f}  lr {metrics['lr']:.3g}  generated {gen_share:.2f}  "
-                     f"{metrics['samples_per_s']:.1f} samples/s")
-            common.write_metrics(out, step, metrics, d, tb)
+            common.log_metrics(log, out, step, metrics, d, tb)
             loss_sum, loss_n, gen_n, t0, step0 = torch.zeros((), device=d.device), 0, 0, time.time(), step
 
         pause = time.time()  # evaluation and checkpoints do not count in samples/s
