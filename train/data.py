@@ -1,8 +1,8 @@
 """Datasets for the diffusion training scripts (U^S fine-tuning and ControlNet training).
 
 Layouts (``discover_pairs``; ``layout="auto"`` picks by what the root holds):
-  - ``gta``: ``ROOT/images/XXXXX.png`` + ``ROOT/labels/XXXXX_labelTrainIds.png``. The raw GTA
-    ids (``labels/XXXXX.png``) are converted once with
+  - ``gta``: ``ROOT/images/00001.png`` + ``ROOT/labels/00001_labelTrainIds.png``. The raw GTA
+    ids (``labels/00001.png``) are converted once with
     ``python -m segmentation.labels convert --source gta ROOT/labels``; missing trainId files are
     refused with that command in the message.
   - ``cityscapes``: ``ROOT/leftImg8bit/<split>/<city>/*_leftImg8bit.png`` +
