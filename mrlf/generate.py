@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.checkpoint import DTYPES
 from mrlf.pipeline import DATASET, DEMO, Generator, MRLFSettings, SamplingSettings
 from mrlf.prompts import PromptConfig, make_prompt
 from segmentation.labels import TRAIN_ID_SUFFIX, colorize, load_label, save_label
 from segmentation.rcs import build_jobs, class_stats, place_crop, read_gen_file
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "segmentation" / "examples"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def sample_seed(seed: int, index: int) -> int:

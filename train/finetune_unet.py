@@ -85,7 +85,7 @@ def sample_grid(sd: StableDiffusion, unet, prompt: str, n: int, resolution: int,
 
 
 def export(args, unet, sd: StableDiffusion, base_folder: Path | None, out: Path, log) -> None:
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.export_dtype]
+    dtype = ckpt_io.DTYPES[args.export_dtype]
     unet = unet.to("cpu", torch.float32).eval()
     vae = sd.vae.to("cpu", torch.float32)
     te = sd.text_encoder.to("cpu", torch.float32)

@@ -290,7 +290,7 @@ def main(args):
 
     if d.is_main and args.export:
         final = (ema if ema is not None else controlnet).to("cpu", torch.float32).eval()
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.export_dtype]
+        dtype = ckpt_io.DTYPES[args.export_dtype]
         p = save_controlnet(out / "controlnet.safetensors", final, "native", dtype=dtype, overwrite=True)
         log.info(f"exported {p} (native)")
         p = save_controlnet(out / "controlnet", final, "diffusers", dtype=dtype, overwrite=True)
