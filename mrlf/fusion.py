@@ -41,12 +41,13 @@ def controlled_model(unet, controlnet=None, control_scale: float = 1.0, guess_mo
     return model_fn
 
 
-def fused_step(model_fn, z: torch.Tensor, t: int, a_t: float, a_prev: float, views: Sequence[View], *,
+def fused_step(model_fn, z: torch.Tensor, t: int | torch.Tensor, a_t: float, a_prev: float, views: Sequence[View], *,
                context: Split, guidance: float, hint: torch.Tensor | None = None, hint_factor: int = 8,
                view_batch: int = 8, weights: torch.Tensor | None = None, eta: float = 0.0,
                noise: torch.Tensor | None = None) -> torch.Tensor:
     """Advance the canvas z (B, C, H, W) from t to the previous timestep over all views.
 
+    t: the timestep, an int or a 0-d tensor (handed to model_fn unchanged).
     context: Split(uncond, cond), each (B, 77, D); hint: (B, K, f*H, f*W) or None.
     noise: (B, C, H, W) canvas noise for eta > 0 (cropped per view, so overlaps agree).
     """
