@@ -7,6 +7,8 @@
 Times are medians over --repeats forwards after a warm-up, interleaved (ours, ref, ours, ...)
 so machine noise hits both; memory is the peak allocated on CUDA, or on CPU the peak of the
 live tensor storages created by the forward (tracked by a dispatch mode; weights excluded). The ratio column is ours / reference (< 1 is faster / smaller).
+On CUDA two more rows time our calls replayed as CUDA graphs (`ldm.graphs`, as `mrlf.generate --cuda-graphs`
+runs them) against the same eager reference; their memory is the peak of a fresh capture (warm-up included).
 """
 from __future__ import annotations
 
@@ -81,7 +83,8 @@ class LiveTensorBytes(TorchDispatchMode):
         self.live -= nbytes
 
 
-def compare(name, ours, ref, device, repeats):
+def compare(name, ours, ref, device, repeats, ours_mem=None):
+    """ours_mem: what to run for our peak memory, if not `ours` (a graphed call: capture included)."""
     with torch.inference_mode():
         ours(), ref()  # warm-up
         _sync(device)
@@ -93,7 +96,7 @@ def compare(name, ours, ref, device, repeats):
                 fn()
                 _sync(device)
                 acc.append(time.perf_counter() - t0)
-        m_ref, m_ours = _peak(device, ref), _peak(device, ours)
+        m_ref, m_ours = _peak(device, ref), _peak(device, ours_mem or ours)
     a, b = statistics.median(t_ours) * 1e3, statistics.median(t_ref) * 1e3
     return dict(name=name, ours_ms=a, ref_ms=b, ratio=a / b, ours_mb=m_ours, ref_mb=m_ref)
 
@@ -171,6 +174,19 @@ def main(argv=None):
                     args.repeats),
             compare(f"VAE decode 1x4x{L}x{L}", lambda: v.decode(z), lambda: dv.decode(z).sample, device, args.repeats),
             compare(f"CLIP text {B}x77", lambda: c(ids), lambda: dc(ids).last_hidden_state, device, args.repeats)]
+    if device.type == "cuda":  # our product path on CUDA can replay the call as a CUDA graph (ldm.graphs)
+        from ldm.graphs import CUDAGraphed
+
+        t500 = torch.tensor(500, device=device)
+        g_unet = CUDAGraphed(u)
+        g_step = cfg(CUDAGraphed(controlled_model(u, cn)), 7.5, context=Split(ctx_uc[:1], ctx_uc[1:]), hint=hint)
+        rows += [compare(f"U-Net {B}x4x{L}x{L}, ours as CUDA graph", lambda: g_unet(x, t, ctx),
+                         lambda: du(x, t, ctx).sample, device, args.repeats,
+                         ours_mem=lambda: CUDAGraphed(u)(x, t, ctx)),
+                 compare(f"guided ControlNet+U-Net step 1x4x{L}x{L}, ours as CUDA graph", lambda: g_step(x[:1], t500),
+                         ref_step, device, args.repeats,
+                         ours_mem=lambda: cfg(CUDAGraphed(controlled_model(u, cn)), 7.5,
+                                              context=Split(ctx_uc[:1], ctx_uc[1:]), hint=hint)(x[:1], t500))]
     import diffusers
     import transformers
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"

@@ -17,7 +17,9 @@ Each Triton result is checked against SDPA (relative L2 error) before it is time
 
 The model steps run one U-Net forward (batch 2 or ``--batch``, 64x64 latents, 77-token context,
 fp16, random weights) per configuration, interleaved over several rounds: attention through SDPA, through the Triton kernel, and the Triton
-kernel plus the fused GroupNorm(+SiLU) and GEGLU as ``_proposed_wiring`` would call them.
+kernel plus the fused GroupNorm(+SiLU) and GEGLU as ``_proposed_wiring`` would call them; each also
+replayed as a CUDA graph (``--no-graphs`` leaves those out), which shows the kernels' speed without the
+CPU launch cost (a graph's peak memory is measured over its first call, so its memory pool is counted).
 ``ldm`` must not import ``controlnet`` (architecture.md), so the ControlNet + U-Net step lives in
 ``bench/kernels.py``, which passes it in through ``main(steps=...)``.
 """
@@ -281,42 +283,56 @@ def _time_ms(fn, device, repeats):
     return times
 
 
-def model_steps(steps, dtype, batch=2, device="cuda", rounds=5, repeats=8):
+def model_steps(steps, dtype, batch=2, device="cuda", rounds=5, repeats=8, graphs=True):
     """Time every STEP_CONFIGS entry on each step, interleaved: ``rounds`` passes over the configs,
     ``repeats`` calls each, so clock ramps and machine noise hit every configuration alike.
-    The first call of each configuration (compilation, autotuning) is reported on its own."""
+    The first call of each configuration (compilation, autotuning, graph capture) is reported on its own.
+    graphs: also time each configuration replayed as a CUDA graph (``ldm.graphs``), which removes the
+    CPU launch cost that otherwise hides the kernels' own speed at these sizes."""
     import time
 
+    from ldm.graphs import CUDAGraphed
+
+    variants = [(name, cfg, False) for name, *cfg in STEP_CONFIGS]
+    if graphs:
+        variants += [(name + ", CUDA graph", cfg, True) for name, *cfg in STEP_CONFIGS]
     rows = []
     for step_name, build in steps:
         fn, flops = build(device, dtype, batch)
-        first, outs, peak, times = {}, {}, {}, {c[0]: [] for c in STEP_CONFIGS}
+        anchor = torch.empty(0, device=device)  # a CUDA argument: tells CUDAGraphed where the call runs
+        calls = {name: (lambda g=CUDAGraphed(lambda _: fn()): g(anchor)) if graphed else fn
+                 for name, _, graphed in variants}
+        first, outs, peak, times = {}, {}, {}, {v[0]: [] for v in variants}
         with torch.inference_mode():
-            for name, *cfg in STEP_CONFIGS:
+            for name, cfg, graphed in variants:
                 with _step_config(*cfg):
                     _sync(device)
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
                     t0 = time.perf_counter()
-                    out = fn()
+                    out = calls[name]()
                     _sync(device)
                     first[name] = time.perf_counter() - t0
+                    if graphed:  # the capture allocates the graph's memory pool: count it here
+                        peak[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
                     outs[name] = (out[0] if isinstance(out, (list, tuple)) else out).float()
-                    if torch.device(device).type == "cuda":
+                    if not graphed:  # eager: a second call, after autotuning's own allocations
                         torch.cuda.reset_peak_memory_stats()
                         base = torch.cuda.memory_allocated()
-                        fn()
+                        calls[name]()
                         _sync(device)
                         peak[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
             for _ in range(rounds):
-                for name, *cfg in STEP_CONFIGS:
+                for name, cfg, _ in variants:
                     with _step_config(*cfg):
-                        fn()  # one untimed call after switching
-                        times[name] += _time_ms(fn, device, repeats)
+                        calls[name]()  # one untimed call after switching
+                        times[name] += _time_ms(calls[name], device, repeats)
         ref = outs[STEP_CONFIGS[0][0]]
-        for name, *_ in STEP_CONFIGS:
+        for name, *_ in variants:
             ms = statistics.median(times[name])
             rows.append(dict(step=step_name, batch=batch, config=name, ms=ms, first_s=first[name], peak_mb=peak.get(name, 0.0),
                              tflops=flops / ms * 1e-9, err=_rel(outs[name], ref)))
-        del fn, outs
+        del fn, outs, calls
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -377,7 +393,7 @@ def _geglu_table(gg):
 
 def _steps_table(steps):
     out = ["Model steps (64x64 latents, random weights; ms = median of 5 interleaved rounds x 8 calls; "
-           "first call = compile + autotune; err vs the sdpa row):", "",
+           "first call = compile + autotune (+ graph capture); err vs the sdpa row):", "",
            "| step | batch | configuration | ms | vs sdpa | TFLOP/s | first call s | peak MB | err |",
            "|---|---|---|---|---|---|---|---|---|"]
     base = {}
@@ -404,6 +420,7 @@ def main(argv=None, steps=None, prog="python -m ldm.kernels.bench") -> int:
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--batch", type=int, default=2, help="batch of the model steps (2 = one guided image; "
                     "MRLF batches views: try 32)")
+    ap.add_argument("--no-graphs", action="store_true", help="model steps: leave out the CUDA-graph variants")
     ap.add_argument("--skip", nargs="*", default=[], choices=["attention", "groupnorm", "geglu", "steps"])
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -431,7 +448,7 @@ def main(argv=None, steps=None, prog="python -m ldm.kernels.bench") -> int:
         gg = geglu_sweep(dtype)
         print(_geglu_table(gg), flush=True)
     if "steps" not in args.skip:
-        st = model_steps(steps, dtype, args.batch)
+        st = model_steps(steps, dtype, args.batch, graphs=not args.no_graphs)
         print(_steps_table(st), flush=True)
     text = report(env, command, attn, gn, gg, st)
     if len(steps) == 1 and "steps" not in args.skip:
