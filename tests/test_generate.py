@@ -144,6 +144,8 @@ def test_cli_argument_errors():
     with pytest.raises(SystemExit):
         generate.parse_args(["--faithful", "--blend", "tent"])
     assert generate.parse_args(["--faithful", "--blend", "uniform"]).faithful
+    with pytest.raises(SystemExit, match="--cuda-graphs needs a CUDA device"):
+        generate.main(["--cuda-graphs", "--device", "cpu"])
 
 
 def test_sample_seed_is_stable():
