@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ldm.config import UNetConfig, _ConfigMixin
-from ldm.layers import TimestepEmbedSequential
+from ldm.layers import TimestepEmbedSequential, may_overwrite
 from ldm.unet import EncoderHalf, UNetModel
 
 
@@ -117,4 +117,4 @@ class ControlNet(EncoderHalf):
             raise ValueError(f"scale must be a float or {n} floats, got {len(scales)}")
         if guess_mode:
             scales = [s * g for s, g in zip(scales, guess_mode_scales(n).tolist())]
-        return [o * s for o, s in zip(outs, scales)]
+        return [o.mul_(s) if may_overwrite(o) else o * s for o, s in zip(outs, scales)]  # outs are fresh

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ldm.layers import GroupNorm32, add, may_overwrite
+
 BACKENDS = ("auto", "math", "sdpa", "triton")
 _backend = os.environ.get("LDM_ATTENTION", "auto")
 if _backend not in BACKENDS:
@@ -108,7 +110,8 @@ class GEGLU(nn.Module):
 
     def forward(self, x):
         x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)  # exact (erf) GELU on the gate half
+        g = F.gelu(gate)  # exact (erf) GELU on the gate half
+        return g.mul_(x) if may_overwrite(g, x) else x * g  # in place: one half-width buffer fewer
 
 
 class FeedForward(nn.Module):
@@ -132,9 +135,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        # Each residual sum goes into the fresh branch output h, never into x (the caller's input).
+        h = self.attn1(self.norm1(x))
+        x = add(x, h, into=h)
+        h = self.attn2(self.norm2(x), context)
+        x = add(x, h, into=h)
+        h = self.ff(self.norm3(x))
+        return add(x, h, into=h)
 
 
 class SpatialTransformer(nn.Module):
@@ -143,8 +150,6 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int,
                  use_linear: bool = False):
         super().__init__()
-        from ldm.layers import GroupNorm32
-
         self.use_linear = use_linear
         self.norm = GroupNorm32(groups, channels, eps=1e-6)  # 1e-6 here, 1e-5 in the ResBlocks
         proj = (lambda: nn.Linear(channels, channels)) if use_linear else (lambda: nn.Conv2d(channels, channels, 1))
@@ -169,4 +174,4 @@ class SpatialTransformer(nn.Module):
         x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
         if not self.use_linear:
             x = self.proj_out(x)
-        return x + x_in
+        return add(x, x_in, into=x)  # x is fresh here, x_in the caller's

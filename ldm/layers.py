@@ -8,6 +8,41 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def may_overwrite(fresh: torch.Tensor, other=None) -> bool:
+    """Whether `fresh`, a tensor the calling code has just made and nobody else holds, may receive
+    the result of an elementwise op (with `other`) in place.
+
+    Only with autograd off (no_grad / inference_mode): with grad enabled backward may need the old
+    values, so training keeps the out-of-place ops. The result must also keep fresh's dtype.
+    Never pass a tensor a caller handed in (a forward's input, the context, a reused skip).
+    """
+    return not torch.is_grad_enabled() and (other is None or torch.result_type(fresh, other) == fresh.dtype)
+
+
+def add(a: torch.Tensor, b: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+    """a + b, written into `into` (a or b, a fresh tensor: see `may_overwrite`) when autograd is off.
+
+    a + b takes a's memory layout, so the sum goes into b only where a and b share one; otherwise,
+    and with grad enabled, it is the out-of-place a + b. Same values, dtype and strides either way.
+    """
+    other = b if into is a else a
+    if may_overwrite(into, other) and (into is a or (a.shape, a.stride()) == (b.shape, b.stride())):
+        return into.add_(other)
+    return a + b
+
+
+def silu(fresh: torch.Tensor) -> torch.Tensor:
+    """SiLU of a fresh tensor (a norm's output), in place when `may_overwrite(fresh)`."""
+    return F.silu(fresh, inplace=may_overwrite(fresh))
+
+
+class FreshSiLU(nn.SiLU):
+    """nn.SiLU whose input is fresh (a norm's output, held by no one else): in place when autograd is off."""
+
+    def forward(self, x):
+        return silu(x)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 whatever the input dtype (CompVis GroupNorm32); output in the input dtype."""
 
@@ -57,19 +92,20 @@ class ResBlock(TimestepBlock):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
         super().__init__()
         self.in_layers = nn.Sequential(
-            GroupNorm32(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+            GroupNorm32(groups, channels), FreshSiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))  # shared emb: not in place
         # Dropout at index 2 keeps the conv at out_layers.3 as in the checkpoints.
         self.out_layers = nn.Sequential(
-            GroupNorm32(groups, out_channels), nn.SiLU(), nn.Dropout(0.0),
+            GroupNorm32(groups, out_channels), FreshSiLU(), nn.Dropout(0.0),
             nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if channels == out_channels
                                 else nn.Conv2d(channels, out_channels, 1))
 
     def forward(self, x, emb):
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        h = add(h, self.emb_layers(emb).to(h.dtype)[:, :, None, None], into=h)
+        out = self.out_layers(h)
+        return add(self.skip_connection(x), out, into=out)  # never into x, the caller's
 
 
 class Downsample(nn.Module):

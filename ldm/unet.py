@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.attention import SpatialTransformer
 from ldm.config import UNetConfig
-from ldm.layers import (Downsample, GroupNorm32, ResBlock, TimestepEmbedSequential, Upsample,
+from ldm.layers import (Downsample, FreshSiLU, GroupNorm32, ResBlock, TimestepEmbedSequential, Upsample, add,
                         timestep_embedding)
 
 
@@ -87,7 +87,7 @@ class EncoderHalf(nn.Module):
         for i, block in enumerate(self.input_blocks):
             h = self._run(block, h, emb, context)
             if i == 0 and hint is not None:
-                h = h + hint
+                h = add(h, hint, into=h)  # h is block 0's fresh output, not yet a skip
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
         return skips, h
@@ -116,7 +116,7 @@ class UNetModel(EncoderHalf):
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(GroupNorm32(cfg.norm_groups, ch), nn.SiLU(),
+        self.out = nn.Sequential(GroupNorm32(cfg.norm_groups, ch), FreshSiLU(),
                                  nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, x, t, context, control=None):
@@ -126,9 +126,9 @@ class UNetModel(EncoderHalf):
             raise ValueError(f"control must hold {n_skips + 1} residuals, got {len(control)}")
         emb = self.time_embedding(t, x)
         skips, h = self.encode(x, emb, context)
-        if control is not None:
-            skips = [s + c.to(s.dtype) for s, c in zip(skips, control)]
-            h = h + control[-1].to(h.dtype)
+        if control is not None:  # into our own skips, not into the caller's residuals
+            skips = [add(s, c.to(s.dtype), into=s) for s, c in zip(skips, control)]
+            h = add(h, control[-1].to(h.dtype), into=h)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = self._run(block, h, emb, context)

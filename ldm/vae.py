@@ -8,7 +8,7 @@ from torch import nn
 
 from ldm.attention import attention
 from ldm.config import AutoencoderConfig
-from ldm.layers import GroupNorm32
+from ldm.layers import GroupNorm32, add, silu
 
 
 def _norm(groups: int, ch: int) -> GroupNorm32:
@@ -26,9 +26,9 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.nin_shortcut(x) + h
+        h = self.norm2(self.conv1(silu(self.norm1(x))))  # no name for conv1's output: freed by norm2
+        h = self.conv2(self.dropout(silu(h)))
+        return add(self.nin_shortcut(x), h, into=h)  # never into x, the caller's
 
 
 class AttnBlock(nn.Module):
@@ -47,7 +47,8 @@ class AttnBlock(nn.Module):
         y = self.norm(x)
         q, k, v = (rearrange(m(y), "b c h w -> b 1 (h w) c") for m in (self.q, self.k, self.v))
         y = rearrange(attention(q, k, v), "b 1 (h w) c -> b c h w", h=h, w=w)
-        return x + self.proj_out(y)
+        out = self.proj_out(y)
+        return add(x, out, into=out)  # never into x, the caller's
 
 
 class Downsample(nn.Module):
@@ -116,7 +117,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(silu(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -144,7 +145,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(silu(self.norm_out(h)))
 
 
 class DiagonalGaussian:
