@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 from controlnet import ControlNet, ControlNetConfig
 from helpers import randomize_
 from ldm import AutoencoderConfig, AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNetConfig, UNetModel
-from ldm.layers import FreshSiLU
+from ldm.layers import FreshSiLU, GroupNorm32
 
 
 def _unet_and_controlnet(use_linear=False):
@@ -201,3 +201,38 @@ def test_inference_peak_is_lower_than_the_out_of_place_path(what):
     }[what]
     model.requires_grad_(False)
     assert _peak(fn, model, inputs, grad=False) <= 0.9 * _peak(fn, model, inputs, grad=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,groups", [((2, 64, 33, 35), 32), ((1, 96, 40, 24), 8), ((3, 48, 16, 16), 16)])
+def test_groupnorm32_chunked_equals_one_shot(monkeypatch, dtype, shape, groups):
+    gn = randomize_(GroupNorm32(groups, shape[1], eps=1e-6), seed=8).to(dtype)
+    x = (torch.randn(shape) * 3 + 1).to(dtype)
+    calls = []
+    group_norm = torch.nn.functional.group_norm
+    monkeypatch.setattr(torch.nn.functional, "group_norm", lambda *a, **k: calls.append(1) or group_norm(*a, **k))
+    with torch.no_grad():
+        ref = gn(x)
+        assert len(calls) == 1  # small tensor: one shot
+        for chunk in (1, 5000, x.numel() // 3):
+            monkeypatch.setattr(GroupNorm32, "chunk_numel", chunk)
+            calls.clear()
+            y = gn(x)
+            assert len(calls) > 1 and y.dtype == dtype and torch.equal(y, ref), chunk
+    calls.clear()
+    with torch.enable_grad():
+        assert torch.equal(gn(x), ref) and len(calls) == 1  # training keeps the one-shot op
+    gn32 = gn.float()
+    with torch.no_grad():
+        calls.clear()
+        gn32(x.float())
+        assert len(calls) == 1  # fp32 is never chunked
+
+
+def test_bf16_vae_decode_with_chunked_groupnorm_is_unchanged(monkeypatch):
+    vae = randomize_(AutoencoderKL(AutoencoderConfig.tiny()), seed=4).eval().to(torch.bfloat16)
+    z = torch.randn(1, 4, 8, 8).to(torch.bfloat16)
+    with torch.inference_mode():
+        ref = vae.decode(z)
+        monkeypatch.setattr(GroupNorm32, "chunk_numel", 4096)
+        assert torch.equal(vae.decode(z), ref)
