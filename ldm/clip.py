@@ -11,6 +11,7 @@ from torch import nn
 
 from ldm.attention import attention
 from ldm.config import CLIPTextConfig
+from ldm.layers import may_overwrite
 
 
 class CLIPAttention(nn.Module):
@@ -38,8 +39,11 @@ class CLIPMLP(nn.Module):
 
     def forward(self, x):
         x = self.fc1(x)
-        x = x * torch.sigmoid(1.702 * x) if self.act == "quick_gelu" else F.gelu(x)  # quick-GELU for OpenAI CLIP
-        return self.fc2(x)
+        if self.act != "quick_gelu":
+            return self.fc2(F.gelu(x))
+        g = 1.702 * x  # quick-GELU (OpenAI CLIP): x * sigmoid(1.702 x)
+        g = g.sigmoid_().mul_(x) if may_overwrite(g) else x * torch.sigmoid(g)  # in place: one MLP-wide buffer fewer
+        return self.fc2(g)
 
 
 class CLIPEncoderLayer(nn.Module):
