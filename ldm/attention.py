@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldm.layers import GroupNorm32, add, may_overwrite
+from ldm import kernels
+from ldm.layers import GroupNorm32, add, fused, may_overwrite
 
 BACKENDS = ("auto", "math", "sdpa", "triton")
 _backend = os.environ.get("LDM_ATTENTION", "auto")
@@ -109,6 +110,8 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
+        if fused("geglu") and kernels.geglu_supported(x):  # x's device and dtype decide; proj's output is contiguous
+            return kernels.geglu_linear(x, self.proj.weight, self.proj.bias)
         x, gate = self.proj(x).chunk(2, dim=-1)
         g = F.gelu(gate)  # exact (erf) GELU on the gate half
         return g.mul_(x) if may_overwrite(g, x) else x * g  # in place: one half-width buffer fewer

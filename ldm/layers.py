@@ -1,11 +1,62 @@
-"""Building blocks shared by the SD networks (CompVis names)."""
+"""Building blocks shared by the SD networks (CompVis names).
+
+Fused Triton kernels (``ldm.kernels``) for GroupNorm(+SiLU) and the GEGLU feed-forward are opt-in:
+``LDM_FUSED=groupnorm,geglu`` (or ``all``) in the environment, ``set_fused(...)`` or
+``with use_fused("groupnorm"): ...``. They apply to CUDA tensors only (elsewhere the PyTorch path
+runs) and are off by default because on an H100, launched eagerly, they lost at most SD shapes
+(BENCHMARKS.md); under CUDA graphs the launch cost that hurt them is gone.
+"""
 from __future__ import annotations
 
 import math
+import os
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ldm import kernels
+
+FUSIONS = ("groupnorm", "geglu")
+
+
+def _parse_fused(value: str) -> frozenset:
+    names = {n.strip() for n in value.split(",") if n.strip()} - {"none"}
+    if "all" in names:
+        names = set(FUSIONS)
+    unknown = names - set(FUSIONS)
+    if unknown:
+        raise ValueError(f"fused kernels {sorted(unknown)} unknown; expected a comma list of {FUSIONS}, 'all' or 'none'")
+    return frozenset(names)
+
+
+_fused = _parse_fused(os.environ.get("LDM_FUSED", ""))
+
+
+def set_fused(*names: str) -> None:
+    """Switch the fused kernels: ``set_fused("groupnorm", "geglu")``, ``set_fused("all")``, ``set_fused()`` (none)."""
+    global _fused
+    _fused = _parse_fused(",".join(names))
+
+
+def get_fused() -> frozenset:
+    return _fused
+
+
+def fused(name: str) -> bool:
+    return name in _fused
+
+
+@contextmanager
+def use_fused(*names: str):
+    """Temporarily switch the fused kernels: ``with use_fused("all"): ...``."""
+    old = _fused
+    set_fused(*names)
+    try:
+        yield
+    finally:
+        set_fused(*old)
 
 
 def may_overwrite(fresh: torch.Tensor, other=None) -> bool:
@@ -36,13 +87,6 @@ def silu(fresh: torch.Tensor) -> torch.Tensor:
     return F.silu(fresh, inplace=may_overwrite(fresh))
 
 
-class FreshSiLU(nn.SiLU):
-    """nn.SiLU whose input is fresh (a norm's output, held by no one else): in place when autograd is off."""
-
-    def forward(self, x):
-        return silu(x)
-
-
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 whatever the input dtype (CompVis GroupNorm32); output in the input dtype.
 
@@ -55,6 +99,8 @@ class GroupNorm32(nn.GroupNorm):
     chunk_numel = 2**22
 
     def forward(self, x):
+        if fused("groupnorm") and kernels.group_norm_supported(x):
+            return kernels.group_norm_module(self, x)  # fp32 statistics inside the kernel
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
         if not self._chunked(x):
@@ -72,6 +118,23 @@ class GroupNorm32(nn.GroupNorm):
         # Large contiguous fp16/bf16 inputs with autograd off only; training keeps the one-shot op.
         return (x.dtype in (torch.float16, torch.bfloat16) and x.numel() > self.chunk_numel
                 and x.is_contiguous() and not torch.is_grad_enabled())
+
+
+def norm_silu(norm: GroupNorm32, x: torch.Tensor) -> torch.Tensor:
+    """silu(norm(x)): one fused kernel when the "groupnorm" fusion is on and x suits it."""
+    if fused("groupnorm") and kernels.group_norm_supported(x):
+        return kernels.group_norm_module(norm, x, silu=True)
+    return silu(norm(x))
+
+
+class NormSiLUSequential(nn.Sequential):
+    """[GroupNorm32, SiLU, *rest], indices as in the checkpoints; the first two run as `norm_silu`."""
+
+    def forward(self, x):
+        x = norm_silu(self[0], x)
+        for layer in self[2:]:
+            x = layer(x)
+        return x
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -113,12 +176,12 @@ class ResBlock(TimestepBlock):
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
         super().__init__()
-        self.in_layers = nn.Sequential(
-            GroupNorm32(groups, channels), FreshSiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = NormSiLUSequential(
+            GroupNorm32(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))  # shared emb: not in place
         # Dropout at index 2 keeps the conv at out_layers.3 as in the checkpoints.
-        self.out_layers = nn.Sequential(
-            GroupNorm32(groups, out_channels), FreshSiLU(), nn.Dropout(0.0),
+        self.out_layers = NormSiLUSequential(
+            GroupNorm32(groups, out_channels), nn.SiLU(), nn.Dropout(0.0),
             nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if channels == out_channels
                                 else nn.Conv2d(channels, out_channels, 1))

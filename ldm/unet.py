@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.attention import SpatialTransformer
 from ldm.config import UNetConfig
-from ldm.layers import (Downsample, FreshSiLU, GroupNorm32, ResBlock, TimestepEmbedSequential, Upsample, add,
+from ldm.layers import (Downsample, GroupNorm32, NormSiLUSequential, ResBlock, TimestepEmbedSequential, Upsample, add,
                         timestep_embedding)
 
 
@@ -116,7 +116,7 @@ class UNetModel(EncoderHalf):
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(GroupNorm32(cfg.norm_groups, ch), FreshSiLU(),
+        self.out = NormSiLUSequential(GroupNorm32(cfg.norm_groups, ch), nn.SiLU(),
                                  nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, x, t, context, control=None):

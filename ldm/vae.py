@@ -8,7 +8,7 @@ from torch import nn
 
 from ldm.attention import attention
 from ldm.config import AutoencoderConfig
-from ldm.layers import GroupNorm32, add, silu
+from ldm.layers import GroupNorm32, add, norm_silu
 
 
 def _norm(groups: int, ch: int) -> GroupNorm32:
@@ -26,8 +26,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
     def forward(self, x):
-        h = self.norm2(self.conv1(silu(self.norm1(x))))  # no name for conv1's output: freed by norm2
-        h = self.conv2(self.dropout(silu(h)))
+        # conv1's output gets no name, so it is freed as soon as norm2 has read it
+        h = self.conv2(self.dropout(norm_silu(self.norm2, self.conv1(norm_silu(self.norm1, x)))))
         return add(self.nin_shortcut(x), h, into=h)  # never into x, the caller's
 
 
@@ -117,7 +117,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(silu(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h))
 
 
 class Decoder(nn.Module):
@@ -145,7 +145,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(silu(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h))
 
 
 class DiagonalGaussian:

@@ -12,7 +12,9 @@ The ``*_supported`` predicates are what the model code asks before taking a fuse
 True only for CUDA tensors of a supported shape and dtype when triton imports and the kernels are
 enabled (``LDM_TRITON=0`` in the environment, or ``with use_kernels(False):``, turns them all off).
 They stay False on CPU even under ``TRITON_INTERPRET=1``: the interpreter is for tests, which call
-the kernels directly. Benchmarks: ``python -m ldm.kernels.bench``.
+the kernels directly. The layers take the GroupNorm and GEGLU paths only when asked
+(``ldm.layers.use_fused`` / ``LDM_FUSED``); attention through ``ldm.attention``'s backend switch.
+Benchmarks: ``python -m ldm.kernels.bench``.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ Each Triton result is checked against SDPA (relative L2 error) before it is time
 
 The model steps run one U-Net forward (batch 2 or ``--batch``, 64x64 latents, 77-token context,
 fp16, random weights) per configuration, interleaved over several rounds: attention through SDPA, through the Triton kernel, and the Triton
-kernel plus the fused GroupNorm(+SiLU) and GEGLU as ``_proposed_wiring`` would call them; each also
+kernel plus the fused GroupNorm(+SiLU) and GEGLU (``ldm.layers.use_fused``); each also
 replayed as a CUDA graph (``--no-graphs`` leaves those out), which shows the kernels' speed without the
 CPU launch cost (a graph's peak memory is measured over its first call, so its memory pool is counted).
 ``ldm`` must not import ``controlnet`` (architecture.md), so the ControlNet + U-Net step lives in
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ldm import kernels
 from ldm.attention import use_backend
+from ldm.layers import use_fused
 
 PEAK_TFLOPS = 989.0  # H100 SXM, dense fp16/bf16
 BATCH, HEADS = 2, 8
@@ -177,51 +178,6 @@ def geglu_sweep(dtype):
 
 
 # ---------------------------------------------------------------------------------------------- model steps
-@contextmanager
-def _proposed_wiring(group_norm: bool, geglu: bool):
-    """Route GroupNorm32 / ResBlock / GEGLU through the fused kernels for the length of a measurement.
-
-    This is the wiring proposed for ldm/layers.py and ldm/attention.py (the bodies below are the code
-    to move there), patched in here only so that it can be measured before it lands. Once the layers call the
-    kernels themselves, delete this and switch with ``kernels.use_kernels``.
-    """
-    from ldm import attention as A
-    from ldm import layers as L
-
-    saved = (L.GroupNorm32.forward, L.ResBlock.forward, A.GEGLU.forward)
-
-    def gn_forward(self, x):
-        if kernels.group_norm_supported(x):
-            return kernels.group_norm_module(self, x)
-        return saved[0](self, x)
-
-    def norm_silu(seq, x):  # seq = [GroupNorm32, SiLU, ...]: the first two as one kernel
-        if kernels.group_norm_supported(x):
-            return kernels.group_norm_module(seq[0], x, silu=True)
-        return seq[1](seq[0](x))
-
-    def resblock_forward(self, x, emb):
-        h = self.in_layers[2](norm_silu(self.in_layers, x))
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        h = self.out_layers[3](self.out_layers[2](norm_silu(self.out_layers, h)))
-        return self.skip_connection(x) + h
-
-    def geglu_forward(self, x):
-        h = F.linear(x, self.proj.weight)
-        if kernels.geglu_supported(h):
-            return kernels.geglu(h, self.proj.bias)
-        return saved[2](self, x)
-
-    try:
-        if group_norm:
-            L.GroupNorm32.forward, L.ResBlock.forward = gn_forward, resblock_forward
-        if geglu:
-            A.GEGLU.forward = geglu_forward
-        yield
-    finally:
-        L.GroupNorm32.forward, L.ResBlock.forward, A.GEGLU.forward = saved
-
-
 STEP_CONFIGS = [  # name, attention backend, fused GroupNorm(+SiLU), fused GEGLU
     ("sdpa", "sdpa", False, False),
     ("triton attention", "triton", False, False),
@@ -254,7 +210,7 @@ def unet_step(device, dtype, batch=2, latent=64):
 
 @contextmanager
 def _step_config(backend, group_norm, geglu):
-    with use_backend(backend), _proposed_wiring(group_norm, geglu):
+    with use_backend(backend), use_fused(*(["groupnorm"] if group_norm else []), *(["geglu"] if geglu else [])):
         yield
 
 
