@@ -137,9 +137,66 @@ def test_resume_continues_exactly(tmp_path, one_thread):
     assert [m["step"] for m in metrics] == [2, 4, 6] and all(0 <= m["generated_share"] <= 1 for m in metrics)
 
 
+FD_ALL = ["--fd-lambda", "0.5", "--fd-classes", *map(str, range(19)), "--fd-min-ratio", "0"]  # 32-px crops: one
+# stride-32 cell per image, which is rarely 75 % one thing class; count every labelled cell instead
+
+
+def _same_weights(a, b):
+    return all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def test_feature_distance_run_and_exact_resume(tmp_path, one_thread):
+    """--fd-lambda adds lambda * FD to the loss (logged as loss_fd); without --pretrained the frozen
+    reference travels in the checkpoint, and a resumed run uses it: same weights as uninterrupted,
+    different weights from a checkpoint whose reference was altered."""
+    src = write_scenes(tmp_path / "src", 3, size=48)
+    gen = write_scenes(tmp_path / "gen", 3, size=32, seed=1, generated=True)
+    run = ["--max-iters", "6", "--ckpt-every", "3", *FD_ALL]
+    main(_args(tmp_path / "a", src, gen, *run, "--keep-last", "2"))
+    metrics = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4, 6]
+    for m in metrics:
+        assert m["loss"] == pytest.approx(m["loss_ce"] + m["loss_fd"], rel=1e-6)
+    assert metrics[0]["loss_fd"] >= 0 and metrics[-1]["loss_fd"] > 0  # step 1 is at the reference itself
+    c3, c6 = (torch.load(tmp_path / "a" / "checkpoints" / f"step_000000{i}.pt", weights_only=True) for i in (3, 6))
+    ref = c3["fd_backbone"]
+    assert _same_weights(ref, c6["fd_backbone"])  # frozen
+    trained = {k[len("backbone."):]: v for k, v in c6["model"].items() if k.startswith("backbone.")}
+    assert trained.keys() == ref.keys() and not _same_weights(ref, trained)
+    main(_args(tmp_path / "b", src, gen, *run, "--resume", str(tmp_path / "a" / "checkpoints" / "step_0000003.pt")))
+    b = torch.load(tmp_path / "b" / "checkpoints" / "step_0000006.pt", weights_only=True)
+    assert _same_weights(c6["model"], b["model"]) and _same_weights(ref, b["fd_backbone"])
+    assert torch.equal(c6["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+    # the resumed run really reads the reference from the checkpoint
+    c3["fd_backbone"] = {k: v * 1.1 if v.is_floating_point() else v for k, v in ref.items()}
+    torch.save(c3, tmp_path / "altered.pt")
+    main(_args(tmp_path / "c", src, gen, *run, "--resume", str(tmp_path / "altered.pt")))
+    c = torch.load(tmp_path / "c" / "checkpoints" / "step_0000006.pt", weights_only=True)
+    assert not _same_weights(c6["model"], c["model"])
+
+
+def test_feature_distance_with_pretrained_resumes_from_the_file(tmp_path, one_thread):
+    """With --pretrained the reference is those weights: not stored, rebuilt from the file on resume
+    (a reference copied after the checkpoint's weights were loaded would break the equality)."""
+    from segmentation.models.mit import export_pretrained
+    torch.manual_seed(123)
+    weights = export_pretrained(build_segmentor("tiny").backbone, tmp_path / "mit_tiny.pth")
+    src = write_scenes(tmp_path / "src", 3, size=48)
+    gen = write_scenes(tmp_path / "gen", 3, size=32, seed=1, generated=True)
+    run = ["--max-iters", "4", "--ckpt-every", "2", "--pretrained", str(weights), *FD_ALL]
+    main(_args(tmp_path / "a", src, gen, *run, "--keep-last", "2"))
+    c2, c4 = (torch.load(tmp_path / "a" / "checkpoints" / f"step_000000{i}.pt", weights_only=True) for i in (2, 4))
+    assert "fd_backbone" not in c4
+    main(_args(tmp_path / "b", src, gen, *run, "--resume", str(tmp_path / "a" / "checkpoints" / "step_0000002.pt")))
+    b = torch.load(tmp_path / "b" / "checkpoints" / "step_0000004.pt", weights_only=True)
+    assert _same_weights(c4["model"], b["model"])
+    assert not _same_weights(c2["model"], c4["model"])
+    assert "backbone from" in (tmp_path / "b" / "log.txt").read_text()
+
+
 def test_two_process_gloo_run(tmp_path):
-    """torchrun with 2 CPU processes (gloo): DDP training on mixed data, sharded evaluation,
-    a rank-0 checkpoint with both ranks' RNG states, the export, then a resumed run."""
+    """torchrun with 2 CPU processes (gloo): DDP training on mixed data with the feature distance,
+    sharded evaluation, a rank-0 checkpoint with both ranks' RNG states, the export, then a resumed run."""
     src = write_scenes(tmp_path / "src", 4, size=48)
     gen = write_scenes(tmp_path / "gen", 4, size=32, seed=1, generated=True)
     out = tmp_path / "run"
@@ -148,7 +205,7 @@ def test_two_process_gloo_run(tmp_path):
            "--source", f"folder:{src}", "--generated", f"dginstyle:{gen}", "--mix-ratio", "1:1",
            "--crop", "32", "--source-scale", "64", "64", "--batch-size", "2", "--log-every", "2",
            "--ckpt-every", "2", "--keep-last", "1", "--eval", f"folder:{src}", "--eval-every", "4",
-           "--eval-mode", "whole", "--output-dir", str(out)]
+           "--eval-mode", "whole", "--output-dir", str(out), *FD_ALL]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(cmd + ["--max-iters", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -158,6 +215,8 @@ def test_two_process_gloo_run(tmp_path):
     assert [p.name for p in (out / "checkpoints").glob("*.pt")] == ["step_0000004.pt"]  # keep-last 1
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2, 4, 4] and "mIoU/folder" in metrics[-1]
+    m = metrics[1]
+    assert m["loss_fd"] > 0 and m["loss"] == pytest.approx(m["loss_ce"] + m["loss_fd"])
     log = (out / "log.txt").read_text()
     assert "rank 0/2" in log and "P(generated) = 0.500" in log
     # the sharded evaluation, all-reduced, equals a single-process evaluation of the same weights

@@ -13,7 +13,11 @@ The recipe of DGInStyle-SegModel (reference §11.1-11.2), with the generated dat
   - mixing: ``--mix-ratio SRC:GEN`` (e.g. 1:1) or, by default, uniform over the union of files;
     ``--rcs`` adds online rare-class sampling to the source set (T 0.01, > 3000 px, re-crop until
     > 1500 px of the class, 10 tries);
-  - cross-entropy, ignore 255; mIoU evaluation every ``--eval-every`` iterations (slide 512/256).
+  - cross-entropy, ignore 255; mIoU evaluation every ``--eval-every`` iterations (slide 512/256);
+  - optional ImageNet feature distance on thing classes (DAFormer's "fdthings", DGInStyle's
+    ``dacs_fdthings_srconly``: ``--fd-lambda 0.005``): loss = CE + lambda * FD, FD the mean over the
+    bottleneck cells whose ratio-downscaled label is a thing class of the L2 distance between the
+    trained backbone's deepest features and those of a frozen copy of the initial (ImageNet) backbone.
 
 Single GPU:
     python -m train.train_segmentation --source gta:data/gta --generated data/dginstyle_gen \\
@@ -25,15 +29,19 @@ Smoke run on CPU with a tiny random model:
     python -m train.train_segmentation --tiny --source folder:some/folder --crop 64 \\
         --source-scale 128 64 --max-iters 20 --output-dir /tmp/seg --device cpu
 
-Outputs in --output-dir: log.txt, metrics.jsonl (loss, lr, share of generated samples, mIoUs),
-checkpoints/step_*.pt (model, optimizer, scaler, model_config, config, RNG states) and, at the
-end, model.safetensors (the segmentor with its config; for segmentation.evaluate / adherence).
+Outputs in --output-dir: log.txt, metrics.jsonl (loss, lr, share of generated samples, mIoUs;
+with --fd-lambda also loss_ce and loss_fd = lambda * FD), checkpoints/step_*.pt (model, optimizer,
+scaler, model_config, config, RNG states; with --fd-lambda and no --pretrained also fd_backbone, the
+frozen reference, which a resume cannot rebuild otherwise) and, at the end, model.safetensors (the
+segmentor with its config; for segmentation.evaluate / adherence).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -54,6 +62,112 @@ from train import common
 # mmcv DefaultOptimizerConstructor custom_keys of the DAFormer / SegFormer configs, matched as
 # substrings of the parameter name, longest key first (ties alphabetical), first match wins.
 CUSTOM_KEYS = {"head": {"lr_mult": 10.0}, "pos_block": {"decay_mult": 0.0}, "norm": {"decay_mult": 0.0}}
+# Cityscapes trainIds of DAFormer's thing classes (imnet_feature_dist_classes): traffic light, traffic
+# sign, person, rider, car, truck, bus, train, motorcycle, bicycle.
+THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
+
+
+def downscale_label_ratio(label: torch.Tensor, scale: int, min_ratio: float, num_classes: int,
+                          ignore_index: int = IGNORE) -> torch.Tensor:
+    """(B, H, W) or (B, 1, H, W) integer labels -> (B, H // scale, W // scale) long: per
+    scale x scale cell the most frequent class, if it covers at least ``min_ratio`` of the cell,
+    else ``ignore_index``. Void (``ignore_index``, or any value outside 0..num_classes-1) is
+    counted as a class of its own, so a mostly-void cell is void. Rows / columns beyond a whole
+    cell are dropped. Ties go to the lower class id. DAFormer's ``downscale_label_ratio``
+    (one-hot average pooling), with the one-hot counts accumulated per cell instead of
+    materialising a (B, C + 1, H, W) tensor."""
+    if label.dim() == 4:
+        if label.shape[1] != 1:
+            raise ValueError(f"expected (B, H, W) or (B, 1, H, W) labels, got {tuple(label.shape)}")
+        label = label[:, 0]
+    if label.dim() != 3:
+        raise ValueError(f"expected (B, H, W) or (B, 1, H, W) labels, got {tuple(label.shape)}")
+    scale = int(scale)
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    b, h, w = label.shape[0], label.shape[1] // scale, label.shape[2] // scale
+    lab = label[:, :h * scale, :w * scale].long()
+    lab = torch.where((lab >= 0) & (lab < num_classes), lab, num_classes)  # void -> class num_classes
+    cells = lab.reshape(b, h, scale, w, scale).permute(0, 1, 3, 2, 4).reshape(b, h, w, scale * scale)
+    counts = torch.zeros(b, h, w, num_classes + 1, device=label.device)
+    counts.scatter_add_(-1, cells, torch.ones_like(cells, dtype=counts.dtype))
+    ratio, out = (counts / (scale * scale)).max(-1)
+    out[out == num_classes] = ignore_index
+    out[ratio < min_ratio] = ignore_index
+    return out
+
+
+def feature_distance(feat: torch.Tensor, ref: torch.Tensor, label: torch.Tensor | None = None,
+                     classes=THING_CLASSES, min_ratio: float = 0.75, num_classes: int = 19) -> torch.Tensor:
+    """DAFormer's masked ImageNet feature distance (``calc_feat_dist``), in fp32: the mean over the
+    feature cells of ``||feat - ref||_2`` (over channels). With a ``label`` (B, H, W) only the cells
+    whose ratio-downscaled label (`downscale_label_ratio`, scale = label width // feature width)
+    is one of ``classes`` count; none of them gives 0 (DAFormer's mean would be NaN), with zero
+    gradients. ``ref`` is treated as a constant."""
+    if feat.shape != ref.shape:
+        raise ValueError(f"feature shapes differ: {tuple(feat.shape)} vs {tuple(ref.shape)}")
+    dist = torch.linalg.vector_norm(feat.float() - ref.detach().float(), dim=1)  # (B, h, w)
+    if label is None:
+        return dist.mean()
+    if label.dim() == 4:
+        label = label[:, 0]
+    (fh, fw), scale = dist.shape[-2:], max(label.shape[-1] // dist.shape[-1], 1)
+    # Fit the label to exactly fh x fw cells (void padding / cropping) when the sizes are not
+    # multiples of the feature stride; for the usual 512 crops this changes nothing.
+    ph, pw = fh * scale - label.shape[-2], fw * scale - label.shape[-1]
+    if ph or pw:
+        label = F.pad(label, (0, max(pw, 0), 0, max(ph, 0)), value=IGNORE)[:, :fh * scale, :fw * scale]
+    small = downscale_label_ratio(label, scale, min_ratio, num_classes)
+    mask = torch.isin(small, torch.as_tensor(tuple(classes), device=small.device, dtype=small.dtype))
+    mask = mask.to(dist.dtype)
+    return (dist * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class FeatureDistance:
+    """The ImageNet feature-distance regulariser: a frozen copy of ``backbone`` as it is now (call
+    it right after the pretrained weights are loaded), and a forward hook on ``backbone`` that,
+    inside `recording`, keeps the deepest feature map of the training forward (which runs through
+    DDP / autocast as usual), so the regulariser needs no second pass of the trained model."""
+
+    def __init__(self, backbone: torch.nn.Module, classes=THING_CLASSES, min_ratio: float = 0.75,
+                 num_classes: int = 19):
+        self.frozen = copy.deepcopy(backbone).eval().requires_grad_(False)
+        self.classes, self.min_ratio, self.num_classes = tuple(int(c) for c in classes), float(min_ratio), num_classes
+        self._armed, self._feat = False, None
+        self._handle = backbone.register_forward_hook(self._grab)
+
+    def _grab(self, module, inputs, outputs):
+        if not self._armed:
+            return
+        if self._feat is not None:
+            raise RuntimeError("the backbone ran more than once in one recorded forward; the feature "
+                               "distance expects one bottleneck per step (a multi-resolution model "
+                               "needs its own pairing of trained and frozen features)")
+        self._feat = outputs[-1]
+
+    @contextmanager
+    def recording(self):
+        self._armed, self._feat = True, None
+        try:
+            yield self
+        finally:
+            self._armed = False
+
+    def reference(self, image: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's deepest features of ``image`` (eval mode, no grad)."""
+        self.frozen.eval()
+        with torch.no_grad():
+            return self.frozen(image)[-1]
+
+    def __call__(self, ref: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """FD between the recorded training features and ``ref`` on the thing cells of ``label``."""
+        feat, self._feat = self._feat, None
+        if feat is None:
+            raise RuntimeError("no recorded backbone features: run the model's forward inside recording()")
+        return feature_distance(feat, ref, label, self.classes, self.min_ratio, self.num_classes)
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, head_lr_mult: float = 10.0) -> list[dict]:
@@ -118,6 +232,16 @@ def main(args):
         model.load_backbone(args.pretrained)
         log.info(f"backbone weights from {args.pretrained}")
     model = model.to(d.device).train()
+    fd = None
+    if args.fd_lambda > 0:
+        bad = [c for c in args.fd_classes if not 0 <= c < model_cfg.num_classes]
+        if bad:
+            raise SystemExit(f"--fd-classes {bad} are not classes of a {model_cfg.num_classes}-class model")
+        # the reference: the backbone as initialised (ImageNet weights with --pretrained), frozen
+        fd = FeatureDistance(model.backbone, args.fd_classes, args.fd_min_ratio, model_cfg.num_classes)
+        log.info(f"feature distance: lambda {args.fd_lambda:g}, classes {list(fd.classes)}, min ratio "
+                 f"{fd.min_ratio:g}, frozen reference = the backbone "
+                 + (f"from {args.pretrained}" if args.pretrained else "as randomly initialised (no --pretrained)"))
     if args.sync_bn and d.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     log.info(f"{args.model if not args.tiny else 'tiny'}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
@@ -140,6 +264,14 @@ def main(args):
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
+        if fd is not None:
+            if "fd_backbone" in state:
+                fd.frozen.load_state_dict(state["fd_backbone"])
+                log.info("feature-distance reference from the checkpoint")
+            elif not args.pretrained:
+                log.warning("the checkpoint has no feature-distance reference (fd_backbone) and there is no "
+                            "--pretrained file: the reference is this run's fresh initialisation, which "
+                            "equals the original one only for the same seed and code")
         common.restore_rng(state, d, logger=log)
         log.info(f"resumed from {resume} at step {step}")
         del state
@@ -185,31 +317,38 @@ def main(args):
         return metrics
 
     amp = common.autocast(d.device, amp_dtype)
-    loss_sum, loss_n, gen_n, t0, step0 = torch.zeros((), device=d.device), 0, 0, time.time(), step
+    zero = lambda: torch.zeros(3, device=d.device)  # noqa: E731  (loss, CE, lambda * FD) sums
+    loss_sum, loss_n, gen_n, t0, step0 = zero(), 0, 0, time.time(), step
     for batch in loader:
         factor = lr_factor(step, args.max_iters, args.warmup_iters, args.warmup_ratio, args.poly_power)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
         image = batch["image"].to(d.device, non_blocking=True)
         label = batch["label"].to(d.device, non_blocking=True)
-        with amp:
+        with amp, (fd.recording() if fd is not None else nullcontext()):
             logits = ddp(image)
-        loss = F.cross_entropy(logits.float(), label, ignore_index=IGNORE)
+            ref = fd.reference(image) if fd is not None else None
+        loss_ce = F.cross_entropy(logits.float(), label, ignore_index=IGNORE)
+        loss_fd = args.fd_lambda * fd(ref, label) if fd is not None else torch.zeros((), device=d.device)
+        loss = loss_ce + loss_fd
         scaler.scale(loss).backward()
         common.optimizer_step(opt, scaler, None)
         step += 1
-        loss_sum += loss.detach()
+        loss_sum += torch.stack([loss, loss_ce, loss_fd]).detach()
         loss_n += 1
         gen_n += int((batch["group"] == 1).sum())
 
         if step % args.log_every == 0 or step == args.max_iters:
-            loss_avg = common.all_reduce_mean(loss_sum / loss_n, d)
+            losses = [common.all_reduce_mean(v, d) for v in (loss_sum / loss_n)[:3 if fd is not None else 1]]
             gen_share = common.all_reduce_mean(gen_n / (loss_n * args.batch_size), d)
             dt = time.time() - t0
-            metrics = {"loss": loss_avg, "lr": opt.param_groups[0]["lr"], "generated_share": gen_share,
-                       "samples_per_s": (step - step0) * args.batch_size * d.world_size / max(dt, 1e-9)}
+            metrics = {"loss": losses[0]}
+            if fd is not None:
+                metrics |= {"loss_ce": losses[1], "loss_fd": losses[2]}
+            metrics |= {"lr": opt.param_groups[0]["lr"], "generated_share": gen_share,
+                        "samples_per_s": (step - step0) * args.batch_size * d.world_size / max(dt, 1e-9)}
             common.log_metrics(log, out, step, metrics, d, tb)
-            loss_sum, loss_n, gen_n, t0, step0 = torch.zeros((), device=d.device), 0, 0, time.time(), step
+            loss_sum, loss_n, gen_n, t0, step0 = zero(), 0, 0, time.time(), step
 
         pause = time.time()  # evaluation and checkpoints do not count in samples/s
         if evals and args.eval_every and (step % args.eval_every == 0 or step == args.max_iters):
@@ -219,6 +358,8 @@ def main(args):
             state = {"model": common.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                      "scaler": scaler.state_dict(), "model_config": asdict(common.unwrap(model).cfg),
                      "config": vars(args)}
+            if fd is not None and not args.pretrained:  # with --pretrained, a resume rebuilds it from the file
+                state["fd_backbone"] = fd.frozen.state_dict()
             path = common.save_checkpoint(ckpt_dir, step, state, d, keep_last=args.keep_last)
             log.info(f"saved {path}")
         t0 += time.time() - pause
@@ -271,6 +412,14 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--poly-power", type=float, default=1.0)
     g.add_argument("--mixed-precision", choices=common.PRECISIONS, default="auto",
                    help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    g = p.add_argument_group("ImageNet feature distance on thing classes (DAFormer; DGInStyle: --fd-lambda 0.005)")
+    g.add_argument("--fd-lambda", type=float, default=0.0,
+                   help="weight of the feature distance to the frozen initial (ImageNet) backbone; 0 = off. "
+                        "The DGInStyle recipe (DAFormer / HRDA, dacs_fdthings_srconly) uses 0.005")
+    g.add_argument("--fd-classes", type=int, nargs="+", default=list(THING_CLASSES), metavar="ID",
+                   help="trainIds whose (downscaled) cells count; the default is DAFormer's thing classes")
+    g.add_argument("--fd-min-ratio", type=float, default=0.75,
+                   help="a feature cell takes its majority class only if it covers this share of the cell")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", nargs="*", default=[], metavar="LAYOUT:PATH", help="e.g. cityscapes:data/cityscapes")
     g.add_argument("--eval-split", default=None)
@@ -298,6 +447,10 @@ def parse_args(argv=None):
         v = getattr(a, name)
         if v and len(v) != 2:
             p.error(f"--{name.replace('_', '-')} takes two numbers (LONG SHORT) or none")
+    if a.fd_lambda < 0:
+        p.error("--fd-lambda must be >= 0")
+    if not 0.0 <= a.fd_min_ratio <= 1.0:
+        p.error("--fd-min-ratio must be in [0, 1]")
     if a.mix_ratio is not None:
         try:
             parse_ratio(a.mix_ratio, 2)
