@@ -102,13 +102,23 @@ class ASPPWrapper(nn.Module):
 class DAFormerHead(nn.Module):
     """Per-level MLP embeddings (no norm, no activation) to ``embed_dim`` (256), upsampled to 1/4
     and concatenated in level order, fused by ``ASPPWrapper`` (dilations 1/6/12/18, BN + ReLU),
-    dropout 0.1 and a 1x1 classifier ``conv_seg`` (mmseg's ``cls_seg``)."""
+    dropout 0.1 and a 1x1 classifier ``conv_seg`` (mmseg's ``cls_seg``).
+
+    ``fusion="conv"`` replaces the ASPP by one 1x1 ConvModule (conv, BN, ReLU; keys
+    ``fuse_layer.conv`` / ``fuse_layer.bn``): DAFormer's ``fusion_cfg=dict(type='conv',
+    kernel_size=1)``, which HRDA uses for its scale-attention head."""
 
     def __init__(self, in_channels: Sequence[int], num_classes: int = 19, embed_dim: int = 256,
-                 channels: int = 256, dilations: Sequence[int] = (1, 6, 12, 18), dropout: float = 0.1):
+                 channels: int = 256, dilations: Sequence[int] = (1, 6, 12, 18), dropout: float = 0.1,
+                 fusion: str = "aspp"):
         super().__init__()
         self.embed_layers = nn.ModuleDict({str(i): MLP(c, embed_dim) for i, c in enumerate(in_channels)})
-        self.fuse_layer = ASPPWrapper(embed_dim * len(in_channels), channels, dilations)
+        if fusion == "aspp":
+            self.fuse_layer = ASPPWrapper(embed_dim * len(in_channels), channels, dilations)
+        elif fusion == "conv":
+            self.fuse_layer = ConvBNReLU(embed_dim * len(in_channels), channels, 1)
+        else:
+            raise ValueError(f"unknown DAFormer fusion {fusion!r} (aspp | conv)")
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
 
