@@ -2,8 +2,11 @@
 
 A ``Segmentor`` is ``backbone`` + ``decode_head`` (mmseg's attribute names, so parameter names
 read ``backbone.block1.0.attn.q.weight`` and ``decode_head.fuse_layer...``); ``forward(x)``
-returns logits at the input size (bilinear, align_corners=False). The whole model is described
-by a ``SegmentorConfig``, stored in every file we write, so loading never depends on a file name.
+returns logits at the input size (bilinear, align_corners=False), ``forward(x, label)`` (or
+``forward_train``) the training losses. The whole model is described by a ``SegmentorConfig``,
+stored in every file we write, so loading never depends on a file name. A config with ``hrda``
+set describes an HRDA multi-resolution segmentor (``segmentation.models.hrda``), built by
+``build_segmentor`` / ``load_segmentor`` like any other.
 """
 from __future__ import annotations
 
@@ -24,6 +27,52 @@ from .mit import MIT_CONFIGS, MixVisionTransformer, load_pretrained
 from .resnet import RESNET_DEPTHS, DeepLabV3PlusHead, ResNet
 
 HEADS = ("daformer", "segformer", "deeplabv3plus")
+IGNORE_INDEX = 255
+
+
+@dataclass(frozen=True)
+class HRDAConfig:
+    """HRDA (Hoyer et al. 2022) multi-resolution settings; names and defaults as in the official
+    ``HRDAEncoderDecoder`` / ``HRDAHead`` configs of DGInStyle exp 61 (``hrda1-512-0.1``)."""
+    scales: tuple[float, float] = (1.0, 0.5)  # detail (hr) and context (lr) scales, any order
+    hr_crop_size: tuple[int, int] | None = (512, 512)  # training detail crop (h, w); None: whole image
+    hr_loss_weight: float = 0.1  # detail CE weight; the fused CE gets 1 - hr - lr weights
+    lr_loss_weight: float = 0.0  # context CE weight (on the attention-weighted context logits)
+    attention_classwise: bool = True  # one attention map per class (else one for all)
+    attention_embed_dim: int = 256  # width of the scale-attention head
+    fixed_attention: float | None = None  # a constant attention instead of the learned head
+    feature_scale: float = 0.5  # the scale whose backbone features feed feature-distance losses
+    crop_coord_divisible: int = 8  # detail crop offsets are multiples of this (in hr pixels)
+    hr_slide_inference: bool = True  # detail pass by sliding hr_crop_size windows at test time
+    hr_slide_overlapping: bool = True  # their stride is half the window (else the window)
+    test_crop: int = 1024  # outer sliding window of the evaluation (mmseg test_cfg crop_size)
+    test_stride: int = 512  # and its stride
+
+    def __post_init__(self):
+        scales = tuple(float(x) for x in self.scales)
+        if len(scales) != 2 or min(scales) <= 0:
+            raise ValueError(f"HRDA takes two positive scales (detail, context), got {self.scales}")
+        object.__setattr__(self, "scales", scales)
+        if self.hr_crop_size is not None:
+            crop = (self.hr_crop_size, self.hr_crop_size) if isinstance(self.hr_crop_size, int) else self.hr_crop_size
+            object.__setattr__(self, "hr_crop_size", tuple(int(c) for c in crop))
+            if len(self.hr_crop_size) != 2 or min(self.hr_crop_size) <= 0:
+                raise ValueError(f"hr_crop_size must be (h, w) > 0, got {self.hr_crop_size}")
+        if float(self.feature_scale) not in scales:
+            raise ValueError(f"feature_scale {self.feature_scale} is not one of the scales {scales}")
+        if self.crop_coord_divisible < 1:
+            raise ValueError("crop_coord_divisible must be >= 1")
+        if self.hr_loss_weight + self.lr_loss_weight > 1:
+            raise ValueError("hr_loss_weight + lr_loss_weight must not exceed 1")
+        if self.hr_slide_inference and self.hr_crop_size is None:
+            raise ValueError("hr_slide_inference needs an hr_crop_size (the window)")
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "HRDAConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown HRDAConfig fields {sorted(unknown)}")
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -36,6 +85,7 @@ class SegmentorConfig:
     dilations: tuple[int, ...] = (1, 6, 12, 18)
     dropout: float = 0.1
     drop_path_rate: float = 0.1
+    hrda: HRDAConfig | None = None  # set: an HRDA multi-resolution segmentor around this model
 
     def __post_init__(self):
         if self.head not in HEADS:
@@ -44,6 +94,10 @@ class SegmentorConfig:
             raise ValueError(f"unknown backbone {self.backbone!r}; expected one of "
                              f"{sorted(MIT_CONFIGS) + sorted(RESNET_DEPTHS)}")
         object.__setattr__(self, "dilations", tuple(int(d) for d in self.dilations))
+        if isinstance(self.hrda, Mapping):
+            object.__setattr__(self, "hrda", HRDAConfig.from_dict(self.hrda))
+        elif self.hrda is not None and not isinstance(self.hrda, HRDAConfig):
+            raise TypeError(f"hrda must be an HRDAConfig, a dict or None, not {type(self.hrda).__name__}")
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "SegmentorConfig":
@@ -60,34 +114,74 @@ PRESETS: dict[str, SegmentorConfig] = {
     "segformer_mitb0": SegmentorConfig("mit_b0", "segformer", embed_dim=256),
     "daformer_mitb0": SegmentorConfig("mit_b0", "daformer"),
     "deeplabv3plus_r18": SegmentorConfig("resnet18", "deeplabv3plus", dilations=(6, 12, 18)),
+    # exp 61: HRDA (context 0.5, detail crop 512, hr loss 0.1, class-wise attention) + DAFormer
+    "hrda_daformer_mitb5": SegmentorConfig("mit_b5", "daformer", hrda=HRDAConfig()),
     # CPU smoke-test sizes
     "tiny": SegmentorConfig("mit_tiny", "daformer", embed_dim=32, channels=32, drop_path_rate=0.0),
+    "tiny_hrda": SegmentorConfig("mit_tiny", "daformer", embed_dim=32, channels=32, drop_path_rate=0.0,
+                                 hrda=HRDAConfig(hr_crop_size=(32, 32), attention_embed_dim=32,
+                                                 test_crop=64, test_stride=32)),
     "tiny_segformer": SegmentorConfig("mit_tiny", "segformer", embed_dim=32, drop_path_rate=0.0),
     "tiny_deeplab": SegmentorConfig("resnet_tiny", "deeplabv3plus", channels=32, dilations=(2, 4, 6)),
 }
 
 
+def build_backbone(cfg: SegmentorConfig) -> nn.Module:
+    if cfg.backbone in MIT_CONFIGS:
+        return MixVisionTransformer(replace(MIT_CONFIGS[cfg.backbone], drop_path_rate=cfg.drop_path_rate))
+    return ResNet(cfg.backbone)
+
+
+def build_head(cfg: SegmentorConfig, in_channels, *, num_classes: int | None = None,
+               width: int | None = None, attention: bool = False) -> nn.Module:
+    """The decode head of ``cfg``. ``width`` replaces its embedding / fused width and
+    ``attention`` builds it the way HRDA builds its scale-attention head (DAFormer: a 1x1
+    ConvModule fusion instead of the ASPP)."""
+    n = cfg.num_classes if num_classes is None else num_classes
+    if cfg.head == "daformer":
+        return DAFormerHead(in_channels, n, width or cfg.embed_dim, width or cfg.channels, cfg.dilations,
+                            cfg.dropout, fusion="conv" if attention else "aspp")
+    if cfg.head == "segformer":
+        return SegFormerHead(in_channels, n, width or cfg.embed_dim, cfg.dropout)
+    return DeepLabV3PlusHead(in_channels, n, width or cfg.channels, cfg.dilations, dropout=cfg.dropout)
+
+
 class Segmentor(nn.Module):
+    default_window = (512, 256)  # evaluation sliding window (crop, stride) of the 512 configs
+
+    def __new__(cls, cfg: SegmentorConfig | str = "daformer_mitb5"):
+        """``Segmentor(cfg)`` of a config with ``hrda`` set is an ``HRDASegmentor``."""
+        if cls is Segmentor and (PRESETS[cfg] if isinstance(cfg, str) else cfg).hrda is not None:
+            from .hrda import HRDASegmentor
+            cls = HRDASegmentor
+        return super().__new__(cls)
+
     def __init__(self, cfg: SegmentorConfig | str = "daformer_mitb5"):
         super().__init__()
         cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
         self.cfg = cfg
-        if cfg.backbone in MIT_CONFIGS:
-            self.backbone = MixVisionTransformer(replace(MIT_CONFIGS[cfg.backbone], drop_path_rate=cfg.drop_path_rate))
-        else:
-            self.backbone = ResNet(cfg.backbone)
-        cin = self.backbone.out_channels
-        if cfg.head == "daformer":
-            self.decode_head = DAFormerHead(cin, cfg.num_classes, cfg.embed_dim, cfg.channels, cfg.dilations, cfg.dropout)
-        elif cfg.head == "segformer":
-            self.decode_head = SegFormerHead(cin, cfg.num_classes, cfg.embed_dim, cfg.dropout)
-        else:
-            self.decode_head = DeepLabV3PlusHead(cin, cfg.num_classes, cfg.channels, cfg.dilations, dropout=cfg.dropout)
+        self.backbone = build_backbone(cfg)
+        self.decode_head = build_head(cfg, self.backbone.out_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, num_classes, H, W) logits."""
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None, **kwargs):
+        """(B, 3, H, W) normalised images -> (B, num_classes, H, W) logits; with ``label`` the
+        training losses of ``forward_train`` (so a DDP wrapper sees the training forward)."""
+        if label is not None:
+            return self.forward_train(x, label, **kwargs)
         logits = self.decode_head(self.backbone(x))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def forward_train(self, x: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> dict:
+        """Cross-entropy of the logits at the label size: ``{"loss", "loss_seg", "logits",
+        "features"}`` (the backbone features, e.g. for a feature-distance loss)."""
+        feats = self.backbone(x)
+        logits = F.interpolate(self.decode_head(feats), size=label.shape[-2:], mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits.float(), label, ignore_index=ignore_index)
+        return {"loss": loss, "loss_seg": loss, "logits": logits, "features": feats}
+
+    def extract_feat(self, x: torch.Tensor):
+        """The backbone features that ``forward_train`` returns, for an image batch ``x``."""
+        return self.backbone(x)
 
     def load_backbone(self, path) -> "Segmentor":
         """Load ImageNet-pretrained backbone weights (official ``mit_b*.pth`` layout), strictly."""
