@@ -3,7 +3,7 @@
     python -m segmentation.evaluate --checkpoint CKPT \\
         --dataset cityscapes:data/cityscapes bdd100k:data/bdd100k mapillary:data/mapillary \\
                   acdc:data/acdc dark_zurich:data/dark_zurich \\
-        [--mode slide --crop 512 --stride 256] [--hr] [--out results.json]
+        [--mode slide --crop 512 --stride 256] [--hr | --no-hr] [--out results.json]
     torchrun --standalone --nproc_per_node=4 -m segmentation.evaluate ...same arguments...
 
 Any subset of the five benchmarks (or any layout of segmentation.datasets: ``gta``, ``folder``,
@@ -11,7 +11,9 @@ Any subset of the five benchmarks (or any layout of segmentation.datasets: ``gta
 the image is resized (keep ratio) to the dataset's test scale (Cityscapes/BDD100K/Mapillary
 1024x512, ACDC/Dark Zurich 960x540; doubled with ``--hr``), logits are computed over sliding
 512x512 windows with stride 256 (overlaps averaged) or on the whole image, resized back to the
-label's size (bilinear), and the arg-max is scored against the full-resolution label. Under
+label's size (bilinear), and the arg-max is scored against the full-resolution label. An HRDA
+checkpoint (exp 61) is evaluated the same way with its own defaults: 1024 windows, stride 512,
+doubled test scales (each window runs HRDA's context + sliding-detail inference). Under
 torchrun the images are sharded over ranks and the confusion matrices all-reduced. The table
 prints IoUs x 100 with 1 decimal; the JSON holds fractions (mIoU convention: segmentation.metrics).
 """
@@ -92,13 +94,27 @@ def _dist_info() -> tuple[int, int]:
 
 
 @torch.no_grad()
-def evaluate_dataset(model, dataset: SegDataset, *, mode: str = "slide", crop=512, stride=256,
+def default_window(model) -> tuple[int, int]:
+    """The sliding window (crop, stride) a segmentor is evaluated with: 512 / 256 (the 512
+    configs), the model's own (``default_window``, e.g. HRDA's 1024 / 512) where it has one."""
+    return tuple(getattr(getattr(model, "module", model), "default_window", (512, 256)))
+
+
+def is_hr_model(model) -> bool:
+    """Models trained on the HR (1024) configs, tested at doubled scales: HRDA."""
+    cfg = getattr(getattr(model, "module", model), "cfg", None)
+    return getattr(cfg, "hrda", None) is not None
+
+
+def evaluate_dataset(model, dataset: SegDataset, *, mode: str = "slide", crop=None, stride=None,
                      device="cpu", autocast_dtype: torch.dtype | None = None, limit: int | None = None,
                      window_batch: int = 4, log: Callable[[str], None] | None = None,
                      num_classes: int = NUM_CLASSES) -> torch.Tensor:
     """Confusion matrix of ``model`` over ``dataset`` (sharded over ranks and all-reduced when a
-    process group is initialised)."""
+    process group is initialised). ``crop`` / ``stride`` default to ``default_window(model)``."""
     rank, world = _dist_info()
+    crop = default_window(model)[0] if crop is None else crop
+    stride = default_window(model)[1] if stride is None else stride
     was_training = model.training
     model.eval()
     meter = ConfusionMeter(num_classes, IGNORE, device=device)
@@ -155,12 +171,13 @@ def parse_args(argv=None):
                     help=f"datasets to evaluate; benchmarks: {', '.join(BENCHMARKS)}")
     ap.add_argument("--split", default=None, help="split (default: each layout's validation split)")
     ap.add_argument("--mode", choices=("slide", "whole"), default="slide")
-    ap.add_argument("--crop", type=int, default=512)
-    ap.add_argument("--stride", type=int, default=256)
+    ap.add_argument("--crop", type=int, default=None, help="sliding window (default: 512, HRDA 1024)")
+    ap.add_argument("--stride", type=int, default=None, help="window stride (default: 256, HRDA 512)")
     ap.add_argument("--window-batch", type=int, default=4, help="sliding windows per forward")
     ap.add_argument("--test-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
                     help="override every dataset's test resize (keep ratio); 0 0 keeps the size")
-    ap.add_argument("--hr", action="store_true", help="double the test scales (HRDA-style 1024 configs)")
+    ap.add_argument("--hr", action=argparse.BooleanOptionalAction, default=None,
+                    help="double the test scales (the 1024 configs; default: on for HRDA checkpoints)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N images of each dataset")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--amp", choices=("fp16", "bf16"), default=None, help="autocast dtype (CUDA)")
@@ -179,6 +196,12 @@ def main(argv=None) -> int:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     log = print if rank == 0 else (lambda *a, **k: None)
     model = load_segmentor(args.checkpoint, args.config, device=device)
+    args.crop = default_window(model)[0] if args.crop is None else args.crop
+    args.stride = default_window(model)[1] if args.stride is None else args.stride
+    args.hr = is_hr_model(model) if args.hr is None else args.hr
+    log(f"{type(model).__name__} ({model.cfg.backbone}, {model.cfg.head}): {args.mode} inference"
+        + (f" over {args.crop} windows, stride {args.stride}" if args.mode == "slide" else "")
+        + (", doubled test scales" if args.hr else ""))
     amp = {"fp16": torch.float16, "bf16": torch.bfloat16, None: None}[args.amp]
     results, meta = {}, {}
     for spec in args.dataset:
@@ -203,7 +226,7 @@ def main(argv=None) -> int:
         print(format_table(results))
         out = Path(args.out) if args.out else Path(str(args.checkpoint) + "_eval.json")
         payload = {"checkpoint": str(args.checkpoint), "mode": args.mode, "crop": args.crop, "stride": args.stride,
-                   "world_size": world, "datasets": meta, "results": results}
+                   "hr": args.hr, "world_size": world, "datasets": meta, "results": results}
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(json.dumps(payload, indent=1))
         os.replace(tmp, out)
