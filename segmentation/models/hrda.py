@@ -146,8 +146,8 @@ class HRDASegmentor(Segmentor):
     """``backbone`` + ``decode_head`` (an ``HRDAHead``), configured by ``cfg.hrda``.
 
     ``forward(x)``: inference logits at x's size; ``forward(x, label)`` / ``forward_train``: the
-    training losses; ``extract_feat(x)``: backbone features at ``feature_scale`` (what HRDA's
-    ``extract_feat`` gives a frozen ImageNet copy for the feature distance)."""
+    training losses; ``extract_feat(x)``: backbone features of x resized to ``feature_scale`` (what
+    HRDA's ``extract_feat`` gives a frozen ImageNet copy for the feature distance)."""
 
     def __init__(self, cfg: SegmentorConfig | str = "hrda_daformer_mitb5"):
         nn.Module.__init__(self)
@@ -242,5 +242,5 @@ class HRDASegmentor(Segmentor):
         out["loss"] = loss
         return out
 
-    def extract_feat(self, x: torch.Tensor):
-        return self.backbone(_resize(x, self.cfg.hrda.feature_scale))
+    def feature_input(self, x: torch.Tensor) -> torch.Tensor:
+        return _resize(x, self.cfg.hrda.feature_scale)

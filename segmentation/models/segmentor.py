@@ -179,9 +179,13 @@ class Segmentor(nn.Module):
         loss = F.cross_entropy(logits.float(), label, ignore_index=ignore_index)
         return {"loss": loss, "loss_seg": loss, "logits": logits, "features": feats}
 
-    def extract_feat(self, x: torch.Tensor):
-        """The backbone features that ``forward_train`` returns, for an image batch ``x``."""
-        return self.backbone(x)
+    def feature_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The image whose backbone features ``forward_train`` returns as ``features``."""
+        return x
+
+    def extract_feat(self, x: torch.Tensor, backbone: nn.Module | None = None):
+        """Those features for an image batch ``x``, by ``backbone`` (e.g. a frozen copy) or ours."""
+        return (self.backbone if backbone is None else backbone)(self.feature_input(x))
 
     def load_backbone(self, path) -> "Segmentor":
         """Load ImageNet-pretrained backbone weights (official ``mit_b*.pth`` layout), strictly."""
