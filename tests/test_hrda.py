@@ -88,6 +88,8 @@ def test_training_forward_shapes_and_manual_fusion():
     assert out["hr_logits"].shape == (2, 19, 8, 8)  # detail: 1/4 of the 32 crop
     assert out["lr_logits"].shape == out["attention"].shape == (2, 19, 8, 8)  # context: 1/4 of 32
     assert [f.shape[-1] for f in out["features"]] == [8, 4, 2, 1]  # feature_scale 0.5: the context
+    for f, g in zip(out["features"], m.extract_feat(x)):  # what a frozen copy is given for the FD
+        torch.testing.assert_close(f, g)
     lr, att, hr = manual_parts(m, x, box)
     inside = box_mask(lr.shape, box, 8)
     att_masked = att * inside
@@ -334,4 +336,47 @@ def test_evaluate_dataset_and_cli_on_an_hrda_checkpoint(tmp_path, capsys):
     evaluate_main(["--checkpoint", str(ckpt), "--dataset", f"folder:{root}", "--test-scale", "128", "64", "--no-hr",
                    "--crop", "64", "--stride", "64", "--device", "cpu", "--out", str(out)])
     res = json.loads(out.read_text())
-    assert (res["crop"], res["stride"], res["hr"]) == (64, 64, False) and res["datasets"]["folder"]["test_scale"] == [128, 64]
+    assert (res["crop"], res["stride"], res["hr"]) == (64, 64, False)
+    assert res["datasets"]["folder"]["test_scale"] == [128, 64]
+
+
+def test_training_script_runs_hrda_with_feature_distance_and_resumes_exactly(tmp_path, one_thread):
+    """train_segmentation --model tiny_hrda (64 crops, detail 32): HRDA's loss terms are logged,
+    the feature distance pairs the context features with the frozen backbone's features of the
+    0.5-scaled crop, evaluation uses the model's window and doubled test scales, the export is an
+    HRDA weight file, and a resumed run (random detail crops included) equals an uninterrupted one."""
+    from test_seg_train import write_scenes
+
+    from train.train_segmentation import main, parse_args
+    src = write_scenes(tmp_path / "src", 3, size=80)
+    gen = write_scenes(tmp_path / "gen", 2, size=64, seed=1, generated=True)
+
+    def run(out, *extra):
+        main(parse_args(["--model", "hrda_daformer_mitb5", "--tiny", "--source", f"folder:{src}", "--generated", str(gen),
+                         "--crop", "64", "--source-scale", "80", "80", "--batch-size", "2", "--lr", "1e-3",
+                         "--warmup-iters", "2", "--log-every", "2", "--max-iters", "4", "--ckpt-every", "2",
+                         "--fd-lambda", "0.5", "--fd-classes", *map(str, range(19)), "--fd-min-ratio", "0",
+                         "--output-dir", str(out), "--device", "cpu", "--num-workers", "0", *extra]))
+
+    run(tmp_path / "a", "--keep-last", "2", "--eval", f"folder:{src}", "--eval-every", "4")
+    metrics = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics[:2]:
+        assert {"loss", "loss_ce", "loss_fd", "loss_fused", "loss_hr"} <= set(m)
+        assert m["loss"] == pytest.approx(m["loss_ce"] + m["loss_fd"], rel=1e-6) and m["loss_fd"] >= 0
+    assert metrics[1]["loss_fd"] > 0  # the trained backbone has moved away from the frozen copy
+    assert 0 <= metrics[-1]["mIoU/folder"] <= 1
+    log = (tmp_path / "a" / "log.txt").read_text()
+    assert "tiny_hrda" in log
+    ck = torch.load(tmp_path / "a" / "checkpoints" / "step_0000004.pt", weights_only=True)
+    assert ck["model_config"]["hrda"]["hr_crop_size"] == (32, 32)
+    model = load_segmentor(tmp_path / "a" / "model.safetensors")
+    assert isinstance(model, HRDASegmentor) and all(torch.equal(v, ck["model"][k]) for k, v in model.state_dict().items())
+    # the evaluation during training: the model's 64 / 32 windows (the folder layout has no test scale)
+    single = evaluate_dataset(model, SegDataset(src, "folder", test_scale=None), crop=64, stride=32)
+    from segmentation.metrics import mean_iou
+    assert metrics[-1]["mIoU/folder"] == pytest.approx(mean_iou(single), abs=1e-6)
+    run(tmp_path / "b", "--resume", str(tmp_path / "a" / "checkpoints" / "step_0000002.pt"))
+    b = torch.load(tmp_path / "b" / "checkpoints" / "step_0000004.pt", weights_only=True)
+    assert all(torch.equal(v, b["model"][k]) for k, v in ck["model"].items())
+    start = torch.load(tmp_path / "a" / "checkpoints" / "step_0000002.pt", weights_only=True)["model"]
+    assert any(not torch.equal(start[k], v) for k, v in ck["model"].items())

@@ -4,6 +4,9 @@ The recipe of DGInStyle-SegModel (reference §11.1-11.2), with the generated dat
 (the original's builder silently drops it, §11.2 / decision 9):
   - model: DAFormer (MiT-B5 + separable-ASPP head) by default, ``--model segformer_mitb5`` etc.;
     ``--pretrained mit_b5.pth`` loads the official ImageNet MiT weights strictly;
+    ``--model hrda_daformer_mitb5`` is HRDA (exp 61): the model's training forward takes a
+    context pass at scale 0.5 and a 512 detail crop, its loss is 0.9 CE(fused) + 0.1 CE(detail);
+    evaluation uses its hr slide inference in 1024 windows, stride 512, at doubled test scales;
   - AdamW lr 6e-5, betas (0.9, 0.999), weight decay 0.01; parameters named ``*head*`` get lr x 10,
     ``*norm*`` / ``*pos_block*`` no weight decay (mmcv custom_keys matching, longest key first);
   - poly schedule (power 1, min lr 0) over 40k iterations, linear warmup over 1500 iterations
@@ -13,24 +16,33 @@ The recipe of DGInStyle-SegModel (reference §11.1-11.2), with the generated dat
   - mixing: ``--mix-ratio SRC:GEN`` (e.g. 1:1) or, by default, uniform over the union of files;
     ``--rcs`` adds online rare-class sampling to the source set (T 0.01, > 3000 px, re-crop until
     > 1500 px of the class, 10 tries);
-  - cross-entropy, ignore 255; mIoU evaluation every ``--eval-every`` iterations (slide 512/256);
+  - cross-entropy, ignore 255 (the model's ``forward(image, label)``); mIoU evaluation every
+    ``--eval-every`` iterations (slide 512/256, or the model's own window);
   - optional ImageNet feature distance on thing classes (DAFormer's "fdthings", DGInStyle's
     ``dacs_fdthings_srconly``: ``--fd-lambda 0.005``): loss = CE + lambda * FD, FD the mean over the
     bottleneck cells whose ratio-downscaled label is a thing class of the L2 distance between the
-    trained backbone's deepest features and those of a frozen copy of the initial (ImageNet) backbone.
+    trained backbone's deepest features and those of a frozen copy of the initial (ImageNet) backbone
+    (for HRDA those of the context input, the 0.5-scaled crop: its ``feature_scale``, as in HRDA).
 
 Single GPU:
     python -m train.train_segmentation --source gta:data/gta --generated data/dginstyle_gen \\
         --pretrained pretrained/mit_b5.pth --eval cityscapes:data/cityscapes --output-dir runs/seg
 N GPUs on one machine (batch is per GPU; mmseg's recipe is 1 GPU x 2):
     torchrun --standalone --nproc_per_node=N -m train.train_segmentation ...same arguments...
+HRDA with the HR data settings of exp 61 (1024 crops of GTA resized to 2560x1440, generated images
+resized to 1024x1024, RCS with min crop ratio 2.0, feature distance):
+    python -m train.train_segmentation --model hrda_daformer_mitb5 --pretrained pretrained/mit_b5.pth \
+        --source gta:data/gta --generated data/dginstyle_gen --crop 1024 --source-scale 2560 1440 \
+        --gen-scale 1024 1024 --rcs --rcs-min-crop-ratio 2.0 --fd-lambda 0.005 \
+        --eval cityscapes:data/cityscapes --output-dir runs/hrda
 Resume (exact for the same world size): add ``--resume auto`` (latest checkpoint) or ``--resume PATH``.
 Smoke run on CPU with a tiny random model:
     python -m train.train_segmentation --tiny --source folder:some/folder --crop 64 \\
         --source-scale 128 64 --max-iters 20 --output-dir /tmp/seg --device cpu
 
 Outputs in --output-dir: log.txt, metrics.jsonl (loss, lr, share of generated samples, mIoUs;
-with --fd-lambda also loss_ce and loss_fd = lambda * FD), checkpoints/step_*.pt (model, optimizer,
+with --fd-lambda also loss_ce and loss_fd = lambda * FD; for HRDA also the unweighted loss_fused
+and loss_hr), checkpoints/step_*.pt (model, optimizer,
 scaler, model_config, config, RNG states; with --fd-lambda and no --pretrained also fd_backbone, the
 frozen reference, which a resume cannot rebuild otherwise) and, at the end, model.safetensors (the
 segmentor with its config; for segmentation.evaluate / adherence).
@@ -41,7 +53,7 @@ import argparse
 import copy
 import json
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -52,7 +64,7 @@ from torch.utils.data import DataLoader
 
 from segmentation.datasets import (IndexStream, MixedDataset, RCSConfig, SegDataset, TrainSource, parse_ratio,
                                    parse_spec)
-from segmentation.evaluate import evaluate_dataset
+from segmentation.evaluate import evaluate_dataset, is_hr_model
 from segmentation.labels import IGNORE
 from segmentation.metrics import summarize
 from segmentation.models import PRESETS, build_segmentor, save_segmentor
@@ -159,9 +171,12 @@ class FeatureDistance:
         with torch.no_grad():
             return self.frozen(image)[-1]
 
-    def __call__(self, ref: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """FD between the recorded training features and ``ref`` on the thing cells of ``label``."""
-        feat, self._feat = self._feat, None
+    def __call__(self, ref: torch.Tensor, label: torch.Tensor, feat: torch.Tensor | None = None) -> torch.Tensor:
+        """FD between the training features (``feat``, e.g. the deepest map of the ``features`` a
+        model's ``forward_train`` returns, or else the recorded ones) and ``ref`` on the thing
+        cells of ``label``."""
+        if feat is None:
+            feat, self._feat = self._feat, None
         if feat is None:
             raise RuntimeError("no recorded backbone features: run the model's forward inside recording()")
         return feature_distance(feat, ref, label, self.classes, self.min_ratio, self.num_classes)
@@ -226,7 +241,8 @@ def main(args):
         torch.backends.cudnn.benchmark = True
 
     # Model and optimizer.
-    model_cfg = PRESETS["tiny" if args.tiny else args.model]
+    preset = args.model if not args.tiny else ("tiny_hrda" if PRESETS[args.model].hrda is not None else "tiny")
+    model_cfg = PRESETS[preset]
     model = build_segmentor(model_cfg)
     if args.pretrained:
         model.load_backbone(args.pretrained)
@@ -244,7 +260,7 @@ def main(args):
                  + (f"from {args.pretrained}" if args.pretrained else "as randomly initialised (no --pretrained)"))
     if args.sync_bn and d.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    log.info(f"{args.model if not args.tiny else 'tiny'}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+    log.info(f"{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
              f"parameters ({asdict(model.cfg)})")
     groups = param_groups(model, args.lr, args.weight_decay, args.head_lr_mult)
     for g in groups:
@@ -303,11 +319,15 @@ def main(args):
                         persistent_workers=args.num_workers > 0, drop_last=True,
                         generator=torch.Generator())  # its base-seed draw must not touch the global RNG
     evals = [(spec, *parse_spec(spec)) for spec in (args.eval or [])]
+    eval_hr = is_hr_model(model) if args.eval_hr is None else args.eval_hr
 
     def run_eval(step: int) -> dict:
         metrics = {}
         for spec, layout, path in evals:
-            ds = SegDataset(path, layout, args.eval_split)
+            scale = layout.test_scale
+            if eval_hr and scale is not None:
+                scale = (2 * scale[0], 2 * scale[1])
+            ds = SegDataset(path, layout, args.eval_split, test_scale=scale)
             cm = evaluate_dataset(common.unwrap(model), ds, mode=args.eval_mode, crop=args.eval_crop,
                                   stride=args.eval_stride, device=d.device, limit=args.eval_limit,
                                   autocast_dtype=None if amp_dtype == torch.float32 else amp_dtype)
@@ -317,7 +337,11 @@ def main(args):
         return metrics
 
     amp = common.autocast(d.device, amp_dtype)
-    zero = lambda: torch.zeros(3, device=d.device)  # noqa: E731  (loss, CE, lambda * FD) sums
+    # logged loss terms: the total; with FD the CE part and lambda * FD; for HRDA its unweighted CEs
+    terms = ["loss"] + (["loss_ce", "loss_fd"] if fd is not None else [])
+    if model_cfg.hrda is not None:
+        terms += ["loss_fused"] + [f"loss_{k}" for k in ("hr", "lr") if getattr(model_cfg.hrda, f"{k}_loss_weight") > 0]
+    zero = lambda: torch.zeros(len(terms), device=d.device)  # noqa: E731
     loss_sum, loss_n, gen_n, t0, step0 = zero(), 0, 0, time.time(), step
     for batch in loader:
         factor = lr_factor(step, args.max_iters, args.warmup_iters, args.warmup_ratio, args.poly_power)
@@ -325,26 +349,26 @@ def main(args):
             g["lr"] = g["base_lr"] * factor
         image = batch["image"].to(d.device, non_blocking=True)
         label = batch["label"].to(d.device, non_blocking=True)
-        with amp, (fd.recording() if fd is not None else nullcontext()):
-            logits = ddp(image)
-            ref = fd.reference(image) if fd is not None else None
-        loss_ce = F.cross_entropy(logits.float(), label, ignore_index=IGNORE)
-        loss_fd = args.fd_lambda * fd(ref, label) if fd is not None else torch.zeros((), device=d.device)
+        with amp:
+            # the model's training forward: its CE loss(es) and the backbone features that the
+            # feature distance pairs with the frozen backbone's features of the same input
+            res = ddp(image, label)
+            ref = fd.reference(common.unwrap(model).feature_input(image)) if fd is not None else None
+        loss_ce = res["loss"]
+        loss_fd = args.fd_lambda * fd(ref, label, res["features"][-1]) if fd is not None else loss_ce.new_zeros(())
         loss = loss_ce + loss_fd
+        res |= {"loss": loss, "loss_ce": loss_ce, "loss_fd": loss_fd}
         scaler.scale(loss).backward()
         common.optimizer_step(opt, scaler, None)
         step += 1
-        loss_sum += torch.stack([loss, loss_ce, loss_fd]).detach()
+        loss_sum += torch.stack([res[k].float() for k in terms]).detach()
         loss_n += 1
         gen_n += int((batch["group"] == 1).sum())
 
         if step % args.log_every == 0 or step == args.max_iters:
-            losses = [common.all_reduce_mean(v, d) for v in (loss_sum / loss_n)[:3 if fd is not None else 1]]
+            metrics = {k: common.all_reduce_mean(v, d) for k, v in zip(terms, loss_sum / loss_n)}
             gen_share = common.all_reduce_mean(gen_n / (loss_n * args.batch_size), d)
             dt = time.time() - t0
-            metrics = {"loss": losses[0]}
-            if fd is not None:
-                metrics |= {"loss_ce": losses[1], "loss_fd": losses[2]}
             metrics |= {"lr": opt.param_groups[0]["lr"], "generated_share": gen_share,
                         "samples_per_s": (step - step0) * args.batch_size * d.world_size / max(dt, 1e-9)}
             common.log_metrics(log, out, step, metrics, d, tb)
@@ -399,7 +423,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="resize source images to fit LONG SHORT (keep ratio); nothing: no resize")
     g.add_argument("--gen-scale", type=int, nargs="*", default=None, metavar="EDGE",
                    help="resize generated images to fit LONG SHORT (e.g. 1024 1024 for HR configs)")
-    g.add_argument("--crop", type=int, default=512)
+    g.add_argument("--crop", type=int, default=512,
+                   help="training crop (HR configs / HRDA: 1024, with --source-scale 2560 1440 --gen-scale 1024 1024)")
     g.add_argument("--cat-max-ratio", type=float, default=0.75)
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=2, help="per GPU")
@@ -425,8 +450,10 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-split", default=None)
     g.add_argument("--eval-every", type=int, default=4000)
     g.add_argument("--eval-mode", choices=("slide", "whole"), default="slide")
-    g.add_argument("--eval-crop", type=int, default=512)
-    g.add_argument("--eval-stride", type=int, default=256)
+    g.add_argument("--eval-crop", type=int, default=None, help="sliding window (default: the model's, 512; HRDA 1024)")
+    g.add_argument("--eval-stride", type=int, default=None, help="its stride (default: the model's, 256; HRDA 512)")
+    g.add_argument("--eval-hr", action=argparse.BooleanOptionalAction, default=None,
+                   help="double the layouts' test scales (the 1024 configs; default: on for HRDA models)")
     g.add_argument("--eval-limit", type=int, default=None, help="first N images per dataset")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", required=True)
