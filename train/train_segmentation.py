@@ -136,34 +136,14 @@ def feature_distance(feat: torch.Tensor, ref: torch.Tensor, label: torch.Tensor 
 
 
 class FeatureDistance:
-    """The ImageNet feature-distance regulariser: a frozen copy of ``backbone`` as it is now (call
-    it right after the pretrained weights are loaded), and a forward hook on ``backbone`` that,
-    inside `recording`, keeps the deepest feature map of the training forward (which runs through
-    DDP / autocast as usual), so the regulariser needs no second pass of the trained model."""
+    """The ImageNet feature-distance regulariser: a frozen copy of ``backbone`` as it is now (make it
+    right after the pretrained weights are loaded), compared with the features the training forward
+    returns, so the trained model needs no second pass."""
 
     def __init__(self, backbone: torch.nn.Module, classes=THING_CLASSES, min_ratio: float = 0.75,
                  num_classes: int = 19):
         self.frozen = copy.deepcopy(backbone).eval().requires_grad_(False)
         self.classes, self.min_ratio, self.num_classes = tuple(int(c) for c in classes), float(min_ratio), num_classes
-        self._armed, self._feat = False, None
-        self._handle = backbone.register_forward_hook(self._grab)
-
-    def _grab(self, module, inputs, outputs):
-        if not self._armed:
-            return
-        if self._feat is not None:
-            raise RuntimeError("the backbone ran more than once in one recorded forward; the feature "
-                               "distance expects one bottleneck per step (a multi-resolution model "
-                               "needs its own pairing of trained and frozen features)")
-        self._feat = outputs[-1]
-
-    @contextmanager
-    def recording(self):
-        self._armed, self._feat = True, None
-        try:
-            yield self
-        finally:
-            self._armed = False
 
     def reference(self, image: torch.Tensor) -> torch.Tensor:
         """The frozen backbone's deepest features of ``image`` (eval mode, no grad)."""
@@ -171,18 +151,10 @@ class FeatureDistance:
         with torch.no_grad():
             return self.frozen(image)[-1]
 
-    def __call__(self, ref: torch.Tensor, label: torch.Tensor, feat: torch.Tensor | None = None) -> torch.Tensor:
-        """FD between the training features (``feat``, e.g. the deepest map of the ``features`` a
-        model's ``forward_train`` returns, or else the recorded ones) and ``ref`` on the thing
-        cells of ``label``."""
-        if feat is None:
-            feat, self._feat = self._feat, None
-        if feat is None:
-            raise RuntimeError("no recorded backbone features: run the model's forward inside recording()")
+    def __call__(self, feat: torch.Tensor, ref: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """FD between the trained backbone's deepest features ``feat`` (of the image whose frozen
+        features are ``ref``) on the thing cells of ``label``."""
         return feature_distance(feat, ref, label, self.classes, self.min_ratio, self.num_classes)
-
-    def remove(self) -> None:
-        self._handle.remove()
 
 
 def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, head_lr_mult: float = 10.0) -> list[dict]:
@@ -355,7 +327,7 @@ def main(args):
             res = ddp(image, label)
             ref = fd.reference(common.unwrap(model).feature_input(image)) if fd is not None else None
         loss_ce = res["loss"]
-        loss_fd = args.fd_lambda * fd(ref, label, res["features"][-1]) if fd is not None else loss_ce.new_zeros(())
+        loss_fd = args.fd_lambda * fd(res["features"][-1], ref, label) if fd is not None else loss_ce.new_zeros(())
         loss = loss_ce + loss_fd
         res |= {"loss": loss, "loss_ce": loss_ce, "loss_fd": loss_fd}
         scaler.scale(loss).backward()
