@@ -22,7 +22,16 @@ The recipe of DGInStyle-SegModel (reference §11.1-11.2), with the generated dat
     ``dacs_fdthings_srconly``: ``--fd-lambda 0.005``): loss = CE + lambda * FD, FD the mean over the
     bottleneck cells whose ratio-downscaled label is a thing class of the L2 distance between the
     trained backbone's deepest features and those of a frozen copy of the initial (ImageNet) backbone
-    (for HRDA those of the context input, the 0.5-scaled crop: its ``feature_scale``, as in HRDA).
+    (for HRDA those of the context input, the 0.5-scaled crop: its ``feature_scale``, as in HRDA);
+  - optional SHADE (``--shade``; exp 61 trains with it): style hallucination on the MiT stage-1
+    output (64 basis styles mixed with Dirichlet(0.0156) weights; ``segmentation.models.shade``), the
+    batch becomes [clean; hallucinated] through backbone and head with the labels duplicated (CE and
+    feature distance over both halves), plus lambda (10) x the style-consistency loss on the head's
+    logits (HRDA: the fused ones). The basis: farthest-point sampling of the stage-1 styles of
+    ``--shade-images`` source images (default 1000, a fresh seeded draw each time, split over the
+    ranks and gathered; training pipeline, model in eval mode; HRDA: each image at the context scale
+    and at full resolution, the two inputs the backbone sees), before the first step and after every
+    ``--shade-interval`` (4000) steps; it is stored in the checkpoints.
 
 Single GPU:
     python -m train.train_segmentation --source gta:data/gta --generated data/dginstyle_gen \\
@@ -33,7 +42,7 @@ HRDA with the HR data settings of exp 61 (1024 crops of GTA resized to 2560x1440
 resized to 1024x1024, RCS with min crop ratio 2.0, feature distance):
     python -m train.train_segmentation --model hrda_daformer_mitb5 --pretrained pretrained/mit_b5.pth \
         --source gta:data/gta --generated data/dginstyle_gen --crop 1024 --source-scale 2560 1440 \
-        --gen-scale 1024 1024 --rcs --rcs-min-crop-ratio 2.0 --fd-lambda 0.005 \
+        --gen-scale 1024 1024 --rcs --rcs-min-crop-ratio 2.0 --fd-lambda 0.005 --shade \
         --eval cityscapes:data/cityscapes --output-dir runs/hrda
 Resume (exact for the same world size): add ``--resume auto`` (latest checkpoint) or ``--resume PATH``.
 Smoke run on CPU with a tiny random model:
@@ -41,10 +50,10 @@ Smoke run on CPU with a tiny random model:
         --source-scale 128 64 --max-iters 20 --output-dir /tmp/seg --device cpu
 
 Outputs in --output-dir: log.txt, metrics.jsonl (loss, lr, share of generated samples, mIoUs;
-with --fd-lambda also loss_ce and loss_fd = lambda * FD; for HRDA also the unweighted loss_fused
-and loss_hr), checkpoints/step_*.pt (model, optimizer,
-scaler, model_config, config, RNG states; with --fd-lambda and no --pretrained also fd_backbone, the
-frozen reference, which a resume cannot rebuild otherwise) and, at the end, model.safetensors (the
+with --fd-lambda also loss_ce and loss_fd = lambda * FD; with --shade loss_ce and loss_shade = lambda *
+style consistency; for HRDA also the unweighted loss_fused and loss_hr), checkpoints/step_*.pt (model,
+optimizer, scaler, model_config, config, RNG states; with --fd-lambda and no --pretrained also
+fd_backbone, the frozen reference, which a resume cannot rebuild otherwise; with --shade shade_basis) and, at the end, model.safetensors (the
 segmentor with its config; for segmentation.evaluate / adherence).
 """
 from __future__ import annotations
@@ -57,6 +66,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -68,6 +78,8 @@ from segmentation.evaluate import evaluate_dataset, is_hr_model
 from segmentation.labels import IGNORE
 from segmentation.metrics import summarize
 from segmentation.models import PRESETS, build_segmentor, save_segmentor
+from segmentation.models.shade import (attach_style_hallucination, farthest_point_sample, stage1_statistics,
+                                       style_consistency_loss)
 from segmentation.transforms import TrainPipeline
 from train import common
 
@@ -198,6 +210,71 @@ def build_sources(specs, pipeline: TrainPipeline, rcs: RCSConfig | None, default
     return out
 
 
+class StyleImages(torch.utils.data.Dataset):
+    """Source images for a SHADE basis pass: file ``picks[j]`` = (source, index) through that
+    source's training pipeline (geometric + photometric), item j's randomness a function of
+    (seed, step, j) only; labels are not needed."""
+
+    def __init__(self, sources, picks, seed: int, step: int):
+        self.sources, self.picks, self.seed, self.step = sources, picks, int(seed), int(step)
+
+    def __len__(self):
+        return len(self.picks)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        s, i = self.picks[j]
+        rng = np.random.default_rng([self.seed, 0x5AADE, self.step, int(j)])
+        src = self.sources[s]
+        image, label = src.dataset.load(i)
+        image, label = src.pipeline.geometric(image, label, rng)
+        return src.pipeline.finish(image, label, rng)[0]
+
+
+def style_inputs(model, image: torch.Tensor) -> list[torch.Tensor]:
+    """The inputs whose stage-1 styles describe ``image``: the image itself, or for HRDA the image at
+    its context scale and at full resolution (the two inputs its training forward gives the backbone)."""
+    if getattr(model.cfg, "hrda", None) is None:
+        return [image]
+    out = []
+    for s in sorted(model.cfg.hrda.scales):
+        out.append(image if s == 1 else F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=False))
+    return out
+
+
+@torch.no_grad()
+def shade_basis(model, sources, step: int, args, d, amp) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(basis means, basis stds, number of styles pooled): the stage-1 styles of ``args.shade_images``
+    source images (a seeded draw for this step, split over the ranks, gathered to every rank in rank
+    order) reduced by farthest-point sampling (first point seeded by (seed, step)) to
+    ``args.shade_basis`` styles, identical on every rank. A collective: all ranks call it together."""
+    files = [(s, i) for s, src in enumerate(sources) for i in range(len(src))]
+    pick_rng = np.random.default_rng([args.seed, 0x5AADE, step])
+    n = min(args.shade_images, len(files))
+    picks = [files[k] for k in pick_rng.choice(len(files), size=n, replace=False)]
+    mine = picks[d.rank::d.world_size]
+    loader = DataLoader(StyleImages(sources, mine, args.seed, step), batch_size=args.batch_size,
+                        num_workers=args.num_workers, generator=torch.Generator())
+    net = common.unwrap(model)
+    was_training = net.training
+    net.eval()
+    stats = []
+    try:
+        for image in loader:
+            image = image.to(d.device, non_blocking=True)
+            with amp:
+                for x in style_inputs(net, image):
+                    stats.append(stage1_statistics(net.backbone, x).float().cpu())
+    finally:
+        net.train(was_training)
+    c = net.backbone.out_channels[0]
+    mine_stats = torch.cat(stats) if stats else torch.zeros(0, 2 * c)
+    points = torch.cat(common.gather_objects(mine_stats, d))
+    g = torch.Generator().manual_seed(int(np.random.default_rng([args.seed, 0x5AADE, step, 1]).integers(2 ** 62)))
+    idx = farthest_point_sample(points, args.shade_basis, generator=g)
+    basis = points[idx].reshape(args.shade_basis, 2, c)
+    return basis[:, 0].contiguous(), basis[:, 1].contiguous(), points.shape[0]
+
+
 def main(args):
     d = common.setup_distributed(args.device)
     common.seed_everything(args.seed, d)
@@ -230,6 +307,15 @@ def main(args):
         log.info(f"feature distance: lambda {args.fd_lambda:g}, classes {list(fd.classes)}, min ratio "
                  f"{fd.min_ratio:g}, frozen reference = the backbone "
                  + (f"from {args.pretrained}" if args.pretrained else "as randomly initialised (no --pretrained)"))
+    shade = None
+    if args.shade:
+        try:
+            shade = attach_style_hallucination(model, args.shade_basis, args.shade_concentration)
+        except ValueError as e:
+            raise SystemExit(f"--shade: {e}")
+        log.info(f"SHADE: {shade.num_styles} basis styles of {shade.style_dim} stage-1 channels, Dirichlet "
+                 f"concentration {shade.concentration:g}, consistency lambda {args.shade_lambda:g}, basis from "
+                 f"{args.shade_images} source images every {args.shade_interval} steps")
     if args.sync_bn and d.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     log.info(f"{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
@@ -260,6 +346,11 @@ def main(args):
                 log.warning("the checkpoint has no feature-distance reference (fd_backbone) and there is no "
                             "--pretrained file: the reference is this run's fresh initialisation, which "
                             "equals the original one only for the same seed and code")
+        if shade is not None and "shade_basis" in state:
+            shade.set_basis(state["shade_basis"]["mean"].to(d.device), state["shade_basis"]["std"].to(d.device))
+            log.info("SHADE basis from the checkpoint")
+        elif shade is not None:
+            log.warning("the checkpoint has no SHADE basis: computing one at the resumed step")
         common.restore_rng(state, d, logger=log)
         log.info(f"resumed from {resume} at step {step}")
         del state
@@ -309,8 +400,20 @@ def main(args):
         return metrics
 
     amp = common.autocast(d.device, amp_dtype)
-    # logged loss terms: the total; with FD the CE part and lambda * FD; for HRDA its unweighted CEs
-    terms = ["loss"] + (["loss_ce", "loss_fd"] if fd is not None else [])
+
+    def update_shade_basis(step: int) -> None:
+        tic = time.time()
+        mean, std, n = shade_basis(model, sources, step, args, d, amp)
+        shade.set_basis(mean.to(d.device), std.to(d.device))
+        log.info(f"step {step}: SHADE basis of {args.shade_basis} styles from {n} stage-1 styles "
+                 f"({time.time() - tic:.1f} s)")
+
+    if shade is not None and not shade.has_basis:
+        update_shade_basis(step)
+    # logged loss terms: the total; with FD / SHADE the CE part, lambda * FD, lambda * style consistency;
+    # for HRDA its unweighted CEs
+    terms = ["loss"] + (["loss_ce"] if fd is not None or shade is not None else []) \
+        + (["loss_fd"] if fd is not None else []) + (["loss_shade"] if shade is not None else [])
     if model_cfg.hrda is not None:
         terms += ["loss_fused"] + [f"loss_{k}" for k in ("hr", "lr") if getattr(model_cfg.hrda, f"{k}_loss_weight") > 0]
     zero = lambda: torch.zeros(len(terms), device=d.device)  # noqa: E731
@@ -321,15 +424,21 @@ def main(args):
             g["lr"] = g["base_lr"] * factor
         image = batch["image"].to(d.device, non_blocking=True)
         label = batch["label"].to(d.device, non_blocking=True)
+        if shade is not None:  # the backbone returns [clean; hallucinated]: SHADE duplicates the labels
+            label = torch.cat([label, label])
         with amp:
             # the model's training forward: its CE loss(es) and the backbone features that the
             # feature distance pairs with the frozen backbone's features of the same input
             res = ddp(image, label)
             ref = fd.reference(common.unwrap(model).feature_input(image)) if fd is not None else None
+            if ref is not None and shade is not None:
+                ref = torch.cat([ref, ref])  # SegModel: the frozen features of cat(img, img)
         loss_ce = res["loss"]
         loss_fd = args.fd_lambda * fd(res["features"][-1], ref, label) if fd is not None else loss_ce.new_zeros(())
-        loss = loss_ce + loss_fd
-        res |= {"loss": loss, "loss_ce": loss_ce, "loss_fd": loss_fd}
+        loss_sc = args.shade_lambda * style_consistency_loss(res["head_logits"]) if shade is not None \
+            else loss_ce.new_zeros(())
+        loss = loss_ce + loss_fd + loss_sc
+        res |= {"loss": loss, "loss_ce": loss_ce, "loss_fd": loss_fd, "loss_shade": loss_sc}
         scaler.scale(loss).backward()
         common.optimizer_step(opt, scaler, None)
         step += 1
@@ -346,7 +455,9 @@ def main(args):
             common.log_metrics(log, out, step, metrics, d, tb)
             loss_sum, loss_n, gen_n, t0, step0 = zero(), 0, 0, time.time(), step
 
-        pause = time.time()  # evaluation and checkpoints do not count in samples/s
+        pause = time.time()  # evaluation, SHADE basis passes and checkpoints do not count in samples/s
+        if shade is not None and step % args.shade_interval == 0:  # SegModel's hook: after every interval
+            update_shade_basis(step)
         if evals and args.eval_every and (step % args.eval_every == 0 or step == args.max_iters):
             common.write_metrics(out, step, run_eval(step), d, tb)
 
@@ -356,6 +467,8 @@ def main(args):
                      "config": vars(args)}
             if fd is not None and not args.pretrained:  # with --pretrained, a resume rebuilds it from the file
                 state["fd_backbone"] = fd.frozen.state_dict()
+            if shade is not None:  # the basis of the next steps (exact resume without a new pass)
+                state["shade_basis"] = shade.basis()
             path = common.save_checkpoint(ckpt_dir, step, state, d, keep_last=args.keep_last)
             log.info(f"saved {path}")
         t0 += time.time() - pause
@@ -417,6 +530,18 @@ def get_parser() -> argparse.ArgumentParser:
                    help="trainIds whose (downscaled) cells count; the default is DAFormer's thing classes")
     g.add_argument("--fd-min-ratio", type=float, default=0.75,
                    help="a feature cell takes its majority class only if it covers this share of the cell")
+    g = p.add_argument_group("SHADE style hallucination + style consistency (DGInStyle exp 61: --shade)")
+    g.add_argument("--shade", action="store_true",
+                   help="style hallucination on the MiT stage-1 output ([clean; hallucinated] batches, labels "
+                        "duplicated) and the style-consistency loss")
+    g.add_argument("--shade-lambda", type=float, default=10.0, help="weight of the style-consistency loss")
+    g.add_argument("--shade-basis", type=int, default=64, help="number of basis styles (farthest-point sampled)")
+    g.add_argument("--shade-concentration", type=float, default=0.0156,
+                   help="Dirichlet concentration of the style combination weights")
+    g.add_argument("--shade-interval", type=int, default=4000,
+                   help="recompute the basis after every N steps (and before the first)")
+    g.add_argument("--shade-images", type=int, default=1000,
+                   help="source images per basis pass (over all ranks; a fresh seeded draw each pass)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", nargs="*", default=[], metavar="LAYOUT:PATH", help="e.g. cityscapes:data/cityscapes")
     g.add_argument("--eval-split", default=None)
@@ -448,6 +573,10 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} takes two numbers (LONG SHORT) or none")
     if a.fd_lambda < 0:
         p.error("--fd-lambda must be >= 0")
+    if a.shade and (a.shade_lambda < 0 or a.shade_basis < 1 or a.shade_concentration <= 0
+                    or a.shade_interval < 1 or a.shade_images < 1):
+        p.error("--shade needs --shade-lambda >= 0, --shade-basis / --shade-interval / --shade-images >= 1 "
+                "and --shade-concentration > 0")
     if not 0.0 <= a.fd_min_ratio <= 1.0:
         p.error("--fd-min-ratio must be in [0, 1]")
     if a.mix_ratio is not None:

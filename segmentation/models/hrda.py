@@ -206,7 +206,7 @@ class HRDASegmentor(Segmentor):
 
         Returns ``loss`` (the weighted total), ``loss_fused``, ``loss_hr`` (and ``loss_lr`` when
         its weight is > 0) unweighted, ``logits`` (fused, output grid), ``hr_logits``,
-        ``lr_logits`` ((1 - att) * context), ``attention`` (masked, context grid), ``crop_box``
+        ``lr_logits`` ((1 - att) * context), ``head_logits`` (= ``logits``), ``attention`` (masked, context grid), ``crop_box``
         (the detail box in input pixels, or None) and ``features`` (the backbone features of the
         ``feature_scale`` input: the context by default)."""
         h = self.cfg.hrda
@@ -229,7 +229,7 @@ class HRDASegmentor(Segmentor):
             logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
             return F.cross_entropy(logits, target, ignore_index=ignore_index)
 
-        out = {"logits": fused, "hr_logits": hr_seg, "lr_logits": lr_weighted, "attention": att, "crop_box": box,
+        out = {"logits": fused, "head_logits": fused, "hr_logits": hr_seg, "lr_logits": lr_weighted, "attention": att, "crop_box": box,
                "features": lr_feats if h.feature_scale == self.lr_scale else hr_feats}
         out["loss_fused"] = ce(fused, label)
         loss = (1 - h.hr_loss_weight - h.lr_loss_weight) * out["loss_fused"]

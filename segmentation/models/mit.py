@@ -172,6 +172,9 @@ class MixVisionTransformer(nn.Module):
             setattr(self, f"norm{i}", nn.LayerNorm(dim, eps=cfg.norm_eps))
             cur, prev = cur + depth, dim
         self.apply(_init_weights)
+        # SHADE (segmentation.models.shade): set to a StyleHallucination to train with
+        # [clean; hallucinated] stage-1 features; no parameters, no state-dict keys
+        self.style_hallucination = None
 
     @property
     def out_channels(self) -> tuple[int, ...]:
@@ -185,6 +188,8 @@ class MixVisionTransformer(nn.Module):
                 x = blk(x, h, w)
             x = getattr(self, f"norm{i}")(x)
             x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+            if i == 1 and self.training and self.style_hallucination is not None:
+                x = torch.cat(self.style_hallucination(x), dim=0)  # the batch doubles from here on
             outs.append(x)
         return outs
 

@@ -173,11 +173,13 @@ class Segmentor(nn.Module):
 
     def forward_train(self, x: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> dict:
         """Cross-entropy of the logits at the label size: ``{"loss", "loss_seg", "logits",
-        "features"}`` (the backbone features, e.g. for a feature-distance loss)."""
+        "head_logits", "features"}`` (the head's logits before the resize; the backbone features,
+        e.g. for a feature-distance loss)."""
         feats = self.backbone(x)
-        logits = F.interpolate(self.decode_head(feats), size=label.shape[-2:], mode="bilinear", align_corners=False)
+        head_logits = self.decode_head(feats)
+        logits = F.interpolate(head_logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
         loss = F.cross_entropy(logits.float(), label, ignore_index=ignore_index)
-        return {"loss": loss, "loss_seg": loss, "logits": logits, "features": feats}
+        return {"loss": loss, "loss_seg": loss, "logits": logits, "head_logits": head_logits, "features": feats}
 
     def feature_input(self, x: torch.Tensor) -> torch.Tensor:
         """The image whose backbone features ``forward_train`` returns as ``features``."""
