@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from segmentation.models import build_segmentor, load_segmentor
 from segmentation.models.shade import (StyleHallucination, attach_style_hallucination, farthest_point_sample,
