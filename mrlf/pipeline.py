@@ -20,8 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm import kernels
 from ldm.attention import get_backend
 from ldm.graphs import CUDAGraphed
+from ldm.layers import get_fused
 from mrlf.components import large_component_mask, latent_mask
 from mrlf.fusion import controlled_model, fused_step
 from mrlf.tiles import blend_weights, get_views
@@ -106,8 +108,10 @@ class Generator:
     controlnet: a `controlnet.ControlNet` or None.
     cuda_graphs: replay the guided ControlNet + U-Net call as CUDA graphs (`ldm.graphs`), one per
         batch shape, kept for the generator's lifetime. Same numbers, fewer CPU launches; CUDA only
-        (ignored on other devices). Call `reset_graphs()` after replacing weight tensors
-        (in-place updates such as `mrlf.style.blend_unet_` need no reset).
+        (ignored on other devices and under autocast). Call `reset_graphs()` after replacing weight
+        tensors in place of the old ones (`load_state_dict(assign=True)`, `.to(...)`); in-place updates
+        such as `mrlf.style.blend_unet_` need none, and other modules get graphs of their own
+        (`reset_graphs()` frees the old ones).
     """
 
     def __init__(self, sd, controlnet=None, schedule: Schedule = SD15, cuda_graphs: bool = False):
@@ -123,9 +127,10 @@ class Generator:
         fn = controlled_model(self.sd.unet, self.controlnet, settings.control_scale, settings.guess_mode)
         if not self.cuda_graphs:
             return fn
-        key = (settings.control_scale, settings.guess_mode)
+        # The modules' identities too: a graph (or its eager fallback) keeps calling the modules it was made for.
+        key = (id(self.sd.unet), id(self.controlnet), settings.control_scale, settings.guess_mode)
         if key not in self._graphs:
-            self._graphs[key] = CUDAGraphed(fn, extra_key=get_backend)
+            self._graphs[key] = CUDAGraphed(fn, extra_key=_launch_state)
         return self._graphs[key]
 
     @property
@@ -284,6 +289,11 @@ class Generator:
         image = big.resize((W, H), Image.LANCZOS)
         timings["pass2_s"] = time.perf_counter() - tic
         return MRLFResult(image, first, mask, comps, timings)
+
+
+def _launch_state():
+    """Process-wide switches that change which kernels a captured call launches."""
+    return get_backend(), get_fused(), kernels.enabled()
 
 
 def _nearest_resize(mask: np.ndarray, h: int, w: int) -> np.ndarray:

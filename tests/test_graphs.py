@@ -1,10 +1,12 @@
 """ldm.graphs.CUDAGraphed: the static-buffer bookkeeping on CPU (a replay double), real graphs on CUDA."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from controlnet import ControlNet
 from ldm.graphs import CUDAGraphed
@@ -14,25 +16,32 @@ from segmentation.synthetic import street_scene
 
 
 class ReplayDouble(CUDAGraphed):
-    """CUDAGraphed on CPU: "replay" re-runs fn on the static inputs and writes into the static outputs,
-    which is what a graph does, so stale inputs or aliased outputs show up as wrong numbers."""
+    """CUDAGraphed on CPU: only the CUDA-specific steps are replaced; "replay" re-runs fn on the static
+    inputs and writes into the static outputs, which is what a graph does, so stale inputs or aliased
+    outputs show up as wrong numbers."""
 
     captures = 0
 
-    def applies(self, leaves):
-        return self.failed is None and not torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) for v in leaves)
+    @staticmethod
+    def _one_device(tensors):
+        return len({t.device for t in tensors}) == 1
 
-    def _capture(self, leaves, spec):
+    def _on(self, device):
+        return contextlib.nullcontext()
+
+    def _warm_up(self, args, kwargs):
+        self.fn(*args, **kwargs)
+
+    def _graph(self, args, kwargs):
         type(self).captures += 1
-        static_in, call_leaves = self._static_inputs(leaves)
-        args, kwargs = tree_unflatten(call_leaves, spec)
-        static_out, out_spec = tree_flatten(self.fn(*args, **kwargs))
+        out = self.fn(*args, **kwargs)
 
-        def replay():
-            for s, new in zip(static_out, tree_flatten(self.fn(*args, **kwargs))[0]):
-                s.copy_(new)
+        def replay():  # a graph writes its outputs' memory whatever mode they were made in
+            with torch.inference_mode():
+                for s, new in zip(tree_flatten(out)[0], tree_flatten(self.fn(*args, **kwargs))[0]):
+                    s.copy_(new)
 
-        return replay, static_in, static_out, out_spec
+        return replay, out
 
 
 def model(x, t, context, hint=None, scale=1.0):
@@ -77,20 +86,48 @@ def test_eager_with_grad_and_after_a_failed_capture():
     assert ReplayDouble.captures == 0 and x.grad is not None
 
     class Failing(ReplayDouble):
-        def _capture(self, leaves, spec):
-            raise RuntimeError("operation not permitted when stream is capturing")
+        def _graph(self, args, kwargs):
+            if args[0].shape[0] == 2:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return super()._graph(args, kwargs)
 
     f = Failing(model)
     with torch.no_grad():
-        with pytest.warns(RuntimeWarning, match="running eagerly"):
-            y = f(x, torch.tensor(5), torch.ones(1, 7, 16))
-        torch.testing.assert_close(y, model(x, torch.tensor(5), torch.ones(1, 7, 16)))
-        assert f.failed and "not permitted" in f.failed
-        f(x, torch.tensor(5), torch.ones(1, 7, 16))  # no second warning, still eager
+        x = x.detach()
+        f(x, torch.tensor(5), torch.ones(1, 7, 16))  # batch 1 captures
+        with pytest.warns(RuntimeWarning, match="capture failed"):
+            y = f(torch.cat([x, x]), torch.tensor(5), torch.ones(2, 7, 16))
+        torch.testing.assert_close(y, model(torch.cat([x, x]), torch.tensor(5), torch.ones(2, 7, 16)))
+        f(torch.cat([x, x]), torch.tensor(6), torch.ones(2, 7, 16))  # that signature stays eager, no second warning
+        assert sum(e is None for e in f.entries.values()) == 1 and sum(e is not None for e in f.entries.values()) == 1
+
+
+def test_errors_of_the_call_reach_the_caller_and_keep_the_graphs():
+    def strict(x, t, context):
+        if x.shape[1] != 4:
+            raise ValueError(f"expected 4 channels, got {x.shape[1]}")
+        return model(x, t, context)
+
+    g = ReplayDouble(strict)
+    with torch.no_grad():
+        g(torch.ones(1, 4, 8, 8), torch.tensor(5), torch.ones(1, 7, 16))
+        with pytest.raises(ValueError, match="4 channels"):
+            g(torch.ones(1, 3, 8, 8), torch.tensor(5), torch.ones(1, 7, 16))
+        assert len(g.entries) == 1 and all(e is not None for e in g.entries.values())
+
+
+def test_inference_mode_capture_then_no_grad_call_and_expanded_inputs():
+    g = ReplayDouble(model)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 16)
+    with torch.inference_mode():
+        g(x, torch.tensor(3).expand(2), ctx)  # stride-0 timesteps: a contiguous static copy
+    with torch.no_grad():
+        y = g(x, torch.tensor(7).expand(2), ctx)
+    torch.testing.assert_close(y, model(x, torch.tensor([7, 7]), ctx), rtol=0, atol=0)
 
 
 def test_cpu_tensors_run_eagerly():
-    g = CUDAGraphed(model)
+    g = CUDAGraphed(model)  # the real class: CPU tensors are never graphed
     with torch.no_grad():
         y = g(torch.ones(1, 4, 8, 8), torch.tensor(1), torch.ones(1, 7, 16))
     assert not g.entries and y.shape == (1, 4, 8, 8)
@@ -138,3 +175,35 @@ def test_real_cuda_graphs_match_eager(dtype):
     # Same kernels, but cuBLAS may pick other algorithms under capture (its own workspace): not bit for bit.
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(graphed.float(), eager.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_cuda_graphs_stay_eager_under_autocast_and_follow_the_inputs_device():
+    g = CUDAGraphed(model)
+    x, t, ctx = torch.randn(2, 4, 8, 8, device="cuda"), torch.tensor(5, device="cuda"), torch.randn(2, 7, 16, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        g(x, t, ctx)
+    assert not g.entries
+    with torch.no_grad():
+        torch.testing.assert_close(g(x, t, ctx), model(x, t, ctx))
+        torch.testing.assert_close(g(2 * x, t, ctx), model(2 * x, t, ctx))
+    assert len(g.entries) == 1 and all(e is not None for e in g.entries.values())
+
+
+def test_generator_graph_keys_follow_modules_and_kernel_switches():
+    from ldm import kernels
+    from ldm.layers import use_fused
+    from mrlf.pipeline import _launch_state
+
+    gen = _generator("cpu", True)
+    s = SamplingSettings()
+    assert gen.model_fn(s) is gen.model_fn(s)
+    first = gen.model_fn(s)
+    gen.controlnet = ControlNet.from_unet(gen.sd.unet, 20, (8, 8, 16, 16))
+    assert gen.model_fn(s) is not first  # another ControlNet: its own graphs, never the old module's
+    state = _launch_state()
+    with use_fused("geglu"):
+        assert _launch_state() != state
+    with kernels.use_kernels(False):
+        assert _launch_state() != state

@@ -7,8 +7,9 @@ registers. ``geglu(h, bias)`` takes the projection *without* its bias (``x @ W^T
 in the kernel; with ``bias=None`` it takes the full projection.
 Measured on an H100 (BENCHMARKS.md, batch 2, eager): faster only at the 64x64 level (2x4096x320:
 0.072 vs 0.105 ms); at the smaller levels the ~70 us launch cost from Python dominates and it loses.
-So it is not wired into ``ldm.attention.GEGLU`` yet: decide with the bench at view-batch sizes
-(``--batch 32``) or under CUDA graphs, where launches stop dominating.
+So ``ldm.attention.GEGLU`` takes it only when asked (``LDM_FUSED=geglu``, ``ldm.layers.use_fused``);
+decide with the bench at view-batch sizes (``--batch 32``) or under CUDA graphs, where launches stop
+dominating.
 
 This module imports triton at the top: import it only through ``ldm.kernels``.
 """
