@@ -177,7 +177,8 @@ def parse_args(argv=None):
     ap.add_argument("--test-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
                     help="override every dataset's test resize (keep ratio); 0 0 keeps the size")
     ap.add_argument("--hr", action=argparse.BooleanOptionalAction, default=None,
-                    help="double the test scales (the 1024 configs; default: on for HRDA checkpoints)")
+                    help="double the datasets' default test scales (the 1024 configs; default: on for HRDA "
+                         "checkpoints); an explicit --test-scale is used as given")
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N images of each dataset")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--amp", choices=("fp16", "bf16"), default=None, help="autocast dtype (CUDA)")
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
         scale = layout.test_scale if args.test_scale is None else tuple(args.test_scale)
         if scale == (0, 0):
             scale = None
-        elif args.hr and scale is not None:
+        elif args.hr and scale is not None and args.test_scale is None:  # an explicit --test-scale is used as given
             scale = (2 * scale[0], 2 * scale[1])
         ds = SegDataset(path, layout, args.split, test_scale=scale)
         name = layout.name if layout.name not in results else spec

@@ -111,16 +111,22 @@ def test_training_forward_shapes_and_manual_fusion():
     assert not torch.allclose(out["logits"][..., edge], up(lr)[..., edge])
 
 
+def mmseg_ce(logits, label):
+    """mmseg's CE: ignored pixels count as 0 in a mean over all pixels."""
+    return F.cross_entropy(logits, label, ignore_index=255, reduction="none").mean()
+
+
 def test_loss_is_hrda_weighted_fused_plus_detail_ce():
     m = tiny().train()
     x, y = batch()
     y[0, :5] = 255  # ignored pixels
     out = m(x, y, generator=torch.Generator().manual_seed(2))  # forward(x, label) = forward_train
     box = out["crop_box"]
-    ce_fused = F.cross_entropy(F.interpolate(out["logits"], size=(64, 64), mode="bilinear"), y, ignore_index=255)
-    ce_hr = F.cross_entropy(F.interpolate(out["hr_logits"], size=(32, 32), mode="bilinear"),
-                            y[:, box[0]:box[1], box[2]:box[3]], ignore_index=255)
+    fused_up = F.interpolate(out["logits"], size=(64, 64), mode="bilinear")
+    ce_fused = mmseg_ce(fused_up, y)
+    ce_hr = mmseg_ce(F.interpolate(out["hr_logits"], size=(32, 32), mode="bilinear"), y[:, box[0]:box[1], box[2]:box[3]])
     torch.testing.assert_close(out["loss_fused"], ce_fused)
+    assert not torch.allclose(out["loss_fused"], F.cross_entropy(fused_up, y, ignore_index=255))  # not a valid-pixel mean
     torch.testing.assert_close(out["loss_hr"], ce_hr)
     # HRDAHead.losses: loss_seg *= 1 - hr_loss_weight, hr.loss_seg *= hr_loss_weight
     torch.testing.assert_close(out["loss"], 0.9 * ce_fused + 0.1 * ce_hr)
@@ -129,7 +135,7 @@ def test_loss_is_hrda_weighted_fused_plus_detail_ce():
     assert all(p.grad is not None for p in m.parameters())  # every module takes part (DDP-safe)
     m2 = tiny(lr_loss_weight=0.2).train()
     o = m2(x, y, generator=torch.Generator().manual_seed(2))
-    ce_lr = F.cross_entropy(F.interpolate(o["lr_logits"], size=(64, 64), mode="bilinear"), y, ignore_index=255)
+    ce_lr = mmseg_ce(F.interpolate(o["lr_logits"], size=(64, 64), mode="bilinear"), y)
     torch.testing.assert_close(o["loss"], 0.7 * o["loss_fused"] + 0.2 * ce_lr + 0.1 * o["loss_hr"])
 
 
@@ -326,11 +332,11 @@ def test_evaluate_dataset_and_cli_on_an_hrda_checkpoint(tmp_path, capsys):
         manual += torch.bincount(lab[keep] * 19 + pred[keep], minlength=361).reshape(19, 19)
     assert torch.equal(cm.cpu(), manual)
     out = tmp_path / "res.json"
-    evaluate_main(["--checkpoint", str(ckpt), "--dataset", f"folder:{root}", "--test-scale", "64", "32",
+    evaluate_main(["--checkpoint", str(ckpt), "--dataset", f"folder:{root}", "--test-scale", "128", "64",
                    "--device", "cpu", "--out", str(out)])
     res = json.loads(out.read_text())
-    assert (res["crop"], res["stride"], res["hr"]) == (64, 32, True)  # the model's defaults, doubled scale
-    assert res["datasets"]["folder"]["test_scale"] == [128, 64]
+    assert (res["crop"], res["stride"], res["hr"]) == (64, 32, True)  # the model's defaults
+    assert res["datasets"]["folder"]["test_scale"] == [128, 64]  # an explicit scale is not doubled
     assert res["results"]["folder"]["mIoU"] == pytest.approx(mean_iou(cm))
     assert "HRDASegmentor" in capsys.readouterr().out
     evaluate_main(["--checkpoint", str(ckpt), "--dataset", f"folder:{root}", "--test-scale", "128", "64", "--no-hr",

@@ -28,8 +28,8 @@ The recipe of DGInStyle-SegModel (reference §11.1-11.2), with the generated dat
     batch becomes [clean; hallucinated] through backbone and head with the labels duplicated (CE and
     feature distance over both halves), plus lambda (10) x the style-consistency loss on the head's
     logits (HRDA: the fused ones). The basis: farthest-point sampling of the stage-1 styles of
-    ``--shade-images`` source images (default 1000, a fresh seeded draw each time, split over the
-    ranks and gathered; training pipeline, model in eval mode; HRDA: each image at the context scale
+    the source images (all of them, as the original; ``--shade-images N`` caps a pass at a fresh seeded
+    draw of N), split over the ranks and gathered; training pipeline, model in eval mode; HRDA: each image at the context scale
     and at full resolution, the two inputs the backbone sees), before the first step and after every
     ``--shade-interval`` (4000) steps; it is stored in the checkpoints.
 
@@ -243,13 +243,13 @@ def style_inputs(model, image: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def shade_basis(model, sources, step: int, args, d, amp) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(basis means, basis stds, number of styles pooled): the stage-1 styles of ``args.shade_images``
-    source images (a seeded draw for this step, split over the ranks, gathered to every rank in rank
+    """(basis means, basis stds, number of styles pooled): the stage-1 styles of the source images
+    (all, or a seeded draw of ``args.shade_images`` for this step, split over the ranks, gathered to every rank in rank
     order) reduced by farthest-point sampling (first point seeded by (seed, step)) to
     ``args.shade_basis`` styles, identical on every rank. A collective: all ranks call it together."""
     files = [(s, i) for s, src in enumerate(sources) for i in range(len(src))]
     pick_rng = np.random.default_rng([args.seed, 0x5AADE, step])
-    n = min(args.shade_images, len(files))
+    n = len(files) if args.shade_images is None else min(args.shade_images, len(files))
     picks = [files[k] for k in pick_rng.choice(len(files), size=n, replace=False)]
     mine = picks[d.rank::d.world_size]
     loader = DataLoader(StyleImages(sources, mine, args.seed, step), batch_size=args.batch_size,
@@ -302,6 +302,11 @@ def main(args):
         bad = [c for c in args.fd_classes if not 0 <= c < model_cfg.num_classes]
         if bad:
             raise SystemExit(f"--fd-classes {bad} are not classes of a {model_cfg.num_classes}-class model")
+        h = model_cfg.hrda
+        if h is not None and h.hr_crop_size is not None and float(h.feature_scale) == h.scales[0]:
+            # the training forward returns the detail crop's features, the frozen copy sees the whole image
+            raise SystemExit("--fd-lambda with HRDA needs feature_scale at the context scale "
+                             f"({h.scales[1]:g}), not the cropped detail scale ({h.scales[0]:g})")
         # the reference: the backbone as initialised (ImageNet weights with --pretrained), frozen
         fd = FeatureDistance(model.backbone, args.fd_classes, args.fd_min_ratio, model_cfg.num_classes)
         log.info(f"feature distance: lambda {args.fd_lambda:g}, classes {list(fd.classes)}, min ratio "
@@ -315,7 +320,8 @@ def main(args):
             raise SystemExit(f"--shade: {e}")
         log.info(f"SHADE: {shade.num_styles} basis styles of {shade.style_dim} stage-1 channels, Dirichlet "
                  f"concentration {shade.concentration:g}, consistency lambda {args.shade_lambda:g}, basis from "
-                 f"{args.shade_images} source images every {args.shade_interval} steps")
+                 f"{'all' if args.shade_images is None else args.shade_images} source images every "
+                 f"{args.shade_interval} steps")
     if args.sync_bn and d.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     log.info(f"{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
@@ -540,8 +546,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="Dirichlet concentration of the style combination weights")
     g.add_argument("--shade-interval", type=int, default=4000,
                    help="recompute the basis after every N steps (and before the first)")
-    g.add_argument("--shade-images", type=int, default=1000,
-                   help="source images per basis pass (over all ranks; a fresh seeded draw each pass)")
+    g.add_argument("--shade-images", type=int, default=None,
+                   help="cap a basis pass at N source images (a fresh seeded draw each pass; default: all, "
+                        "as the original)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", nargs="*", default=[], metavar="LAYOUT:PATH", help="e.g. cityscapes:data/cityscapes")
     g.add_argument("--eval-split", default=None)
@@ -574,7 +581,7 @@ def parse_args(argv=None):
     if a.fd_lambda < 0:
         p.error("--fd-lambda must be >= 0")
     if a.shade and (a.shade_lambda < 0 or a.shade_basis < 1 or a.shade_concentration <= 0
-                    or a.shade_interval < 1 or a.shade_images < 1):
+                    or a.shade_interval < 1 or (a.shade_images is not None and a.shade_images < 1)):
         p.error("--shade needs --shade-lambda >= 0, --shade-basis / --shade-interval / --shade-images >= 1 "
                 "and --shade-concentration > 0")
     if not 0.0 <= a.fd_min_ratio <= 1.0:

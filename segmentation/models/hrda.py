@@ -227,7 +227,8 @@ class HRDASegmentor(Segmentor):
 
         def ce(logits, target):
             logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
-            return F.cross_entropy(logits, target, ignore_index=ignore_index)
+            # mmseg (DAFormer/HRDA) averages over all pixels, ignored ones included (they count as 0)
+            return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none").mean()
 
         out = {"logits": fused, "head_logits": fused, "hr_logits": hr_seg, "lr_logits": lr_weighted, "attention": att, "crop_box": box,
                "features": lr_feats if h.feature_scale == self.lr_scale else hr_feats}

@@ -178,7 +178,8 @@ class Segmentor(nn.Module):
         feats = self.backbone(x)
         head_logits = self.decode_head(feats)
         logits = F.interpolate(head_logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(logits.float(), label, ignore_index=ignore_index)
+        # mmseg (DAFormer/HRDA) averages over all pixels, ignored ones included (they count as 0)
+        loss = F.cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction="none").mean()
         return {"loss": loss, "loss_seg": loss, "logits": logits, "head_logits": head_logits, "features": feats}
 
     def feature_input(self, x: torch.Tensor) -> torch.Tensor:
