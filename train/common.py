@@ -22,6 +22,7 @@ Typical use, top to bottom::
     write_metrics(out_dir, step, {"loss": loss_avg}, d, tb)   # rank 0: out_dir/metrics.jsonl
     save_checkpoint(ckpt_dir, step, {"model": unwrap(model).state_dict(), ...}, d, keep_last=3)
     ...
+    # and in `if __name__ == "__main__":`, after main(args) has returned:
     cleanup_distributed()
 
 Checkpoints (``step_0001000.pt``) hold whatever state dict the script passes, plus ``step``,
@@ -33,6 +34,7 @@ Load with ``load_checkpoint`` (``weights_only=True``: only tensors and plain Pyt
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -101,7 +103,11 @@ def setup_distributed(device: str | None = None) -> Dist:
 
 
 def cleanup_distributed() -> None:
+    """End the process group while the interpreter is fully alive. Call it after the training
+    function has returned: a DDP wrapper still alive at interpreter exit can leave gloo work
+    objects to be freed during finalisation, which aborts the process."""
     if dist.is_initialized():
+        gc.collect()  # free the DDP reducer and its work objects (reference cycles) first
         dist.barrier()
         dist.destroy_process_group()
 

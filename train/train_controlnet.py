@@ -299,7 +299,6 @@ def main(args):
     log.info("done")
     if tb is not None:
         tb.close()
-    common.cleanup_distributed()
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -363,3 +362,4 @@ def get_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     main(get_parser().parse_args())
+    common.cleanup_distributed()  # after main's locals (the DDP wrapper, its pending work) are freed

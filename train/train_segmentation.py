@@ -488,7 +488,6 @@ def main(args):
     log.info("done")
     if tb is not None:
         tb.close()
-    common.cleanup_distributed()
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -596,3 +595,4 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     main(parse_args())
+    common.cleanup_distributed()  # after main's locals (the DDP wrapper, its pending work) are freed
