@@ -16,7 +16,11 @@ vanishing point ``(vx, y_h)`` as in a real dash-cam frame:
 - a few void (255) pixels: small "static" objects on the sidewalk and often the ego
   vehicle's bonnet at the bottom, as in Cityscapes.
 Convex shapes are filled row span by row span inside their bounding box, so a 512x1024
-map takes about 15 ms. The output depends only on the seed: numpy's PCG64 and float64
+map takes about 15 ms. ``street_scene(..., full=True)`` also returns the depth (metres along
+the view axis; inf for the sky) and an instance id per pixel, which the styled renderer
+(``segmentation.world``) uses for fog, lights and per-object colours; the ``Layout`` ranges
+(camera, street width, object density and sizes) let evaluation sets differ in content from a
+source set. The output depends only on the seed: numpy's PCG64 and float64
 arithmetic, with no transcendental functions on pixel arrays (tree crowns use complex
 powers instead of sin/atan2), so the maps should match bit for bit across machines.
 
@@ -41,6 +45,32 @@ import numpy as np
 VOID = 255
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Ranges of the random street layout. The defaults give the shipped examples; other values
+    shift the content (a higher camera, narrower streets, denser or bigger objects)."""
+
+    focal: tuple[float, float] = (0.55, 0.85)  # focal length / image width
+    horizon: tuple[float, float] = (0.36, 0.5)  # horizon row / image height (camera pitch)
+    camera_height: tuple[float, float] = (1.2, 1.7)  # metres
+    road_width: tuple[float, float] = (6.5, 14.0)
+    sidewalk_width: tuple[float, float] = (2.0, 5.0)
+    furniture_gap: tuple[float, float] = (6.0, 22.0)  # metres between poles / trees on a sidewalk
+    pedestrians: float = 3.0  # Poisson mean per side
+    traffic: float = 3.0  # Poisson mean of moving vehicles
+    riders: float = 1.0  # Poisson mean of ridden bicycles / motorcycles
+    object_scale: float = 1.0  # size factor of persons, vehicles, poles and signs
+
+
+@dataclass
+class Scene:
+    """A label map with the depth (metres; inf = sky) and the instance id of every pixel."""
+
+    seg: np.ndarray  # (H, W) uint8 trainIds and 255
+    depth: np.ndarray  # (H, W) float32
+    instance: np.ndarray  # (H, W) int32; 0 = ground and sky, each object and lot its own id
+
+
 def _rng(seed: np.random.Generator | int | None) -> np.random.Generator:
     return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
@@ -54,7 +84,25 @@ class _Canvas:
 
     def __init__(self, height: int, width: int, f: float, vx: float, yh: float, hc: float):
         self.seg = np.full((height, width), SKY, dtype=np.uint8)
+        self.depth = np.full((height, width), np.inf, dtype=np.float32)
+        self.instance = np.zeros((height, width), dtype=np.int32)
         self.H, self.W, self.f, self.vx, self.yh, self.hc = height, width, f, vx, yh, hc
+        self.z, self.id = np.inf, 0  # depth and instance of the object being painted
+
+    def paint(self, z: float, draw: Callable[[], None]) -> None:
+        """Run one object's draw() with its own instance id and depth."""
+        self.z, self.id = float(z), self.id + 1
+        draw()
+
+    def _set(self, sl, cls, where=None, depth=None):
+        """Write class, depth and instance into the window `sl` (where `where`)."""
+        z = self.z if depth is None else depth
+        if where is None:
+            self.seg[sl], self.depth[sl], self.instance[sl] = cls, z, self.id
+            return
+        np.copyto(self.seg[sl], cls, where=where)
+        np.copyto(self.depth[sl], np.broadcast_to(z, where.shape).astype(np.float32), where=where)
+        np.copyto(self.instance[sl], self.id, where=where)
 
     # projection
     def project(self, X, Y, Z):
@@ -82,10 +130,13 @@ class _Canvas:
         c0, c1 = max(int(round(x0)), 0), min(int(round(x1)), self.W)
         r0, r1 = max(int(round(y0)), 0), min(int(round(y1)), self.H)
         if c0 < c1 and r0 < r1:
-            self.seg[r0:r1, c0:c1] = cls
+            self._set((slice(r0, r1), slice(c0, c1)), cls)
 
-    def convex(self, pts: np.ndarray, cls):
-        """Fill the convex hull of points (k, 2) given as (x, y), row span by row span."""
+    def convex(self, pts: np.ndarray, cls, depth: Callable[[np.ndarray], np.ndarray] | None = None):
+        """Fill the convex hull of points (k, 2) given as (x, y), row span by row span.
+
+        depth(xs) gives the depth of the pixel columns xs (a box's side face); default: the object's.
+        """
         hull = _convex_hull(pts)
         if len(hull) < 3:
             return
@@ -101,7 +152,7 @@ class _Canvas:
         crosses = (ys >= y0) & (ys <= y1)
         lo = np.where(crosses, x, np.inf).min(axis=1, keepdims=True)
         hi = np.where(crosses, x, -np.inf).max(axis=1, keepdims=True)
-        np.copyto(self.seg[sl], cls, where=(xs >= lo) & (xs <= hi))
+        self._set(sl, cls, (xs >= lo) & (xs <= hi), None if depth is None else depth(xs))
 
     def blob(self, cx, cy, rx, ry, cls, wobble=()):
         """Ellipse whose radius is modulated by ``1 + sum a sin(k theta + p)`` (tree crowns)."""
@@ -126,7 +177,7 @@ class _Canvas:
                 k_done = k
                 lim = lim + a * (zk.imag * math.cos(ph) + zk.real * math.sin(ph))
             inside[band] = rb <= lim
-        np.copyto(self.seg[sl], cls, where=inside)
+        self._set(sl, cls, inside)
 
     def box(self, X0, X1, Y0, Y1, Z0, Z1, cls):
         """A 3-D box on the street; its silhouette is the hull of its projected corners."""
@@ -135,7 +186,13 @@ class _Canvas:
             return
         X, Y, Z = np.meshgrid([X0, X1], [Y0, Y1], [Z0, Z1], indexing="ij")
         x, y = self.project(X.ravel(), Y.ravel(), Z.ravel())
-        self.convex(np.stack([x, y], axis=1), cls)
+        near = 0.0 if X0 <= 0.0 <= X1 else min(abs(X0), abs(X1))  # the side face the camera sees
+
+        def depth(xs):  # that face: x = vx + f X / Z, so Z = f X / (x - vx); the front face is Z0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = self.f * near / np.abs(xs - self.vx)
+            return np.clip(np.nan_to_num(z, nan=Z0, posinf=Z1), Z0, Z1).astype(np.float32)
+        self.convex(np.stack([x, y], axis=1), cls, depth if near > 0 else None)
 
 
 def _convex_hull(pts: np.ndarray) -> np.ndarray:
@@ -191,21 +248,29 @@ def _ground(cv: _Canvas, st: _Street, verge: Callable[[np.ndarray, int], np.ndar
     if st.cross is not None:
         g[(Z >= st.cross[0]) & (Z <= st.cross[1])] = ROAD
     cv.seg[r0:] = g
+    cv.depth[r0:] = Z.astype(np.float32)[:, None]
 
 
-def street_scene(height: int = 512, width: int = 1024, seed: np.random.Generator | int | None = 0) -> np.ndarray:
-    """One synthetic street-scene label map: (height, width) uint8 of trainIds and 255."""
+def street_scene(height: int = 512, width: int = 1024, seed: np.random.Generator | int | None = 0,
+                 layout: Layout = Layout(), full: bool = False) -> np.ndarray | Scene:
+    """One synthetic street-scene label map: (height, width) uint8 of trainIds and 255.
+
+    `layout` sets the ranges of the random draws (the default gives the shipped examples);
+    `full=True` returns a `Scene` with the depth and instance maps as well.
+    """
     if height < 1 or width < 1:
         raise ValueError(f"size must be positive, got {height}x{width}")
     rng = _rng(seed)
     u = rng.uniform
+    lay = layout
     H, W = height, width
-    cv = _Canvas(H, W, f=u(0.55, 0.85) * W, vx=W * u(0.42, 0.58), yh=H * u(0.36, 0.5), hc=u(1.2, 1.7))
+    cv = _Canvas(H, W, f=u(*lay.focal) * W, vx=W * u(0.42, 0.58), yh=H * u(*lay.horizon), hc=u(*lay.camera_height))
 
-    road = u(6.5, 14.0)
+    road = u(*lay.road_width)
     off = u(-0.35, 0.35) * (road - 2.5)  # camera somewhere on the carriageway
-    st = _Street(xl=-road / 2 + off, xr=road / 2 + off, sl=u(2.0, 5.0), sr=u(2.0, 5.0),
+    st = _Street(xl=-road / 2 + off, xr=road / 2 + off, sl=u(*lay.sidewalk_width), sr=u(*lay.sidewalk_width),
                  cross=None)
+    scale = lay.object_scale
     z_end = u(70.0, 220.0)
     if rng.random() < 0.4:
         z0 = u(12.0, 50.0)
@@ -241,7 +306,7 @@ def street_scene(height: int = 512, width: int = 1024, seed: np.random.Generator
     # Far block closing the street, then lots far to near.
     if rng.random() < 0.6:
         cls = BUILDING if rng.random() < 0.75 else VEGETATION
-        cv.box(-200.0, 200.0, 0.0, u(8.0, 40.0), z_end, z_end + 20.0, cls)
+        cv.paint(z_end, functools.partial(cv.box, -200.0, 200.0, 0.0, u(8.0, 40.0), z_end, z_end + 20.0, cls))
     planar, objects = [], []  # (depth, draw) pairs, painted far to near
     for side in (-1, 1):
         for lot in lots[side]:
@@ -264,8 +329,8 @@ def street_scene(height: int = 512, width: int = 1024, seed: np.random.Generator
             if lot.kind != "building" or rng.random() < 0.15:  # trees in the lot
                 for _ in range(rng.integers(1, 4)):
                     objects.append(_tree(cv, rng, edge(side) + side * u(0.5, 4.0), u(z0, z1)))
-    for _, draw in sorted(planar, key=lambda t: -t[0]):
-        draw()
+    for z, draw in sorted(planar, key=lambda t: -t[0]):
+        cv.paint(z, draw)
 
     # Street furniture on both sidewalks.
     for side in (-1, 1):
@@ -276,21 +341,21 @@ def street_scene(height: int = 512, width: int = 1024, seed: np.random.Generator
                 x = curb + side * u(0.3, 0.8)
                 r = rng.random()
                 if r < 0.45:
-                    objects.append(_pole(cv, rng, x, z, side))
+                    objects.append(_pole(cv, rng, x, z, side, scale))
                 elif r < 0.7:
                     objects.append(_tree(cv, rng, x + side * u(0.3, 1.5), z))
                 elif r < 0.8:
                     # small "static" object (bin, bollard, bike rack): void in Cityscapes
                     w = u(0.4, 1.0)
                     objects.append(_box(cv, x - w / 2, x + w / 2, 0.0, u(0.5, 1.2), z, z + w, VOID))
-            z += u(6.0, 22.0)
+            z += u(*lay.furniture_gap)
         # pedestrians and parked bicycles
-        for _ in range(rng.poisson(3.0)):
+        for _ in range(rng.poisson(lay.pedestrians)):
             x, z = curb + side * u(0.5, st.sl if side < 0 else st.sr), u(4.0, 60.0)
             if rng.random() < 0.85:
-                objects.append(_person(cv, rng, x, z, PERSON))
+                objects.append(_person(cv, rng, x, z, PERSON, scale=scale))
             else:
-                objects.append(_two_wheeler(cv, rng, x, z, BICYCLE, rider=False))
+                objects.append(_two_wheeler(cv, rng, x, z, BICYCLE, rider=False, scale=scale))
 
     # Traffic: parked cars along both kerbs, moving vehicles in lanes, people crossing.
     for side in (-1, 1):
@@ -299,34 +364,34 @@ def street_scene(height: int = 512, width: int = 1024, seed: np.random.Generator
             z = u(5.0, 15.0)
             while z < 70.0:
                 if rng.random() < 0.75 and not in_cross(z, z + 5):
-                    objects.append(_car(cv, rng, xc, z))
+                    objects.append(_car(cv, rng, xc, z, scale))
                 z += u(4.8, 9.0)
     lanes = np.arange(st.xl + 1.8, st.xr - 1.7, 3.3)
-    for _ in range(rng.poisson(3.0)):
+    for _ in range(rng.poisson(lay.traffic)):
         xc, z = float(rng.choice(lanes)) + u(-0.4, 0.4), u(6.0, 90.0)
         r = rng.random()
         if r < 0.7:
-            objects.append(_car(cv, rng, xc, z))
+            objects.append(_car(cv, rng, xc, z, scale))
         elif r < 0.85:
-            objects.append(_truck(cv, rng, xc, z))
+            objects.append(_truck(cv, rng, xc, z, scale))
         elif r < 0.95:
-            objects.append(_box(cv, xc - 1.25, xc + 1.25, 0.0, 3.1, z, z + 12.0, BUS))
+            objects.append(_box(cv, xc - 1.25 * scale, xc + 1.25 * scale, 0.0, 3.1 * scale, z, z + 12.0, BUS))
         else:  # a tram: "train" in Cityscapes
-            objects.append(_box(cv, xc - 1.3, xc + 1.3, 0.1, 3.4, z, z + 28.0, TRAIN))
-    for _ in range(rng.poisson(1.0)):
+            objects.append(_box(cv, xc - 1.3 * scale, xc + 1.3 * scale, 0.1, 3.4 * scale, z, z + 28.0, TRAIN))
+    for _ in range(rng.poisson(lay.riders)):
         xc, z = float(rng.choice(lanes)) + u(-0.5, 0.5), u(6.0, 50.0)
         kind = MOTORCYCLE if rng.random() < 0.4 else BICYCLE
-        objects.append(_two_wheeler(cv, rng, xc, z, kind, rider=True))
+        objects.append(_two_wheeler(cv, rng, xc, z, kind, rider=True, scale=scale))
     if rng.random() < 0.3:
         for _ in range(rng.integers(1, 4)):
-            objects.append(_person(cv, rng, u(st.xl + 0.5, st.xr - 0.5), u(8.0, 25.0), PERSON))
-    for _, draw in sorted(objects, key=lambda t: -t[0]):
-        draw()
+            objects.append(_person(cv, rng, u(st.xl + 0.5, st.xr - 0.5), u(8.0, 25.0), PERSON, scale=scale))
+    for z, draw in sorted(objects, key=lambda t: -t[0]):
+        cv.paint(z, draw)
 
     if rng.random() < 0.6:  # ego vehicle's bonnet: void
         hh, cx = H * u(0.04, 0.12), W * u(0.45, 0.55)
-        cv.blob(cx, H + hh * 0.6, W * u(0.55, 0.8), hh * 1.6, VOID)
-    return cv.seg
+        cv.paint(0.5, functools.partial(cv.blob, cx, H + hh * 0.6, W * u(0.55, 0.8), hh * 1.6, VOID))
+    return Scene(cv.seg, cv.depth, cv.instance) if full else cv.seg
 
 
 # ----------------------------------------------------------------------------------------
@@ -351,12 +416,12 @@ def _tree(cv: _Canvas, rng: np.random.Generator, X: float, Z: float):
     return Z, draw
 
 
-def _pole(cv: _Canvas, rng: np.random.Generator, X: float, Z: float, side: int):
+def _pole(cv: _Canvas, rng: np.random.Generator, X: float, Z: float, side: int, scale: float = 1.0):
     u = rng.uniform
-    h, w = u(4.0, 9.0), u(0.12, 0.3)
+    h, w = u(4.0, 9.0), u(0.12, 0.3) * scale
     r = rng.random()
     extra = "light" if r < 0.25 else "sign" if r < 0.6 else "lamp" if r < 0.8 else None
-    sign_h, sign_w, sign_shape = u(2.0, 3.2), u(0.5, 0.9), rng.integers(0, 3)
+    sign_h, sign_w, sign_shape = u(2.0, 3.2), u(0.5, 0.9) * scale, rng.integers(0, 3)
     light_y, arm = u(3.0, min(h, 6.0)), u(1.5, 4.0)
     hanging = rng.random() < 0.5
 
@@ -385,9 +450,9 @@ def _pole(cv: _Canvas, rng: np.random.Generator, X: float, Z: float, side: int):
     return Z, draw
 
 
-def _car(cv: _Canvas, rng: np.random.Generator, X: float, Z: float):
+def _car(cv: _Canvas, rng: np.random.Generator, X: float, Z: float, scale: float = 1.0):
     u = rng.uniform
-    w, L, h = u(1.7, 2.0), u(3.9, 4.9), u(1.35, 1.7)
+    w, L, h = u(1.7, 2.0) * scale, u(3.9, 4.9) * scale, u(1.35, 1.7) * scale
     van = rng.random() < 0.15
 
     body, cabin, cabin_end = (0.95 * h, 1.3 * h, 0.95) if van else (0.58 * h, h, 0.8)
@@ -398,20 +463,20 @@ def _car(cv: _Canvas, rng: np.random.Generator, X: float, Z: float):
     return Z, draw
 
 
-def _truck(cv: _Canvas, rng: np.random.Generator, X: float, Z: float):
+def _truck(cv: _Canvas, rng: np.random.Generator, X: float, Z: float, scale: float = 1.0):
     u = rng.uniform
-    L, h = u(6.0, 10.0), u(2.8, 3.8)
+    L, h = u(6.0, 10.0), u(2.8, 3.8) * scale
 
     def draw():
-        cv.box(X - 1.2, X + 1.2, 0.0, h, Z + 2.3, Z + L, TRUCK)
-        cv.box(X - 1.15, X + 1.15, 0.0, 2.7, Z, Z + 2.2, TRUCK)
+        cv.box(X - 1.2 * scale, X + 1.2 * scale, 0.0, h, Z + 2.3, Z + L, TRUCK)
+        cv.box(X - 1.15 * scale, X + 1.15 * scale, 0.0, 2.7 * scale, Z, Z + 2.2, TRUCK)
     return Z, draw
 
 
 def _person(cv: _Canvas, rng: np.random.Generator, X: float, Z: float, cls: int, base: float = 0.0,
-            height: float | None = None):
+            height: float | None = None, scale: float = 1.0):
     """A standing person; a rider (``base`` > 0: seat height) is drawn from the hips up."""
-    hp = height if height is not None else rng.uniform(1.5, 1.9)
+    hp = (height if height is not None else rng.uniform(1.5, 1.9)) * scale
     legs = rng.random() < 0.9 and base == 0.0
 
     def draw():
@@ -427,10 +492,13 @@ def _person(cv: _Canvas, rng: np.random.Generator, X: float, Z: float, cls: int,
     return Z, draw
 
 
-def _two_wheeler(cv: _Canvas, rng: np.random.Generator, X: float, Z: float, cls: int, rider: bool):
+def _two_wheeler(cv: _Canvas, rng: np.random.Generator, X: float, Z: float, cls: int, rider: bool,
+                 scale: float = 1.0):
     heavy = cls == MOTORCYCLE
-    w, h, L = (0.8, 1.2, 2.0) if heavy else (0.5, 1.05, 1.8)
-    rider_draw = _person(cv, rng, X, Z + L / 2, RIDER, base=0.6 if heavy else 0.8, height=1.1)[1] if rider else None
+    w, h, L = ((0.8, 1.2, 2.0) if heavy else (0.5, 1.05, 1.8))
+    w, h = w * scale, h * scale
+    rider_draw = (_person(cv, rng, X, Z + L / 2, RIDER, base=(0.6 if heavy else 0.8) * scale, height=1.1 * scale)[1]
+                  if rider else None)
     along = rng.random() < 0.7  # seen from behind/front (on the road) or from the side (parked)
 
     def draw():
@@ -441,10 +509,10 @@ def _two_wheeler(cv: _Canvas, rng: np.random.Generator, X: float, Z: float, cls:
         else:
             s = cv.f / (Z + 0.3)
             x, yg = cv.project(X, 0.0, Z + 0.3)
-            r = 0.33 * s
-            for dx in (-0.55 * s, 0.55 * s):
+            r, half = 0.33 * s * scale, 0.55 * s * scale
+            for dx in (-half, half):
                 cv.blob(x + dx, yg - r, r, r, cls)
-            cv.rect(x - 0.55 * s, yg - 2.2 * r, x + 0.55 * s, yg - r, cls)
+            cv.rect(x - half, yg - 2.2 * r, x + half, yg - r, cls)
         if rider_draw is not None:
             rider_draw()
     return Z, draw
