@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from ldm import checkpoint as ck
 from ldm import diffusers_keys as dk
+from ldm import formats, weights
 from ldm.checkpoint import CheckpointError
 from ldm.clip import CLIPTextModel
 from ldm.config import SD15_CLIP, SD15_UNET, SD15_VAE, AutoencoderConfig, CLIPTextConfig, UNetConfig
@@ -393,7 +394,7 @@ def test_fp16_variant_folders(tiny, tmp_path):
     for name, m in tiny.items():
         assert_same(m, loaded[name], dtype=torch.float16)
     # With both files present the plain one is the default and the variant is chosen by name.
-    ck._write_component_folder(folder / "unet", "unet", tiny["unet"], None, None)
+    formats.write_component_folder(folder / "unet", ck.UNET, tiny["unet"], None, None)
     assert ck.load_unet(folder, dtype=None).out[2].weight.dtype == torch.float32
     assert ck.load_unet(folder, dtype=None, variant="fp16").out[2].weight.dtype == torch.float16
     with pytest.raises(CheckpointError, match="bf16"):
@@ -628,7 +629,7 @@ def test_cli_inspect(compvis_file, tmp_path, capsys):
 
 def test_cli_convert(tiny, tmp_path, capsys):
     ema_file = tmp_path / "ema.safetensors"
-    save_file(_with_ema(tiny, offset=0.5), ema_file, metadata=ck._metadata(tiny, "compvis"))
+    save_file(_with_ema(tiny, offset=0.5), ema_file, metadata=formats.metadata(tiny, ck.KINDS, "compvis"))
     out = tmp_path / "diffusers"
     assert ck.main(["convert", str(ema_file), str(out), "--to", "diffusers", "--dtype", "fp16", "--ema"]) == 0
     loaded = ck.load_components(out, dtype=None)
@@ -656,7 +657,7 @@ def test_atomic_writes_leave_nothing_behind_on_failure(tiny, tmp_path, monkeypat
         Path(path).write_bytes(b"partial")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ck, "_write_tensors", boom)
+    monkeypatch.setattr(weights, "write_tensors", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         ck.save_native(dst, tiny["unet"], overwrite=True)
     with pytest.raises(RuntimeError, match="disk full"):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from controlnet import ControlNet, ControlNetConfig
 from controlnet import checkpoint as cc
 from ldm import checkpoint as lck
+from ldm import formats, weights
 from ldm.checkpoint import CheckpointError
 from ldm.clip import CLIPTextModel
 from ldm.config import AutoencoderConfig, CLIPTextConfig, UNetConfig
@@ -96,7 +97,7 @@ def test_rules_give_exactly_the_diffusers_keys_shapes_and_config(cfg):
 
 
 def test_named_diffusers_keys():
-    km = cc._diffusers_map(ControlNetConfig())
+    km = formats.diffusers_map(cc.CONTROLNET, ControlNetConfig())
     assert km["input_hint_block.0.weight"].key == "controlnet_cond_embedding.conv_in.weight"
     assert [km[f"input_hint_block.{n}.bias"].key for n in range(2, 14, 2)] == [
         f"controlnet_cond_embedding.blocks.{i}.bias" for i in range(6)]
@@ -380,7 +381,7 @@ def test_saving_is_atomic_and_refuses_to_overwrite(tiny20, tmp_path, monkeypatch
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(cc, "_write_tensors", boom)
+    monkeypatch.setattr(weights, "write_tensors", boom)
     for layout, name in (("diffusers", "folder"), ("lllyasviel", "x.pth")):
         with pytest.raises(RuntimeError, match="disk full"):
             cc.save_controlnet(tmp_path / name, tiny20, layout=layout)
