@@ -11,8 +11,9 @@ here (weights, images, labels, JSON reports, training checkpoints):
         ...
 
 Modes honour the umask, as a plain ``open(path, "w")`` / ``mkdir`` would: files 0o666 and
-folders 0o777 less the umask (``tempfile.mkstemp`` would give 0o600, which other users of a
-shared dataset or model cannot read).
+folders 0o777 less the umask. They are set once the writer is done, since some writers make
+0o600 files of their own (``tempfile.mkstemp``, safetensors' ``save_file``), which the other
+users of a shared dataset or model could not read.
 
 Temporary names follow one pattern, ``.<name>.<pid>-<8 hex digits>.tmp`` (`TEMP_NAME`), so
 what a killed run left behind is recognisable: `clean_stale` removes those older than the
@@ -25,6 +26,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Iterator
@@ -44,9 +46,11 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     dst = Path(path)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(dst)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as for open()
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 less the umask, as open() gives
     try:
         yield tmp
+        os.chmod(tmp, mode)
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -62,8 +66,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(dst)
     os.mkdir(tmp, 0o777)
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o777 less the umask, as mkdir() gives
     try:
         yield tmp
+        _plain_modes(tmp, mode)
         if not dst.exists():
             os.replace(tmp, dst)
             return
@@ -81,6 +87,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _plain_modes(folder: Path, dir_mode: int) -> None:
+    """What mkdir / open() would have given everything below `folder` (links are left alone)."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, dir_mode if name in dirs else dir_mode & 0o666)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
