@@ -611,6 +611,26 @@ def test_format_and_component_detection(tiny, compvis_file, tmp_path):
     assert_same(tiny["unet"], ck.load_unet(single))  # a folder holding exactly one weights file
 
 
+def test_pipeline_folder_without_model_index(tiny, tmp_path, capsys):
+    """Only unet/ vae/ text_encoder/ (each with config.json) and a stray weight-like file: the
+    subfolders are the pipeline, the stray file is not "the" checkpoint."""
+    folder = ck.save_diffusers(tmp_path / "pipe", tiny)
+    (folder / "model_index.json").unlink()
+    torch.save({"x": torch.zeros(3)}, folder / "notes.bin")
+    c = ck.read_checkpoint(folder)
+    assert (c.format, sorted(c.parts)) == ("diffusers", sorted(tiny))
+    loaded = ck.load_components(folder)
+    for name in tiny:
+        assert_same(tiny[name], loaded[name])
+    assert_same(tiny["vae"], ck.load_vae(folder))
+    assert ck.main(["inspect", str(folder)]) == 0
+    assert "notes.bin" not in capsys.readouterr().out
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"unet: no diffusers weights") as e:  # the broken part is named
+        ck.load_unet(folder)
+    assert "notes.bin" not in str(e.value)
+
+
 def test_cli_inspect(compvis_file, tmp_path, capsys):
     assert ck.main(["inspect", str(compvis_file)]) == 0
     out = capsys.readouterr().out
