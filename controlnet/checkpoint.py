@@ -46,6 +46,9 @@ from ldm.weights import CheckpointError, few
 
 LLLYASVIEL_PREFIX = "control_model."
 LAYOUTS = ("native", "diffusers", "lllyasviel")
+# The ControlNet's own modules, in either layout; its other names are a U-Net encoder's.
+_NATIVE_MARKERS = ("input_hint_block.", "zero_convs.", "middle_block_out.")
+_DIFFUSERS_MARKERS = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
 
 # ---------------------------------------------------------------------------------------
 # diffusers names: the U-Net encoder rules plus the ControlNet's own modules
@@ -224,8 +227,8 @@ def _absent(ck: formats.Checkpoint) -> str:
     if ck.path.is_dir():
         return f"{ck.path}: a pipeline folder without a controlnet/ component (it lists {sorted(ck.ignored)})"
     prefixed = ck.format == "compvis"
-    keys = sorted([*ck.tolerated, *ck.ema, *ck.unexpected,
-                   *(p.kind.prefix * prefixed + k for p in ck.parts.values() for k in p.tensors)])
+    held = [(p.kind.prefix if prefixed else "") + k for p in ck.parts.values() for k in p.tensors]
+    keys = sorted([*held, *ck.tolerated, *ck.ema, *ck.unexpected])
     looks = "an SD single file" if prefixed else "a U-Net" if "unet" in ck.parts else "something else"
     hint = sd_checkpoint.family_hint({k: v for p in ck.parts.values() for k, v in p.tensors.items()})
     return (f"{ck.path}: holds no ControlNet: none of its {len(keys)} keys ({few(keys, 4)}) is a "
@@ -237,15 +240,11 @@ def _absent(ck: formats.Checkpoint) -> str:
 CONTROLNET = formats.Kind(
     "controlnet", "ControlNet", ControlNet, ControlNetConfig, ControlNetConfig(), "SD-1.5 U-Net preset",
     LLLYASVIEL_PREFIX,
-    signatures=sd_checkpoint.UNET_ENCODER_NAMES + ("input_hint_block.", "zero_convs.", "middle_block_out.",
-                                                   "controlnet_cond_embedding.", "controlnet_down_blocks.",
-                                                   "controlnet_mid_block."),
+    signatures=sd_checkpoint.UNET_ENCODER_NAMES + _NATIVE_MARKERS + _DIFFUSERS_MARKERS,
     classes=("ControlNetModel",), library="diffusers",
     config_from_diffusers=_config_from_diffusers, config_to_diffusers=controlnet_config_to_diffusers,
     rules=dk.UNET_ENCODER_RULES + CONTROLNET_RULES, slots=controlnet_slots,
-    diffusers_markers=("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block."),
-    markers=("input_hint_block.", "zero_convs.", "middle_block_out.", "controlnet_cond_embedding.",
-             "controlnet_down_blocks.", "controlnet_mid_block."),
+    diffusers_markers=_DIFFUSERS_MARKERS, markers=_NATIVE_MARKERS + _DIFFUSERS_MARKERS,
     config_attr="control_cfg", file_format="lllyasviel", from_weights=_hint_from_weights,
     hint=sd_checkpoint.family_hint,
     summary=lambda c: f"hint: {c.hint_channels} channels, encoder widths {list(c.hint_block_channels)}",

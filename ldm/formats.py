@@ -204,12 +204,12 @@ def _read_pipeline_folder(folder: Path, entries: Mapping[str, bool], kinds: Sequ
     wanted = set(components) if components is not None else known
     ck = Checkpoint(folder, "diffusers", kinds)
     for name, present in entries.items():
-        if name in known and name in wanted and present:
+        if name not in known or name not in wanted:
+            ck.ignored.append(name)
+        elif present:
             if not (folder / name / "config.json").is_file():
                 raise CheckpointError(f"{folder}: model_index.json lists {name} but {folder / name}/config.json is missing")
             ck.parts[name] = _read_component_folder(folder / name, kinds, variant, presets, ck.tolerated, expect=name)
-        elif name not in known or name not in wanted:
-            ck.ignored.append(name)
     return ck
 
 
@@ -421,7 +421,8 @@ def native_state_dict(ck: Checkpoint, name: str, config=None, ema: bool = False)
     part = ck.parts[name]
     if ema:
         if part.kind.ema_key is None:
-            raise CheckpointError(f"{ck.path}: EMA weights are a U-Net's, there are none of the {name}")
+            has = " / ".join(k.name for k in ck.kinds if k.ema_key is not None) or "no component"
+            raise CheckpointError(f"{ck.path}: EMA weights exist for the {has} only, not the {name}")
         if not ck.ema:
             raise CheckpointError(f"{ck.path}: has no EMA weights ({EMA_PREFIX}* keys); load with ema=False")
         out, used = {}, set()
@@ -456,7 +457,7 @@ def load_part(ck: Checkpoint, name: str, *, dtype: torch.dtype | None = torch.fl
         return weights.load_into(part.kind.build(config), sd, source=source, allow_unexpected=allow_unexpected,
                                  dtype=dtype, device=device, hint=part.kind.hint)
     except CheckpointError as e:
-        about = part.kind.title + (f" with {part.kind.summary(config)}" if part.kind.summary else "")
+        about = part.kind.title + (f", {part.kind.summary(config)}" if part.kind.summary else "")
         how = "the caller" if given is not None else part.config_from
         raise CheckpointError(f"{e}\n  ({about}; config from {how}; {part.format} checkpoint, "
                               f"{part.layout} names)") from None

@@ -28,7 +28,7 @@ Typical use, top to bottom::
 Checkpoints (``step_0001000.pt``) hold whatever state dict the script passes, plus ``step``,
 ``world_size`` and ``rng``: the python / numpy / torch CPU / CUDA generator states of *every* rank
 (gathered to rank 0) and any extra torch/numpy ``Generator`` objects the script names (data samplers).
-Writes are atomic (temporary file + ``os.replace``) and the last N are kept. ``restore_rng`` puts
+Writes are atomic (``ldm.atomic``: temporary file + rename) and the last N are kept. ``restore_rng`` puts
 each rank's states back, so a resumed run continues bit-identically (same world size, same device).
 Load with ``load_checkpoint`` (``weights_only=True``: only tensors and plain Python values inside).
 """
