@@ -1,7 +1,7 @@
 """ControlNet checkpoints: read, detect, convert, strictly load, save.
 
 Sources (all loaded into `controlnet.model.ControlNet`, whose names are lllyasviel's
-``control_model.*`` names without the prefix; see docs/architecture "native key space"):
+``control_model.*`` names without the prefix):
   - lllyasviel files (``.pth/.ckpt/.safetensors``):
       * v1.0 files hold the whole SD pipeline next to the control part: ``control_model.*``
         plus ``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*`` and
@@ -17,46 +17,36 @@ Sources (all loaded into `controlnet.model.ControlNet`, whose names are lllyasvi
 
 The architecture comes from the checkpoint when it carries one (config.json, our metadata);
 otherwise it is the SD-1.5 U-Net preset (or `unet_config=`) with the hint encoder read off
-the weights. Loading builds the model on the meta device, checks every key and shape
-(`ldm.checkpoint.load_into`: one CheckpointError naming the file and listing the missing,
-unexpected and mis-shaped keys), and assigns the tensors, cast one by one.
+the weights.
 
-The diffusers names reuse the U-Net encoder rule table of `ldm.diffusers_keys`
-(``time_embedding``, ``conv_in``, ``down_blocks``, ``mid_block``) plus five rules of our own.
+Reading, strict loading (one CheckpointError naming the file and listing the missing,
+unexpected and mis-shaped keys), conversion, saving and the CLI are the generic ones of
+`ldm.formats`: this module describes the ControlNet kind (`CONTROLNET`) to them. Its diffusers
+names reuse the U-Net encoder rule table of `ldm.diffusers_keys` (``time_embedding``,
+``conv_in``, ``down_blocks``, ``mid_block``) plus five rules of its own.
 
 CLI: ``python -m controlnet.checkpoint inspect PATH`` and ``python -m controlnet.checkpoint
 convert SRC DST --to native|diffusers|lllyasviel [--dtype fp16|bf16|fp32]``.
 """
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import sys
-from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
 from controlnet.model import ControlNet, ControlNetConfig
-from ldm import checkpoint as lck
+from ldm import checkpoint as sd_checkpoint
 from ldm import diffusers_keys as dk
-from ldm.checkpoint import CheckpointError, load_into, read_state_dict, resolve_path
-from ldm.config import SD15_UNET, UNetConfig
-
-# Private helpers of ldm.checkpoint reused as they are (atomic writes, host copies, file writes).
-from ldm.checkpoint import _atomic_dir, _atomic_file, _few, _host_tensors, _weights_file, _write_tensors
+from ldm import formats
+from ldm.config import UNetConfig
+from ldm.weights import CheckpointError, few
 
 LLLYASVIEL_PREFIX = "control_model."
-COMPONENT = "controlnet"  # the `ldm.component` value in our safetensors metadata
 LAYOUTS = ("native", "diffusers", "lllyasviel")
-
-# What a v1.0 lllyasviel file (a whole ControlLDM) holds besides the ControlNet: the SD-1.5
-# pipeline it was trained on. Never loaded here; ldm.checkpoint reads those parts.
-SD_PIPELINE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", lck.EMA_PREFIX)
-SD_PIPELINE_NAMES = lck.COMPVIS_TOLERATED  # schedule buffers, logvar, EMA counters
-
+# The ControlNet's own modules, in either layout; its other names are a U-Net encoder's.
 _NATIVE_MARKERS = ("input_hint_block.", "zero_convs.", "middle_block_out.")
 _DIFFUSERS_MARKERS = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
 
@@ -87,43 +77,6 @@ def controlnet_slots(cfg: ControlNetConfig) -> dict[str, list[dict]]:
             "hint_block": [dict(n=2 + 2 * i, i=i) for i in range(n_blocks)],
             "hint_out": [dict(n=2 + 2 * n_blocks)],
             "zero_conv": [dict(n=n) for n in range(n_skips)]}
-
-
-@lru_cache(maxsize=16)
-def _model_shapes(cfg: ControlNetConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in ControlNet(cfg).state_dict().items()}
-
-
-@lru_cache(maxsize=16)
-def _diffusers_map(cfg: ControlNetConfig) -> dict[str, dk.KeyTarget]:
-    return dk.key_map(dk.UNET_ENCODER_RULES + CONTROLNET_RULES, controlnet_slots(cfg), _model_shapes(cfg))
-
-
-def controlnet_to_diffusers(state_dict: Mapping[str, torch.Tensor], cfg: ControlNetConfig) -> dict[str, torch.Tensor]:
-    """Rename a native ControlNet state dict to diffusers' ``ControlNetModel`` names (tensors not copied)."""
-    km = _diffusers_map(cfg)
-    unknown = [k for k in state_dict if k not in km]
-    if unknown:
-        raise CheckpointError(f"{len(unknown)} keys are not part of a ControlNet with this config: {_few(unknown)}")
-    return {km[k].key: dk.to_theirs(v, km[k].reshape) for k, v in state_dict.items()}
-
-
-def controlnet_from_diffusers(state_dict: Mapping[str, torch.Tensor], cfg: ControlNetConfig) -> dict[str, torch.Tensor]:
-    """diffusers names -> ours. Keys without a rule keep their names, so a strict load reports them."""
-    inverse = {t.key: (ours, t.reshape) for ours, t in _diffusers_map(cfg).items()}
-    out = {}
-    for k, v in state_dict.items():
-        if k in inverse:
-            ours, reshape = inverse[k]
-            out[ours] = dk.to_ours(v, reshape)
-        else:
-            out[k] = v
-    return out
-
-
-def controlnet_to_lllyasviel(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {LLLYASVIEL_PREFIX + k: v for k, v in state_dict.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,164 +188,111 @@ def controlnet_config_to_diffusers(cfg: ControlNetConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# Reading: what a file or folder holds
+# The kind: what is particular to ControlNet files
 # ---------------------------------------------------------------------------------------
 
-@dataclass
-class ControlNetCheckpoint:
-    """One ControlNet as found: tensors with the prefix stripped but not yet renamed."""
+def _config_from_diffusers(d: Mapping, tensors: Mapping[str, torch.Tensor]) -> tuple[ControlNetConfig, str]:
+    cfg = controlnet_config_from_diffusers(d, tensors)
+    return cfg, "config.json" + ("" if "conditioning_channels" in d else " + hint channels from the weights")
 
-    path: Path  # what was asked for
-    source: Path  # the weights file
-    format: str  # "lllyasviel-v1.0" | "lllyasviel" | "diffusers-folder" | "diffusers-file" | "native"
-    layout: str  # names of `tensors`: "native" (ours = lllyasviel without prefix) or "diffusers"
-    tensors: dict[str, torch.Tensor]
-    config: ControlNetConfig
-    config_from: str  # where `config` came from, for messages
-    ignored: dict[str, torch.Tensor] = field(default_factory=dict)  # the SD pipeline of a v1.0 file
-    unexpected: dict[str, torch.Tensor] = field(default_factory=dict)  # keys of nothing we know
-    metadata: dict[str, str] = field(default_factory=dict)
+
+def _hint_from_weights(preset: ControlNetConfig, tensors: Mapping[str, torch.Tensor]) -> tuple[ControlNetConfig, str]:
+    """A file without a config: the U-Net preset with the hint encoder its weights have."""
+    inferred = infer_hint_config(tensors)
+    if inferred is None:
+        return preset, " + default hint encoder (no hint weights found)"
+    return preset.replace(hint_channels=inferred[0], hint_block_channels=inferred[1]), " + hint encoder from the weights"
+
+
+def _format_of(ck: formats.Checkpoint) -> str:
+    """lllyasviel's names: a v1.0 file holds the whole SD pipeline next to the ControlNet, a
+    v1.1 file the ControlNet alone, with or without the prefix."""
+    if ck.format == "compvis":
+        return "lllyasviel-v1.0" if len(ck.parts) > 1 or ck.tolerated or ck.ema else "lllyasviel"
+    if ck.format == "diffusers":
+        return "diffusers-folder" if ck.path.is_dir() else "diffusers-file"
+    return "native" if ck.metadata.get("ldm.format") == "native" else "lllyasviel"
+
+
+def _absent(ck: formats.Checkpoint) -> str:
+    """Why a checkpoint holds no ControlNet, and what it looks like instead."""
+    written = ck.metadata.get("ldm.component")
+    if written and written != CONTROLNET.name:
+        return (f"{ck.path}: a {written} checkpoint written by ldm.checkpoint, not a ControlNet; "
+                f"load it with ldm.checkpoint")
+    if ck.path.is_dir() and (ck.path / "config.json").is_file():
+        (part,) = ck.parts.values()
+        return (f"{ck.path}: config.json describes a {part.kind.classes[0]}, not a ControlNetModel; "
+                f"load it with ldm.checkpoint")
+    if ck.path.is_dir():
+        return f"{ck.path}: a pipeline folder without a controlnet/ component (it lists {sorted(ck.ignored)})"
+    prefixed = ck.format == "compvis"
+    held = [(p.kind.prefix if prefixed else "") + k for p in ck.parts.values() for k in p.tensors]
+    keys = sorted([*held, *ck.tolerated, *ck.ema, *ck.unexpected])
+    looks = "an SD single file" if prefixed else "a U-Net" if "unet" in ck.parts else "something else"
+    hint = sd_checkpoint.family_hint({k: v for p in ck.parts.values() for k, v in p.tensors.items()})
+    return (f"{ck.path}: holds no ControlNet: none of its {len(keys)} keys ({few(keys, 4)}) is a "
+            f"{LLLYASVIEL_PREFIX}*, input_hint_block.*/zero_convs.* or controlnet_cond_embedding.*/"
+            f"controlnet_down_blocks.* key; it looks like {looks}" + (f"; {hint}" if hint else "")
+            + ("; load SD checkpoints with ldm.checkpoint" if looks != "something else" else ""))
+
+
+CONTROLNET = formats.Kind(
+    "controlnet", "ControlNet", ControlNet, ControlNetConfig, ControlNetConfig(), "SD-1.5 U-Net preset",
+    LLLYASVIEL_PREFIX,
+    signatures=sd_checkpoint.UNET_ENCODER_NAMES + _NATIVE_MARKERS + _DIFFUSERS_MARKERS,
+    classes=("ControlNetModel",), library="diffusers",
+    config_from_diffusers=_config_from_diffusers, config_to_diffusers=controlnet_config_to_diffusers,
+    rules=dk.UNET_ENCODER_RULES + CONTROLNET_RULES, slots=controlnet_slots,
+    diffusers_markers=_DIFFUSERS_MARKERS, markers=_NATIVE_MARKERS + _DIFFUSERS_MARKERS,
+    config_attr="control_cfg", file_format="lllyasviel", from_weights=_hint_from_weights,
+    hint=sd_checkpoint.family_hint,
+    summary=lambda c: f"hint: {c.hint_channels} channels, encoder widths {list(c.hint_block_channels)}",
+    format_of=_format_of, absent=_absent)
+# The SD kinds are read too, not loaded: a v1.0 file holds the whole SD pipeline next to the ControlNet.
+KINDS = (CONTROLNET, *sd_checkpoint.KINDS)
+
+
+def _presets(unet_config: UNetConfig | None) -> dict[str, ControlNetConfig]:
+    return {} if unet_config is None else {CONTROLNET.name: ControlNetConfig(unet=unet_config)}
+
+
+# ---------------------------------------------------------------------------------------
+# The API: conversions, reading, loading, saving, inspection, the CLI
+# ---------------------------------------------------------------------------------------
+
+def controlnet_to_diffusers(state_dict: Mapping[str, torch.Tensor], cfg: ControlNetConfig) -> dict[str, torch.Tensor]:
+    """Rename a native ControlNet state dict to diffusers' ``ControlNetModel`` names (tensors not copied)."""
+    return formats.to_diffusers(CONTROLNET, cfg, state_dict)
+
+
+def controlnet_from_diffusers(state_dict: Mapping[str, torch.Tensor], cfg: ControlNetConfig) -> dict[str, torch.Tensor]:
+    """diffusers names -> ours. Keys without a rule keep their names, so a strict load reports them."""
+    return formats.from_diffusers(CONTROLNET, cfg, state_dict)
+
+
+def controlnet_to_lllyasviel(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {LLLYASVIEL_PREFIX + k: v for k, v in state_dict.items()}
+
+
+def build_controlnet(cfg: ControlNetConfig | None = None, device: str | torch.device = "meta") -> ControlNet:
+    """An empty ControlNet (meta device by default) for `cfg` or DGInStyle's SD-1.5 one."""
+    return CONTROLNET.build(cfg, device)
 
 
 def read_controlnet_checkpoint(path, variant: str | None = None, unet_config: UNetConfig | None = None
-                               ) -> ControlNetCheckpoint:
-    """Detect the format of a file or folder and split out the ControlNet (nothing loaded yet).
+                               ) -> formats.Part:
+    """Detect the format of a file or folder and split out the ControlNet (nothing loaded yet):
+    its tensors, format, source file, and config (the checkpoint's, else the preset completed
+    from the weights) with where it came from.
 
     `variant` ("fp16") picks diffusers ``*.fp16.*`` weights; `unet_config` replaces the SD-1.5
     preset for files that carry no config.
     """
-    path = resolve_path(path)
-    if path.is_dir():
-        if (path / "model_index.json").is_file():
-            return _read_pipeline_folder(path, variant)
-        if (path / "config.json").is_file():
-            return _read_diffusers_folder(path, variant, path)
-        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"))
-        if len(files) != 1:
-            raise CheckpointError(f"{path}: a folder with neither config.json nor model_index.json and "
-                                  f"{len(files)} weight files {[p.name for p in files]}; pass one file")
-        return read_controlnet_checkpoint(files[0], variant, unet_config)
-    tensors, meta = read_state_dict(path)
-    return _split_file(path, tensors, meta, unet_config)
-
-
-def _read_pipeline_folder(folder: Path, variant) -> ControlNetCheckpoint:
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder / 'model_index.json'}: unreadable ({e})") from e
-    sub = folder / "controlnet"
-    if "controlnet" not in index or not (sub / "config.json").is_file():
-        raise CheckpointError(f"{folder}: a pipeline folder without a controlnet/ component "
-                              f"(it lists {sorted(k for k in index if not k.startswith('_'))})")
-    return _read_diffusers_folder(sub, variant, folder)
-
-
-def _read_diffusers_folder(folder: Path, variant, asked: Path) -> ControlNetCheckpoint:
-    config_path = folder / "config.json"
-    try:
-        d = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_path}: unreadable ({e})") from e
-    cls = d.get("_class_name")
-    if cls != "ControlNetModel":
-        raise CheckpointError(f"{folder}: config.json describes a {cls or 'model without _class_name'}, "
-                              f"not a ControlNetModel" + ("; load it with ldm.checkpoint" if cls else ""))
-    weights = _weights_file(folder, "diffusers", variant)
-    tensors, meta = read_state_dict(weights)
-    try:
-        cfg = controlnet_config_from_diffusers(d, tensors)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{config_path}: {e}") from e
-    how = "config.json" + ("" if "conditioning_channels" in d else " + hint channels from the weights")
-    return ControlNetCheckpoint(asked, weights, "diffusers-folder", "diffusers", tensors, cfg, how, metadata=meta)
-
-
-def _metadata_config(path: Path, meta: Mapping[str, str]) -> ControlNetConfig | None:
-    if "ldm.config" not in meta:
-        return None
-    comp = meta.get("ldm.component")
-    if comp != COMPONENT:
-        raise CheckpointError(f"{path}: a {comp or 'non-ControlNet'} checkpoint written by ldm.checkpoint, "
-                              f"not a ControlNet; load it with ldm.checkpoint")
-    try:
-        return ControlNetConfig.from_dict(json.loads(meta["ldm.config"]))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: bad ControlNet config in the metadata ({e})") from e
-
-
-def _split_file(path: Path, tensors: dict, meta: dict, unet_config: UNetConfig | None) -> ControlNetCheckpoint:
-    cfg = _metadata_config(path, meta)
-    ignored, unexpected = {}, {}
-    if any(k.startswith(LLLYASVIEL_PREFIX) for k in tensors):
-        control = {}
-        for k, v in tensors.items():
-            if k.startswith(LLLYASVIEL_PREFIX):
-                control[k[len(LLLYASVIEL_PREFIX):]] = v
-            elif k.startswith(SD_PIPELINE_PREFIXES) or k in SD_PIPELINE_NAMES:
-                ignored[k] = v
-            else:
-                unexpected[k] = v
-        fmt, layout = ("lllyasviel-v1.0" if ignored else "lllyasviel"), "native"
-        if any(k.startswith(_DIFFUSERS_MARKERS) for k in control):
-            layout = "diffusers"  # a diffusers state dict saved under lllyasviel's prefix
-    elif any(k.startswith(_DIFFUSERS_MARKERS) for k in tensors):
-        control, fmt, layout = tensors, "diffusers-file", "diffusers"
-    elif any(k.startswith(_NATIVE_MARKERS) for k in tensors):
-        control, layout = tensors, "native"
-        fmt = "native" if meta.get("ldm.format") == "native" else "lllyasviel"
-    else:
-        what = lck._family_hint(tensors)
-        looks = ("an SD single file" if any(k.startswith(SD_PIPELINE_PREFIXES) for k in tensors)
-                 else "a U-Net" if any(k.startswith(("input_blocks.", "down_blocks.", "output_blocks.", "up_blocks."))
-                                       for k in tensors) else "something else")
-        raise CheckpointError(
-            f"{path}: holds no ControlNet: none of its {len(tensors)} keys ({_few(sorted(tensors), 4)}) is a "
-            f"{LLLYASVIEL_PREFIX}*, input_hint_block.*/zero_convs.* or controlnet_cond_embedding.*/"
-            f"controlnet_down_blocks.* key; it looks like {looks}" + (f" ({what})" if what else "")
-            + ("; load SD checkpoints with ldm.checkpoint" if looks != "something else" else ""))
-    if cfg is not None:
-        how = "metadata"
-    else:
-        inferred = infer_hint_config(control)
-        base = unet_config or SD15_UNET
-        cfg = ControlNetConfig(unet=base)  # DGInStyle's hint encoder unless the weights say otherwise
-        if inferred:
-            cfg = cfg.replace(hint_channels=inferred[0], hint_block_channels=inferred[1])
-        how = (("SD-1.5 U-Net preset" if unet_config is None else "given U-Net config")
-               + (" + hint encoder from the weights" if inferred else " + default hint encoder (no hint weights found)"))
-    return ControlNetCheckpoint(path, path, fmt, layout, control, cfg, how, ignored, unexpected, meta)
-
-
-def native_state_dict(ck: ControlNetCheckpoint, cfg: ControlNetConfig | None = None) -> dict[str, torch.Tensor]:
-    """The checkpoint's ControlNet tensors under our names."""
-    cfg = cfg or ck.config
-    if ck.layout == "diffusers":
-        return controlnet_from_diffusers(ck.tensors, cfg)
-    return dict(ck.tensors)
-
-
-# ---------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------
-
-def build_controlnet(cfg: ControlNetConfig | None = None, device: str | torch.device = "meta") -> ControlNet:
-    """An empty ControlNet (meta device by default) for `cfg` or DGInStyle's SD-1.5 one."""
-    with torch.device(device):
-        return ControlNet(cfg or ControlNetConfig())
-
-
-def load_controlnet_state_dict(model: ControlNet, ck: ControlNetCheckpoint, *, dtype=None, device=None,
-                               allow_unexpected: Iterable[str] = ()) -> ControlNet:
-    sd = native_state_dict(ck, model.control_cfg)
-    sd.update(ck.unexpected)  # keys of nothing we know fail the load unless allowed
-    try:
-        return load_into(model, sd, source=ck.source, allow_unexpected=allow_unexpected, dtype=dtype, device=device)
-    except CheckpointError as e:
-        c = model.control_cfg
-        raise CheckpointError(f"{e}\n  (ControlNet with hint_channels={c.hint_channels}, hint_block_channels="
-                              f"{list(c.hint_block_channels)}; config from {ck.config_from}; "
-                              f"{ck.format} checkpoint, {ck.layout} names)") from None
+    ck = formats.read_checkpoint(path, KINDS, components=[CONTROLNET.name], variant=variant,
+                                 presets=_presets(unet_config))
+    config = formats.part_config(ck, CONTROLNET.name)  # raises, saying why, if there is no ControlNet
+    return dataclasses.replace(ck.parts[CONTROLNET.name], config=config)
 
 
 def load_controlnet(path, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu", *,
@@ -404,26 +304,9 @@ def load_controlnet(path, dtype: torch.dtype | None = torch.float32, device: str
     for files that carry none (the hint encoder is still read off the weights). `dtype=None`
     keeps the file's dtypes. Any missing, unexpected or mis-shaped key raises one CheckpointError.
     """
-    ck = read_controlnet_checkpoint(path, variant=variant, unet_config=unet_config)
-    model = build_controlnet(config or ck.config)
-    return load_controlnet_state_dict(model, ck, dtype=dtype, device=device, allow_unexpected=allow_unexpected)
-
-
-# ---------------------------------------------------------------------------------------
-# Saving
-# ---------------------------------------------------------------------------------------
-
-def _metadata(cfg: ControlNetConfig, layout: str) -> dict[str, str]:
-    return {"ldm.format": layout, "ldm.format_version": lck.FORMAT_VERSION, "ldm.component": COMPONENT,
-            "ldm.config": cfg.to_json()}
-
-
-def _torch_or_safetensors(path: Path) -> str:
-    if path.suffix == ".safetensors":
-        return "safetensors"
-    if path.suffix in (".pth", ".ckpt", ".pt", ".bin"):
-        return "torch"
-    raise CheckpointError(f"{path}: unknown extension; use .safetensors, .pth or .ckpt")
+    return formats.load_components(path, KINDS, components=[CONTROLNET.name], dtype=dtype, device=device,
+                                   configs={CONTROLNET.name: config}, variant=variant,
+                                   allow_unexpected=allow_unexpected, presets=_presets(unet_config))[CONTROLNET.name]
 
 
 def save_controlnet(path, model: ControlNet, layout: str = "native", dtype: torch.dtype | None = None, *,
@@ -443,113 +326,27 @@ def save_controlnet(path, model: ControlNet, layout: str = "native", dtype: torc
         raise TypeError(f"expected a ControlNet, got {type(model).__name__}")
     if layout not in LAYOUTS:
         raise CheckpointError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    cfg, path = model.control_cfg, Path(path)
-    sd = model.state_dict()
-    if layout == "native":
-        if path.suffix != ".safetensors":
-            raise CheckpointError(f"{path}: native ControlNet checkpoints are .safetensors files")
-        return _atomic_file(path, lambda tmp: _write_tensors(tmp, _host_tensors(sd, dtype), _metadata(cfg, layout),
-                                                             "safetensors"), overwrite)
-    if layout == "lllyasviel":
-        fmt = _torch_or_safetensors(path)
-        sd = controlnet_to_lllyasviel(sd)
-        return _atomic_file(path, lambda tmp: _write_tensors(tmp, _host_tensors(sd, dtype), _metadata(cfg, layout),
-                                                             fmt), overwrite)
-    sd = controlnet_to_diffusers(sd, cfg)
-    if path.suffix == ".safetensors":
-        return _atomic_file(path, lambda tmp: _write_tensors(tmp, _host_tensors(sd, dtype), _metadata(cfg, layout),
-                                                             "safetensors"), overwrite)
-
-    def write(tmp: Path) -> None:
-        (tmp / "config.json").write_text(json.dumps(controlnet_config_to_diffusers(cfg), indent=2, sort_keys=True) + "\n")
-        weights = dk.WEIGHT_NAMES["diffusers"][0].format(v=f".{variant}" if variant else "")
-        _write_tensors(tmp / weights, _host_tensors(sd, dtype), {"format": "pt"}, "safetensors")
-
-    return _atomic_dir(path, write, overwrite)
-
-
-# ---------------------------------------------------------------------------------------
-# Inspection, conversion and the CLI
-# ---------------------------------------------------------------------------------------
-
-def _prefix_counts(keys: Iterable[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for k in keys:
-        head = next((p for p in SD_PIPELINE_PREFIXES if k.startswith(p)), k)
-        out[head] = out.get(head, 0) + 1
-    return out
+    return formats.save_as(path, {CONTROLNET.name: model}, layout, KINDS, dtype=dtype, variant=variant,
+                           overwrite=overwrite)
 
 
 def describe(path, variant: str | None = None, unet_config: UNetConfig | None = None) -> dict:
     """What a checkpoint holds, without loading it into a model: format, config and where it
     came from, dtypes, parameter count, whether it fits, and what is ignored or unexpected."""
-    ck = read_controlnet_checkpoint(path, variant=variant, unet_config=unet_config)
-    sd = native_state_dict(ck)
-    shapes = _model_shapes(ck.config)
-    info = {
-        "path": str(ck.path), "source": str(ck.source), "format": ck.format, "layout": ck.layout,
-        "config_from": ck.config_from, "config": ck.config.to_dict(), "tensors": len(ck.tensors),
-        "parameters": sum(t.numel() for t in ck.tensors.values()),
-        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in ck.tensors.values()}),
-        "missing": sorted(k for k in shapes if k not in sd),
-        "unexpected": sorted([k for k in sd if k not in shapes] + list(ck.unexpected)),
-        "mis_shaped": sorted(k for k, s in shapes.items() if k in sd and tuple(sd[k].shape) != s),
-        "ignored": _prefix_counts(ck.ignored),
-    }
-    info["fits"] = not (info["missing"] or info["unexpected"] or info["mis_shaped"])
-    return info
-
-
-def _format_description(d: dict) -> str:
-    c = d["config"]
-    fit = "fits" if d["fits"] else (f"DOES NOT FIT: {len(d['missing'])} missing, {len(d['unexpected'])} unexpected, "
-                                    f"{len(d['mis_shaped'])} mis-shaped ({_few(d['missing'] + d['unexpected'] + d['mis_shaped'], 4)})")
-    lines = [f"path:    {d['path']}" + (f" (weights {d['source']})" if d["source"] != d["path"] else ""),
-             f"format:  {d['format']} ({d['layout']} names)",
-             f"controlnet: {d['parameters']:,} parameters in {d['tensors']} tensors, {'/'.join(d['dtypes'])}, {fit}",
-             f"    hint: {c['hint_channels']} channels, encoder widths {c['hint_block_channels']}",
-             f"    config ({d['config_from']}): {json.dumps(c['unet'])}"]
-    if d["ignored"]:
-        lines.append("ignored (not the ControlNet): " + ", ".join(f"{k}* ({n})" if k.endswith(".") else k
-                                                                for k, n in d["ignored"].items()))
-    return "\n".join(lines)
+    d = formats.describe(path, KINDS, only=CONTROLNET.name, variant=variant, presets=_presets(unet_config))
+    return formats.flatten(d, CONTROLNET.name)
 
 
 def convert(src, dst, to: str, dtype: torch.dtype | None = None, variant: str | None = None, overwrite: bool = False,
-            unet_config: UNetConfig | None = None) -> Path:
+            unet_config: UNetConfig | None = None, allow_unexpected: Iterable[str] = ()) -> Path:
     """Strictly load `src` (tensors kept in their dtype) and write it as `to` (see `save_controlnet`)."""
-    model = load_controlnet(src, dtype=None, variant=variant, unet_config=unet_config)
+    model = load_controlnet(src, dtype=None, variant=variant, unet_config=unet_config, allow_unexpected=allow_unexpected)
     return save_controlnet(dst, model, layout=to, dtype=dtype, variant=variant, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m controlnet.checkpoint", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("inspect", help="print format, config, dtypes, parameter count, fit and ignored parts")
-    p.add_argument("path", help="file, diffusers folder, pipeline folder or ORG/NAME[/sub] in the local HF cache")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--variant", default=None, help="diffusers weight variant, e.g. fp16")
-    p = sub.add_parser("convert", help="convert to native safetensors, a diffusers folder or a lllyasviel file")
-    p.add_argument("src")
-    p.add_argument("dst", help="a .safetensors file (native, lllyasviel, single diffusers file), a .pth/.ckpt "
-                               "(lllyasviel) or a folder (diffusers)")
-    p.add_argument("--to", required=True, choices=LAYOUTS)
-    p.add_argument("--dtype", choices=tuple(lck.DTYPES), default=None, help="cast floating tensors (default: keep)")
-    p.add_argument("--variant", default=None, help="diffusers weight variant to read and write, e.g. fp16")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
-    args = parser.parse_args(argv)
-    try:
-        if args.cmd == "inspect":
-            d = describe(args.path, variant=args.variant)
-            print(json.dumps(d, indent=2) if args.json else _format_description(d))
-        else:
-            out = convert(args.src, args.dst, args.to, dtype=lck.DTYPES.get(args.dtype), variant=args.variant,
-                          overwrite=args.overwrite)
-            print(f"wrote {out}")
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return formats.main(argv, prog="python -m controlnet.checkpoint", description=__doc__.split("\n")[0],
+                        kinds=KINDS, convert=convert, only=CONTROLNET.name)
 
 
 if __name__ == "__main__":

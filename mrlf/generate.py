@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.atomic import atomic_file, clean_stale
 from ldm.checkpoint import DTYPES
 from mrlf.pipeline import DATASET, DEMO, Generator, MRLFSettings, SamplingSettings
 from mrlf.prompts import PromptConfig, make_prompt
@@ -74,15 +75,8 @@ def crop_label(label: np.ndarray, job: dict, size: int, rng: np.random.Generator
 
 
 def _atomic_png(image: Image.Image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def vis_grid(image: Image.Image, label: np.ndarray) -> Image.Image:
@@ -105,6 +99,8 @@ class Output:
             tempfile.TemporaryFile(dir=root).close()
         except OSError as e:
             raise SystemExit(f"error: output folder {root} is not writable: {e}") from e
+        for folder in (root, root / "images", root / "labels", root / "vis"):
+            clean_stale(folder)  # temporary files of a killed run
         self.manifest = root / "manifest.jsonl"
         if self.manifest.exists() and self.manifest.stat().st_size:
             with open(self.manifest, "rb+") as f:

@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from ldm.atomic import write_text
+
 from .datasets import SegDataset, find_pairs, get_layout, read_manifest
 from .evaluate import predict_logits
 from .labels import CLASS_NAMES, NUM_CLASSES
@@ -67,9 +69,7 @@ def score_samples(model: Callable, dataset: SegDataset, ids: list[str] | None = 
 def write_report(result: dict, prefix: str | os.PathLike) -> tuple[Path, Path]:
     prefix = Path(prefix)
     js, cs = prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".csv")
-    tmp = js.with_name(f".{js.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, js)
+    write_text(js, json.dumps(result, indent=1))
     rows = sorted(result["samples"], key=lambda s: (s["mIoU"] is None, s["mIoU"] if s["mIoU"] is not None else 0))
     with open(cs, "w", newline="") as f:
         w = csv.writer(f)
@@ -88,12 +88,7 @@ def write_filtered(records: list[dict], scores: list[dict], min_miou: float, pat
     for rec, s in zip(records, scores):
         if s["mIoU"] is not None and s["mIoU"] >= min_miou:
             keep.append({k: v for k, v in rec.items() if k not in ("image_path", "label_path")})
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        for rec in keep:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(rec, sort_keys=True) + "\n" for rec in keep))
     return len(keep)
 
 

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ldm.atomic import write_text
+
 from .datasets import BENCHMARKS, SegDataset, parse_spec
 from .labels import CLASS_NAMES, IGNORE, NUM_CLASSES
 from .metrics import ConfusionMeter, summarize
@@ -228,9 +230,7 @@ def main(argv=None) -> int:
         out = Path(args.out) if args.out else Path(str(args.checkpoint) + "_eval.json")
         payload = {"checkpoint": str(args.checkpoint), "mode": args.mode, "crop": args.crop, "stride": args.stride,
                    "hr": args.hr, "world_size": world, "datasets": meta, "results": results}
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp, out)
+        write_text(out, json.dumps(payload, indent=1))
         print(f"wrote {out}")
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ldm.atomic import atomic_file
+
 CLASS_NAMES: tuple[str, ...] = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
     "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
@@ -199,16 +201,6 @@ def load_label(path: str | os.PathLike) -> np.ndarray:
     return validate_label(read_png_indices(path), source=str(path))
 
 
-def _atomic_save(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_label(label, path: str | os.PathLike, palette: bool = False) -> None:
     """Write a trainId label atomically as an 8-bit PNG, values unchanged (void stays 255).
     ``palette=True`` writes mode P with the Cityscapes colours (indices are still the train ids)."""
@@ -219,7 +211,8 @@ def save_label(label, path: str | os.PathLike, palette: bool = False) -> None:
     im = Image.frombytes("P" if palette else "L", (w, h), np.ascontiguousarray(a).tobytes())
     if palette:
         im.putpalette(COLOR_LUT.ravel().tolist())
-    _atomic_save(im, Path(path))
+    with atomic_file(path) as tmp:
+        im.save(tmp, format="PNG")
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ldm.atomic import write_text
+
 from .labels import CLASS_NAMES, IGNORE, NUM_CLASSES, TRAIN_ID_SUFFIX, LabelError, class_id, load_label
 
 DEFAULT_PATTERN = "*" + TRAIN_ID_SUFFIX
@@ -118,14 +120,7 @@ def _read_cache(path: Path) -> dict[str, dict]:
 
 
 def _write_cache(path: Path, entries: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump({"version": CACHE_VERSION, "files": entries}, f, separators=(",", ":"))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text(path, json.dumps({"version": CACHE_VERSION, "files": entries}, separators=(",", ":")))
 
 
 def class_stats(folder: str | os.PathLike, pattern: str = DEFAULT_PATTERN, recursive: bool = False,
@@ -280,16 +275,7 @@ def write_gen_file(jobs: Iterable[dict], path: str | os.PathLike, relative_to: s
         if relative_to is not None:
             f = Path(os.path.relpath(f, relative_to))
         out.append({"class": str(c), "class_name": CLASS_NAMES[c], "file_name": f.as_posix()})
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(out, fh, indent=1)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text(path, json.dumps(out, indent=1) + "\n")
 
 
 def read_gen_file(path: str | os.PathLike, root: str | os.PathLike | None = None,

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from ldm import checkpoint as ck
 from ldm import diffusers_keys as dk
+from ldm import formats, weights
 from ldm.checkpoint import CheckpointError
 from ldm.clip import CLIPTextModel
 from ldm.config import SD15_CLIP, SD15_UNET, SD15_VAE, AutoencoderConfig, CLIPTextConfig, UNetConfig
@@ -393,7 +394,7 @@ def test_fp16_variant_folders(tiny, tmp_path):
     for name, m in tiny.items():
         assert_same(m, loaded[name], dtype=torch.float16)
     # With both files present the plain one is the default and the variant is chosen by name.
-    ck._write_component_folder(folder / "unet", "unet", tiny["unet"], None, None)
+    formats.write_component_folder(folder / "unet", ck.UNET, tiny["unet"], None, None)
     assert ck.load_unet(folder, dtype=None).out[2].weight.dtype == torch.float32
     assert ck.load_unet(folder, dtype=None, variant="fp16").out[2].weight.dtype == torch.float16
     with pytest.raises(CheckpointError, match="bf16"):
@@ -610,6 +611,26 @@ def test_format_and_component_detection(tiny, compvis_file, tmp_path):
     assert_same(tiny["unet"], ck.load_unet(single))  # a folder holding exactly one weights file
 
 
+def test_pipeline_folder_without_model_index(tiny, tmp_path, capsys):
+    """Only unet/ vae/ text_encoder/ (each with config.json) and a stray weight-like file: the
+    subfolders are the pipeline, the stray file is not "the" checkpoint."""
+    folder = ck.save_diffusers(tmp_path / "pipe", tiny)
+    (folder / "model_index.json").unlink()
+    torch.save({"x": torch.zeros(3)}, folder / "notes.bin")
+    c = ck.read_checkpoint(folder)
+    assert (c.format, sorted(c.parts)) == ("diffusers", sorted(tiny))
+    loaded = ck.load_components(folder)
+    for name in tiny:
+        assert_same(tiny[name], loaded[name])
+    assert_same(tiny["vae"], ck.load_vae(folder))
+    assert ck.main(["inspect", str(folder)]) == 0
+    assert "notes.bin" not in capsys.readouterr().out
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"unet: no diffusers weights") as e:  # the broken part is named
+        ck.load_unet(folder)
+    assert "notes.bin" not in str(e.value)
+
+
 def test_cli_inspect(compvis_file, tmp_path, capsys):
     assert ck.main(["inspect", str(compvis_file)]) == 0
     out = capsys.readouterr().out
@@ -628,7 +649,7 @@ def test_cli_inspect(compvis_file, tmp_path, capsys):
 
 def test_cli_convert(tiny, tmp_path, capsys):
     ema_file = tmp_path / "ema.safetensors"
-    save_file(_with_ema(tiny, offset=0.5), ema_file, metadata=ck._metadata(tiny, "compvis"))
+    save_file(_with_ema(tiny, offset=0.5), ema_file, metadata=formats.metadata(tiny, ck.KINDS, "compvis"))
     out = tmp_path / "diffusers"
     assert ck.main(["convert", str(ema_file), str(out), "--to", "diffusers", "--dtype", "fp16", "--ema"]) == 0
     loaded = ck.load_components(out, dtype=None)
@@ -656,7 +677,7 @@ def test_atomic_writes_leave_nothing_behind_on_failure(tiny, tmp_path, monkeypat
         Path(path).write_bytes(b"partial")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ck, "_write_tensors", boom)
+    monkeypatch.setattr(weights, "write_tensors", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         ck.save_native(dst, tiny["unet"], overwrite=True)
     with pytest.raises(RuntimeError, match="disk full"):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from controlnet import ControlNet, ControlNetConfig
 from controlnet import checkpoint as cc
 from ldm import checkpoint as lck
+from ldm import formats, weights
 from ldm.checkpoint import CheckpointError
 from ldm.clip import CLIPTextModel
 from ldm.config import AutoencoderConfig, CLIPTextConfig, UNetConfig
@@ -96,7 +97,7 @@ def test_rules_give_exactly_the_diffusers_keys_shapes_and_config(cfg):
 
 
 def test_named_diffusers_keys():
-    km = cc._diffusers_map(ControlNetConfig())
+    km = formats.diffusers_map(cc.CONTROLNET, ControlNetConfig())
     assert km["input_hint_block.0.weight"].key == "controlnet_cond_embedding.conv_in.weight"
     assert [km[f"input_hint_block.{n}.bias"].key for n in range(2, 14, 2)] == [
         f"controlnet_cond_embedding.blocks.{i}.bias" for i in range(6)]
@@ -264,6 +265,18 @@ def test_fp16_variant_folder_and_pipeline_subfolder(tiny20, tmp_path):
     assert all(p.dtype == torch.float32 for p in m.parameters())
 
 
+def test_pipeline_subfolder_without_model_index_and_sd_reader_refusal(tiny20, tmp_path):
+    folder = cc.save_controlnet(tmp_path / "pipe" / "controlnet", tiny20, layout="diffusers")
+    unet = randomize_(UNetModel(TINY), seed=2)
+    lck.save_diffusers(tmp_path / "pipe" / "unet", unet)
+    torch.save({"x": torch.zeros(1)}, tmp_path / "pipe" / "stray.pth")
+    assert_same(tiny20, cc.load_controlnet(tmp_path / "pipe"))  # no model_index.json: the subfolders say it
+    assert lck.read_checkpoint(tmp_path / "pipe").ignored == ["controlnet"]  # not an SD component
+    assert torch.equal(lck.load_unet(tmp_path / "pipe").out[2].weight, unet.out[2].weight)
+    with pytest.raises(CheckpointError, match=r"controlnet: config.json describes a ControlNetModel"):
+        lck.load_unet(folder)  # the SD reader knows no ControlNet, and says what the folder is
+
+
 # ---------------------------------------------------------------------------------------
 # lllyasviel v1.0 / v1.1 files
 # ---------------------------------------------------------------------------------------
@@ -280,6 +293,11 @@ def test_v10_full_file_and_v11_control_only_files_load_identically(tiny20, tmp_p
     for m in loaded:
         assert m.control_cfg == ControlNetConfig.tiny(20)  # hint channels and widths from the weights
         assert_same(tiny20, m)
+    # the SD reader loads the U-Net of a v1.0 file only when told to tolerate the control part
+    with pytest.raises(CheckpointError, match=r"unexpected keys: control_model\."):
+        lck.load_unet(tmp_path / "control_sd15_seg.pth")
+    unet = lck.load_unet(tmp_path / "control_sd15_seg.pth", config=TINY, allow_unexpected=["control_model.*"])
+    assert torch.equal(unet.out[2].bias, sd_pipeline["model.diffusion_model.out.2.bias"])
     d = cc.describe(tmp_path / "control_sd15_seg.pth", unet_config=TINY)
     assert d["format"] == "lllyasviel-v1.0" and d["fits"]
     assert d["ignored"]["model.diffusion_model."] == sum(k.startswith("model.diffusion_model.") for k in sd_pipeline)
@@ -380,7 +398,7 @@ def test_saving_is_atomic_and_refuses_to_overwrite(tiny20, tmp_path, monkeypatch
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(cc, "_write_tensors", boom)
+    monkeypatch.setattr(weights, "write_tensors", boom)
     for layout, name in (("diffusers", "folder"), ("lllyasviel", "x.pth")):
         with pytest.raises(RuntimeError, match="disk full"):
             cc.save_controlnet(tmp_path / name, tiny20, layout=layout)

@@ -28,7 +28,7 @@ Typical use, top to bottom::
 Checkpoints (``step_0001000.pt``) hold whatever state dict the script passes, plus ``step``,
 ``world_size`` and ``rng``: the python / numpy / torch CPU / CUDA generator states of *every* rank
 (gathered to rank 0) and any extra torch/numpy ``Generator`` objects the script names (data samplers).
-Writes are atomic (temporary file + ``os.replace``) and the last N are kept. ``restore_rng`` puts
+Writes are atomic (``ldm.atomic``: temporary file + rename) and the last N are kept. ``restore_rng`` puts
 each rank's states back, so a resumed run continues bit-identically (same world size, same device).
 Load with ``load_checkpoint`` (``weights_only=True``: only tensors and plain Python values inside).
 """
@@ -42,7 +42,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +52,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ldm.atomic import atomic_file, clean_stale
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -398,7 +399,9 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
 
 
 def resolve_resume(resume: str | None, checkpoint_dir: str | os.PathLike) -> Path | None:
-    """``--resume``: None/"" -> start fresh; "auto" -> the latest checkpoint if any; else a path (must exist)."""
+    """``--resume``: None/"" -> start fresh; "auto" -> the latest checkpoint if any; else a path (must exist).
+    Temporary files a killed run left in `checkpoint_dir` are removed."""
+    clean_stale(checkpoint_dir)
     if not resume:
         return None
     if resume == "auto":
@@ -438,14 +441,8 @@ def save_checkpoint(checkpoint_dir: str | os.PathLike, step: int, state: Mapping
     if d.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {**state, "step": int(step), "world_size": d.world_size, "rng": rngs}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_file(path) as tmp:
             torch.save(payload, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         if keep_last is not None and keep_last > 0:
             for old in list_checkpoints(checkpoint_dir)[:-keep_last]:
                 old.unlink(missing_ok=True)

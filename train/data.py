@@ -47,6 +47,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset, Sampler
 
+from ldm.atomic import atomic_file
 from ldm.vae import DiagonalGaussian
 from mrlf.prompts import class_stack
 from segmentation.labels import IGNORE, TRAIN_ID_SUFFIX, load_label, train_id_path
@@ -383,11 +384,8 @@ class LatentCache:
         return load_file(str(f))["moments"] if f.is_file() else None
 
     def put(self, key: str, moments: torch.Tensor) -> None:
-        f = self.file(key)
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
-        save_file({"moments": moments.detach().float().cpu().contiguous()}, str(tmp))
-        os.replace(tmp, f)
+        with atomic_file(self.file(key)) as tmp:
+            save_file({"moments": moments.detach().float().cpu().contiguous()}, str(tmp))
 
 
 class _Cached:

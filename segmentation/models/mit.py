@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.checkpoint import CheckpointError, read_state_dict
+from ldm.weights import CheckpointError, load_into, read_state_dict, read_torch, save_tensors
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,7 @@ def read_mit_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except CheckpointError as e:
         if "entries are not tensors" not in str(e):
             raise
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = read_torch(path)
         inner = obj.get("model") if isinstance(obj, dict) else None
         if not isinstance(inner, dict):
             raise
@@ -252,23 +252,7 @@ def load_pretrained(backbone: MixVisionTransformer, source: str | os.PathLike | 
         sd, where = _unwrap(source), name or "<state dict>"
     else:
         sd, where = read_mit_state_dict(source), str(source)
-    expected = backbone.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected and k not in CLASSIFIER_KEYS]
-    misshaped = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or misshaped:
-        lines = [f"{where}: does not fit MixVisionTransformer({backbone.cfg})"]
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if items:
-                shown = ", ".join(items[:8]) + (f", ... ({len(items) - 8} more)" if len(items) > 8 else "")
-                lines.append(f"  {len(items)} {label} key(s): {shown}")
-        guess = guess_variant(sd)
-        if guess:
-            lines.append(f"  hint: the file looks like {guess}")
-        raise CheckpointError("\n".join(lines))
-    backbone.load_state_dict({k: sd[k] for k in expected}, strict=True)
-    return backbone
+    return load_into(backbone, sd, source=where, allow_unexpected=CLASSIFIER_KEYS, hint=_variant_hint)
 
 
 def guess_variant(sd: Mapping[str, torch.Tensor]) -> str | None:
@@ -285,20 +269,14 @@ def guess_variant(sd: Mapping[str, torch.Tensor]) -> str | None:
     return f"a MiT with embed_dims {dims} and depths {depths}"
 
 
+def _variant_hint(sd: Mapping[str, torch.Tensor]) -> str | None:
+    guess = guess_variant(sd)
+    return guess and f"the file looks like {guess}"
+
+
 def export_pretrained(backbone: MixVisionTransformer, path: str | os.PathLike) -> Path:
     """Write the backbone in the official key layout: a ``.safetensors`` file (config in the
     metadata) or, for any other suffix, a ``torch.save``'d plain state dict like ``mit_b*.pth``."""
     path = Path(path)
-    sd = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-            save_file(sd, str(tmp), metadata={"mit_config": json.dumps(asdict(backbone.cfg))})
-        else:
-            torch.save(sd, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    metadata = {"mit_config": json.dumps(asdict(backbone.cfg))} if path.suffix == ".safetensors" else None
+    return save_tensors(path, backbone.state_dict(), metadata, overwrite=True)

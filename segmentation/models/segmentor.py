@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.checkpoint import CheckpointError, check_state_dict, read_state_dict
+from ldm.weights import CheckpointError, load_into, read_state_dict, read_torch, save_tensors, sniff
 
 from .heads import DAFormerHead, SegFormerHead
 from .mit import MIT_CONFIGS, MixVisionTransformer, load_pretrained
@@ -228,33 +228,20 @@ def strip_prefixes(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_segmentor(model: Segmentor, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write a slim inference file: safetensors with the config JSON in the metadata."""
-    from safetensors.torch import save_file
-
     path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: segmentor weights are written as .safetensors files")
     model = getattr(model, "module", model)
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-          for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(sd, str(tmp), metadata={CONFIG_KEY: json.dumps(asdict(model.cfg))})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return save_tensors(path, model.state_dict(), {CONFIG_KEY: json.dumps(asdict(model.cfg))}, dtype=dtype,
+                        overwrite=True)
 
 
 def _read_any(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(state dict, config dict or None) of a segmentor file we wrote: a safetensors export, or a
     training checkpoint (a torch file with ``model`` and ``model_config``, possibly nested under
     ``extra``/``config``)."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:4] == b"PK\x03\x04":  # a torch.save zip: maybe a training checkpoint with non-tensor fields
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e)[:300]})") from e
+    if sniff(path) == "torch":  # maybe a training checkpoint with non-tensor fields
+        obj = read_torch(path)
         if isinstance(obj, dict) and isinstance(obj.get("model"), Mapping):
             cfg = _find_config(obj)
             return strip_prefixes(obj["model"]), cfg
@@ -290,7 +277,4 @@ def load_segmentor(path: str | os.PathLike, config: SegmentorConfig | str | Mapp
     if cfg is None:
         raise CheckpointError(f"{path}: the file carries no segmentor config; pass one (a preset name: "
                               f"{', '.join(PRESETS)})")
-    model = build_segmentor(cfg)
-    check_state_dict(model, sd, source=path)
-    model.load_state_dict(sd, strict=True)
-    return model.to(device).eval()
+    return load_into(build_segmentor(cfg), sd, source=path).to(device).eval()
