@@ -9,7 +9,7 @@ activation. With autograd on, backward may need the old values, so training take
 ops. Values, dtypes and memory layouts are the same either way (tests/test_inference_memory.py):
 an in-place result keeps the fresh tensor's layout, so a sum goes in place only where the
 out-of-place sum would have that layout too. The whole mechanism is the three functions below:
-`residual(x, h)` (skip + branch), `add_into(h, x)` (add to our own tensor) and `may_overwrite`
+`residual(x, h)` (skip + branch), `add_into(h, x)` (add to a fresh tensor) and `may_overwrite`
 (the rule, for the few other in-place activations).
 """
 from __future__ import annotations

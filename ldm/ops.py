@@ -17,7 +17,8 @@ For the process, from the environment (fields in any order; omitted fields keep 
 
     LDM_OPS="attention=triton,fused=groupnorm+geglu"  python -m mrlf.generate ...
 
-For a block of code: ``with ops.use(attention="math", fused=(), triton=False): ...``.
+For a block of code: ``with ops.use(attention="math", fused=(), triton=False): ...``. The former
+variables LDM_ATTENTION, LDM_FUSED and LDM_TRITON are refused at import, pointing here.
 ``state()`` is the current setting, a hashable tuple: CUDA graphs (``ldm.graphs``) are keyed by it,
 since a captured graph replays the kernels chosen when it was captured. ``str(state())`` is its
 LDM_OPS spelling.
