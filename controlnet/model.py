@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ldm.config import UNetConfig, _ConfigMixin
-from ldm.layers import TimestepEmbedSequential, may_overwrite
-from ldm.unet import EncoderHalf, UNetModel
+from ldm.layers import may_overwrite
+from ldm.unet import EncoderHalf, TimestepEmbedSequential, UNetModel
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ldm.attention import attention
 from ldm.config import CLIPTextConfig
-from ldm.layers import may_overwrite
+from ldm.layers import may_overwrite, residual
 
 
 class CLIPAttention(nn.Module):
@@ -55,8 +55,8 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
     def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        x = residual(x, self.self_attn(self.layer_norm1(x)))
+        return residual(x, self.mlp(self.layer_norm2(x)))
 
 
 class _Embeddings(nn.Module):

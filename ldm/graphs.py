@@ -16,9 +16,9 @@ outputs. Every call copies the new inputs into the static buffers, replays, and 
 of the static outputs, so an output held by the caller is never overwritten by the next replay.
 
 What a graph freezes (call `reset()` after changing any of it):
-- Python-side decisions taken inside `fn`: branches on values, module attributes, process-wide
-  switches such as the attention backend (pass those as `extra_key` to make them part of the
-  signature);
+- Python-side decisions taken inside `fn`: branches on values, module attributes, other process-wide
+  state (pass it as `extra_key` to make it part of the signature). The `ldm.ops` switches (attention
+  backend, fused kernels, Triton) are always part of it: each setting gets its own graph;
 - the weight tensors' addresses: in-place updates (`param.copy_`) are seen, replaced
   parameters (`load_state_dict(..., assign=True)`, `module.to(...)`) are not.
 
@@ -37,6 +37,8 @@ from typing import Any, Callable
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ldm import ops
+
 
 def _leaf_key(v: Any):
     if isinstance(v, torch.Tensor):
@@ -52,8 +54,8 @@ class CUDAGraphed:
     """Wrap `fn(*args, **kwargs)`; replay one CUDA graph per input signature.
 
     warmup: eager runs on a side stream before capturing (at least 1).
-    extra_key: a callable whose (hashable) result joins the signature, for process state that
-        changes what `fn` launches (e.g. the attention backend, the fused-kernel switches).
+    extra_key: a callable whose (hashable) result joins the signature, for process state beyond
+        `ldm.ops.state()` (always included) that changes what `fn` launches.
     """
 
     def __init__(self, fn: Callable, warmup: int = 2, extra_key: Callable[[], Any] | None = None):
@@ -78,7 +80,7 @@ class CUDAGraphed:
         leaves, spec = tree_flatten((args, kwargs))
         if not self.applies(leaves):
             return self.fn(*args, **kwargs)
-        key = (spec, tuple(_leaf_key(v) for v in leaves), self.extra_key() if self.extra_key else None)
+        key = (spec, tuple(_leaf_key(v) for v in leaves), ops.state(), self.extra_key() if self.extra_key else None)
         device = next(v.device for v in leaves if isinstance(v, torch.Tensor))
         with self._on(device):
             if key not in self.entries:

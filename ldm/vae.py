@@ -8,7 +8,7 @@ from torch import nn
 
 from ldm.attention import attention
 from ldm.config import AutoencoderConfig
-from ldm.layers import GroupNorm32, add, norm_silu
+from ldm.layers import GroupNorm32, Upsample, norm_silu, residual
 
 
 def _norm(groups: int, ch: int) -> GroupNorm32:
@@ -28,7 +28,7 @@ class ResnetBlock(nn.Module):
     def forward(self, x):
         # conv1's output gets no name, so it is freed as soon as norm2 has read it
         h = self.conv2(self.dropout(norm_silu(self.norm2, self.conv1(norm_silu(self.norm1, x)))))
-        return add(self.nin_shortcut(x), h, into=h)  # never into x, the caller's
+        return residual(self.nin_shortcut(x), h)
 
 
 class AttnBlock(nn.Module):
@@ -47,8 +47,7 @@ class AttnBlock(nn.Module):
         y = self.norm(x)
         q, k, v = (rearrange(m(y), "b c h w -> b 1 (h w) c") for m in (self.q, self.k, self.v))
         y = rearrange(attention(q, k, v), "b 1 (h w) c -> b c h w", h=h, w=w)
-        out = self.proj_out(y)
-        return add(x, out, into=out)  # never into x, the caller's
+        return residual(x, self.proj_out(y))
 
 
 class Downsample(nn.Module):
@@ -58,15 +57,6 @@ class Downsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad: right and bottom only
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class _Mid(nn.Module):

@@ -20,10 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm import kernels
-from ldm.attention import get_backend
+from ldm import ops
 from ldm.graphs import CUDAGraphed
-from ldm.layers import get_fused
 from mrlf.components import large_component_mask, latent_mask
 from mrlf.fusion import controlled_model, fused_step
 from mrlf.tiles import blend_weights, get_views
@@ -293,7 +291,7 @@ class Generator:
 
 def _launch_state():
     """Process-wide switches that change which kernels a captured call launches."""
-    return get_backend(), get_fused(), kernels.enabled()
+    return ops.state()
 
 
 def _nearest_resize(mask: np.ndarray, h: int, w: int) -> np.ndarray:

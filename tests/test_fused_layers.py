@@ -1,4 +1,4 @@
-"""The fused GroupNorm(+SiLU) / GEGLU kernels wired into the model layers (ldm.layers.use_fused).
+"""The fused GroupNorm(+SiLU) / GEGLU kernels wired into the model layers (``ops.use(fused=...)``).
 
 On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest when there is no GPU); the
 `*_supported` predicates are widened to CPU tensors for the length of a test, which is the only
@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from helpers import randomize_, rel_err
-from ldm import kernels
+from ldm import kernels, ops
 from ldm.config import AutoencoderConfig, UNetConfig
-from ldm.layers import _parse_fused, fused, get_fused, set_fused, use_fused
 from ldm.unet import UNetModel
 from ldm.vae import AutoencoderKL
 
@@ -55,7 +54,7 @@ def test_unet_and_vae_forward_match_the_pytorch_path(cpu_kernels):
     with torch.no_grad():
         ref_u, ref_v = unet(*args), vae.decode(z)
         assert not cpu_kernels  # off by default
-        with use_fused("all"):
+        with ops.use(fused="all"):
             out_u, out_v = unet(*args), vae.decode(z)
     assert rel_err(out_u, ref_u) < 1e-5 and rel_err(out_v, ref_v) < 1e-5
     # every ResBlock norm pair fused with its SiLU; the transformer's and the VAE attention's norms alone
@@ -64,7 +63,7 @@ def test_unet_and_vae_forward_match_the_pytorch_path(cpu_kernels):
 
 def test_only_the_named_fusion_runs(cpu_kernels):
     unet, args = _unet()
-    with torch.no_grad(), use_fused("geglu"):
+    with torch.no_grad(), ops.use(fused="geglu"):
         unet(*args)
     assert cpu_kernels["geglu"] > 0 and not cpu_kernels["groupnorm"] and not cpu_kernels["groupnorm+silu"]
 
@@ -80,30 +79,28 @@ def test_training_gradients_match(cpu_kernels):
         return torch.cat([p.grad.flatten() for p in unet.parameters()])
 
     ref = grads()
-    with use_fused("groupnorm", "geglu"):
+    with ops.use(fused=("groupnorm", "geglu")):
         out = grads()
     assert rel_err(out, ref) < 1e-4 and cpu_kernels["groupnorm+silu"] > 0
 
 
 def test_settings():
-    assert _parse_fused("") == _parse_fused("none") == frozenset()
-    assert _parse_fused("all") == _parse_fused("geglu, groupnorm") == {"groupnorm", "geglu"}
+    fused = lambda spec: ops.parse(f"fused={spec}").fused  # noqa: E731
+    assert fused("") == fused("none") == frozenset()
+    assert fused("all") == fused("geglu + groupnorm") == {"groupnorm", "geglu"}
     with pytest.raises(ValueError, match="layernorm"):
-        _parse_fused("groupnorm,layernorm")
-    before = get_fused()
-    with use_fused("groupnorm"):
-        assert fused("groupnorm") and not fused("geglu")
-    assert get_fused() == before
-    set_fused("all")
-    try:
-        assert fused("geglu")
-    finally:
-        set_fused(*before)
+        fused("groupnorm+layernorm")
+    before = ops.state().fused
+    with ops.use(fused="groupnorm"):
+        assert ops.fused("groupnorm") and not ops.fused("geglu")
+    assert ops.state().fused == before
+    with ops.use(fused=("all",)):
+        assert ops.fused("geglu")
 
 
 def test_cpu_tensors_never_take_the_fused_path():
     unet, args = _unet()
-    with torch.no_grad(), use_fused("all"):  # the real predicates: CPU tensors are not "supported"
+    with torch.no_grad(), ops.use(fused="all"):  # the real predicates: CPU tensors are not "supported"
         out = unet(*args)
     with torch.no_grad():
         torch.testing.assert_close(out, unet(*args), rtol=0, atol=0)
@@ -119,6 +116,6 @@ def test_cuda_unet_fused(dtype):
     x, t, ctx = x.cuda().to(dtype), t.cuda(), ctx.cuda().to(dtype)
     with torch.no_grad():
         ref = unet(x, t, ctx).float()
-        with use_fused("all"):
+        with ops.use(fused="all"):
             out = unet(x, t, ctx).float()
     assert rel_err(out, ref) < 2e-2

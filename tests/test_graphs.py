@@ -78,6 +78,22 @@ def test_signature_separates_shapes_dtypes_and_values():
     torch.testing.assert_close(r, model(x, t, ctx, torch.ones(2, 3, 4, 4), 2.0), rtol=0, atol=0)
 
 
+@torch.no_grad()
+def test_signature_includes_the_ops_switches():
+    from ldm import ops
+
+    ReplayDouble.captures = 0
+    g = ReplayDouble(model)
+    x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 16), torch.tensor(10)
+    with ops.use(attention="sdpa"):
+        g(x, t, ctx)
+    with ops.use(attention="math"):
+        g(x, t, ctx)  # another setting: its own graph
+    with ops.use(attention="sdpa"):
+        g(x, t, ctx)
+    assert ReplayDouble.captures == 2 and len(g.entries) == 2
+
+
 def test_eager_with_grad_and_after_a_failed_capture():
     ReplayDouble.captures = 0
     g = ReplayDouble(model)
@@ -192,8 +208,7 @@ def test_real_cuda_graphs_stay_eager_under_autocast_and_follow_the_inputs_device
 
 
 def test_generator_graph_keys_follow_modules_and_kernel_switches():
-    from ldm import kernels
-    from ldm.layers import use_fused
+    from ldm import ops
     from mrlf.pipeline import _launch_state
 
     gen = _generator("cpu", True)
@@ -203,7 +218,7 @@ def test_generator_graph_keys_follow_modules_and_kernel_switches():
     gen.controlnet = ControlNet.from_unet(gen.sd.unet, 20, (8, 8, 16, 16))
     assert gen.model_fn(s) is not first  # another ControlNet: its own graphs, never the old module's
     state = _launch_state()
-    with use_fused("geglu"):
+    with ops.use(fused="geglu"):
         assert _launch_state() != state
-    with kernels.use_kernels(False):
+    with ops.use(triton=False):
         assert _launch_state() != state

@@ -220,9 +220,11 @@ def test_preset_structure_and_names_follow_hrda():
         ((1.0, 0.5), (512, 512), 0.1, 0.5, 8)
     assert h.attention_classwise and h.hr_slide_inference and (h.test_crop, h.test_stride) == (1024, 512)
     with torch.device("meta"):
-        m = Segmentor("hrda_daformer_mitb5")  # the config decides the class
-        plain = Segmentor("daformer_mitb5")
-    assert isinstance(m, HRDASegmentor) and default_window(m) == (1024, 512) and is_hr_model(m)
+        m = build_segmentor("hrda_daformer_mitb5")  # the config decides the class
+        plain = build_segmentor("daformer_mitb5")
+        with pytest.raises(ValueError, match="build_segmentor"):
+            Segmentor("hrda_daformer_mitb5")  # never a plain segmentor that ignores cfg.hrda
+    assert isinstance(m, HRDASegmentor) and type(plain) is Segmentor and default_window(m) == (1024, 512) and is_hr_model(m)
     assert default_window(plain) == (512, 256) and not is_hr_model(plain)
     head, att = m.decode_head.head, m.decode_head.scale_attention
     assert isinstance(head.fuse_layer, ASPPWrapper)  # the segmentation head is DAFormer's

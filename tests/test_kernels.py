@@ -2,15 +2,17 @@
 
 Without CUDA the kernels run on the Triton CPU interpreter (TRITON_INTERPRET=1, set by conftest.py
 and again below, before triton is imported) on CPU tensors; with CUDA they are compiled and run on the GPU, with one
-config per head dim (LDM_TRITON_AUTOTUNE=0) so the file stays quick; ``python -m ldm.kernels.bench``
+config per head dim (LDM_TRITON_AUTOTUNE=0) so the file stays quick; ``python bench/kernels.py``
 checks the autotuned configs at the real shapes. bf16 runs only on CUDA (the interpreter's bf16 is
 not trustworthy with triton 3.8), in ``TestCUDA``.
-Every kernel output starts as NaN (``kernels.poison_outputs``), and ``_close`` fails on any NaN,
+Every kernel output starts as NaN (``ldm.kernels.common.poison_outputs``), and ``_close`` fails on any NaN,
 so a tile the kernel never wrote fails the test.
 """
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -26,9 +28,11 @@ if os.environ.get("TRITON_INTERPRET") == "1" and type(triton.language.sum).__nam
     raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it "
                        "first): the interpreter cannot run these kernels in this process")
 
-from ldm import kernels  # noqa: E402
-from ldm.attention import GEGLU, attention, math_attention  # noqa: E402
+from ldm import kernels, ops  # noqa: E402
+from ldm.attention import attention, math_attention  # noqa: E402
+from ldm.kernels import common  # noqa: E402
 from ldm.layers import GroupNorm32  # noqa: E402
+from ldm.unet import GEGLU  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -37,7 +41,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}  # relati
 
 @pytest.fixture(autouse=True)
 def _poison():
-    with kernels.poison_outputs():
+    with common.poison_outputs():
         yield
 
 
@@ -57,8 +61,8 @@ def test_close_rejects_nan_and_error():
 
 
 def test_poison_fills_nan():
-    assert torch.isnan(kernels._empty((3,), torch.float16, "cpu")).all()
-    assert torch.isnan(kernels._empty_like(torch.zeros(2, 3).t())).all()
+    assert torch.isnan(common.empty((3,), torch.float16, "cpu")).all()
+    assert torch.isnan(common.empty_like(torch.zeros(2, 3).t())).all()
 
 
 def _qkv(B, H, N, M, D, dtype, layout="bnhd"):
@@ -127,7 +131,8 @@ def test_flash_attention_strides():
 
 def test_flash_attention_through_dispatch():
     q, k, v = _qkv(2, 2, 33, 77, 40, torch.float32)
-    _close(attention(q, k, v, backend="triton"), math_attention(q.double(), k.double(), v.double()), 1e-4)
+    with ops.use(attention="triton"):
+        _close(attention(q, k, v), math_attention(q.double(), k.double(), v.double()), 1e-4)
 
 
 def test_flash_attention_rejects_bad_inputs():
@@ -141,22 +146,33 @@ def test_flash_attention_rejects_bad_inputs():
         kernels.flash_attention(q, k[:, :1], v)
 
 
-def test_supported_is_false_on_cpu():
-    """The model never picks a kernel for CPU tensors, interpreter or not."""
-    assert not kernels.attention_supported(torch.randn(1, 8, 16, 40))
+def test_supported_is_false_on_cpu(monkeypatch):
+    """The model never picks a kernel for CPU tensors, interpreter or not (attention: only when named)."""
+    monkeypatch.setattr(kernels, "flash_attention", lambda *a, **kw: pytest.fail("the Triton kernel ran"))
+    x = torch.randn(1, 8, 16, 40)
+    for backend in ("auto", "sdpa", "math"):
+        with ops.use(attention=backend):
+            attention(x, x, x)
     assert not kernels.group_norm_supported(torch.randn(1, 32, 4, 4))
     assert not kernels.geglu_supported(torch.randn(1, 4, 16))
 
 
 def test_ldm_imports_without_triton():
-    """A CPU-only install (no triton) imports ldm and ldm.kernels, and every predicate says False."""
+    """A CPU-only install (no triton) imports ldm and ldm.kernels, every predicate says False, and
+    asking for the Triton attention says why it cannot run."""
     code = ("import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
-            "import torch, ldm, ldm.attention, ldm.layers, ldm.kernels as K\n"
+            "import torch, ldm, ldm.attention, ldm.layers, ldm.ops, ldm.kernels as K\n"
             "assert not K.triton_available()\n"
-            "assert not K.attention_supported(torch.randn(1, 8, 16, 40))\n"
             "assert not K.group_norm_supported(torch.randn(1, 32, 4, 4))\n"
             "x = torch.randn(1, 8, 16, 40)\n"
-            "assert torch.allclose(ldm.attention.attention(x, x, x), ldm.attention.math_attention(x, x, x), atol=1e-5)\n")
+            "assert torch.allclose(ldm.attention.attention(x, x, x), ldm.attention.math_attention(x, x, x), atol=1e-5)\n"
+            "with ldm.ops.use(attention='triton'):\n"
+            "    try:\n"
+            "        ldm.attention.attention(x, x, x)\n"
+            "    except RuntimeError as e:\n"
+            "        assert 'triton does not import' in str(e), e\n"
+            "    else:\n"
+            "        raise AssertionError('the Triton attention ran without triton')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -247,8 +263,9 @@ def test_geglu_linear_matches_module():
 
 
 def test_bench_without_cuda_exits_cleanly(capsys, monkeypatch):
-    from ldm.kernels import bench
-
+    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parents[1] / "bench" / "kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main([]) == 0
     assert "no CUDA" in capsys.readouterr().out
@@ -273,14 +290,14 @@ class TestCUDA:
         _close(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float()), 5e-3, "out")
 
     def test_predicates(self):
-        q = torch.randn(1, 8, 16, 40, device="cuda", dtype=torch.float16)
-        assert kernels.attention_supported(q)
-        assert not kernels.attention_supported(torch.randn(1, 8, 16, 48, device="cuda", dtype=torch.float16))
-        assert not kernels.attention_supported(q.double())
-        with kernels.use_kernels(False):
-            assert not kernels.attention_supported(q)
         x = torch.randn(2, 32, 4, 4, device="cuda", dtype=torch.float16)
-        assert kernels.group_norm_supported(x)
+        h = torch.randn(2, 4, 16, device="cuda", dtype=torch.float16)
+        assert kernels.group_norm_supported(x) and kernels.geglu_supported(h)
+        assert not kernels.group_norm_supported(x.double()) and not kernels.geglu_supported(h.double())
+        with ops.use(triton=False):
+            assert not kernels.group_norm_supported(x) and not kernels.geglu_supported(h)
+            with pytest.raises(RuntimeError, match="triton=off"):
+                kernels.flash_attention(*_qkv(1, 8, 16, 16, 40, torch.float16))
         assert not kernels.group_norm_supported(x.to(memory_format=torch.channels_last))
 
     def test_group_norm_bf16_sd_shape(self):

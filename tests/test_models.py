@@ -5,7 +5,8 @@ import torch
 from controlnet import ControlNet, ControlNetConfig
 from helpers import randomize_, rel_err
 from ldm import AutoencoderConfig, AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNetConfig, UNetModel
-from ldm.attention import attention, math_attention, use_backend
+from ldm import ops
+from ldm.attention import attention, math_attention
 from ldm.layers import timestep_embedding
 
 
@@ -24,7 +25,8 @@ def _inputs(b=2, h=16, ctx=32):
 def test_sdpa_matches_math(n, m, d, causal):
     q, k, v = torch.randn(2, 3, n, d), torch.randn(2, 3, m, d), torch.randn(2, 3, m, d)
     ref = math_attention(q, k, v, causal)
-    assert rel_err(attention(q, k, v, causal, backend="sdpa"), ref) < 1e-5
+    with ops.use(attention="sdpa"):
+        assert rel_err(attention(q, k, v, causal), ref) < 1e-5
     # the math path itself against a literal softmax
     s = (q @ k.transpose(-1, -2)) / d ** 0.5
     if causal:
@@ -33,9 +35,9 @@ def test_sdpa_matches_math(n, m, d, causal):
 
 
 def test_attention_backend_errors():
-    q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="backend"):
-        attention(q, q, q, backend="nope")
+        with ops.use(attention="nope"):
+            pass
 
 
 def test_timestep_embedding_is_cos_then_sin():
@@ -47,9 +49,9 @@ def test_timestep_embedding_is_cos_then_sin():
 def test_unet_backends_agree(unet):
     x, t, ctx = _inputs()
     with torch.no_grad():
-        with use_backend("math"):
+        with ops.use(attention="math"):
             a = unet(x, t, ctx)
-        with use_backend("sdpa"):
+        with ops.use(attention="sdpa"):
             b = unet(x, t, ctx)
     assert rel_err(b, a) < 1e-5
 

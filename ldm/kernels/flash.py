@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ldm.kernels import DTYPES, HEAD_DIMS, _empty, _empty_like
+from ldm.kernels.common import DTYPES, empty, empty_like
 
+HEAD_DIMS = (40, 64, 80, 128, 160)  # SD-1.5: 40/80/160; CLIP: 64; 128 for other models
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # LDM_TRITON_AUTOTUNE=0: no tuning, the first config of each table row (quick GPU test runs).
 AUTOTUNE = os.environ.get("LDM_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
@@ -342,8 +343,8 @@ def _dot_prec(dtype):
 
 def _forward(q, k, v, causal):
     B, H, N, M, D = _check(q, k, v, causal)
-    o = _empty((B, N, H, D), q.dtype, q.device).transpose(1, 2)  # (B, H, N, D) view
-    lse = _empty((B * H, N), torch.float32, q.device)
+    o = empty((B, N, H, D), q.dtype, q.device).transpose(1, 2)  # (B, H, N, D) view
+    lse = empty((B * H, N), torch.float32, q.device)
     sm_scale = D ** -0.5
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_fwd[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
@@ -355,11 +356,11 @@ def _forward(q, k, v, causal):
 def _backward(q, k, v, o, lse, do, causal):
     B, H, N, M, D = q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
     BLOCK_D = _pow2(D)
-    delta = _empty((B * H, N), torch.float32, q.device)
+    delta = empty((B * H, N), torch.float32, q.device)
     block = 32 if BLOCK_D >= 256 else 64
     _attn_bwd_delta[(triton.cdiv(N, block), B * H)](o, do, delta, *o.stride(), *do.stride(), H, N,
                                                     HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=block)
-    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)  # same strides as the inputs
+    dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)  # same strides as the inputs
     sm_scale = D ** -0.5
     common = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, DOT_PREC=_dot_prec(q.dtype))
     _attn_bwd_dkdv[lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), B * H)](

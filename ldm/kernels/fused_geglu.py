@@ -7,7 +7,7 @@ registers. ``geglu(h, bias)`` takes the projection *without* its bias (``x @ W^T
 in the kernel; with ``bias=None`` it takes the full projection.
 Measured on an H100 (BENCHMARKS.md, batch 2, eager): faster only at the 64x64 level (2x4096x320:
 0.072 vs 0.105 ms); at the smaller levels the ~70 us launch cost from Python dominates and it loses.
-So ``ldm.attention.GEGLU`` takes it only when asked (``LDM_FUSED=geglu``, ``ldm.layers.use_fused``);
+So ``ldm.unet.GEGLU`` takes it only when asked (``LDM_OPS=fused=geglu``, ``ops.use(fused="geglu")``);
 decide with the bench at view-batch sizes (``--batch 32``) or under CUDA graphs, where launches stop
 dominating.
 
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ldm.kernels import DTYPES, _empty
+from ldm.kernels.common import DTYPES, empty
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SQRT1_2 = tl.constexpr(0.7071067811865476)  # kernels may read only constexpr globals
@@ -70,7 +70,7 @@ class GEGLUFn(torch.autograd.Function):
         F2 = h.shape[-1]
         F = F2 // 2
         h2 = _rows(h)
-        out = _empty((*h.shape[:-1], F), h.dtype, h.device)
+        out = empty((*h.shape[:-1], F), h.dtype, h.device)
         o2 = out.view(-1, F)
         BLOCK_F = min(1024, triton.next_power_of_2(F))
         _geglu_fwd[(h2.shape[0], triton.cdiv(F, BLOCK_F))](h2, bias if bias is not None else h2, o2, F,
@@ -85,7 +85,7 @@ class GEGLUFn(torch.autograd.Function):
         F = h.shape[-1] // 2
         h2 = _rows(h)
         do2 = _rows(dout.contiguous())
-        dh = _empty(h2.shape, h.dtype, h.device)
+        dh = empty(h2.shape, h.dtype, h.device)
         BLOCK_F = min(1024, triton.next_power_of_2(F))
         _geglu_bwd[(h2.shape[0], triton.cdiv(F, BLOCK_F))](h2, bias if bias is not None else h2, do2, dh, F,
                                                          h2.stride(0), do2.stride(0), dh.stride(0),

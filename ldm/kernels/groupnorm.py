@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ldm.kernels import DTYPES, _empty, _empty_like
+from ldm.kernels.common import DTYPES, empty, empty_like
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEFAULT_BLOCK = 2048  # elements per program: 10 chunks per group (640 programs) at SD's 64x64 level
@@ -138,11 +138,11 @@ def _forward(x, num_groups, weight, bias, eps, silu, block):
     group_size = (C // G) * HW
     BLOCK = _block(group_size, block)
     chunks = triton.cdiv(group_size, BLOCK)
-    y = _empty_like(x)
-    mean = _empty(B * G, torch.float32, x.device)
-    rstd = _empty(B * G, torch.float32, x.device)
-    pmean = _empty((B * G, chunks), torch.float32, x.device)
-    pm2 = _empty((B * G, chunks), torch.float32, x.device)
+    y = empty_like(x)
+    mean = empty(B * G, torch.float32, x.device)
+    rstd = empty(B * G, torch.float32, x.device)
+    pmean = empty((B * G, chunks), torch.float32, x.device)
+    pm2 = empty((B * G, chunks), torch.float32, x.device)
     if chunks > 1:
         _gn_stats[(B * G, chunks)](x, pmean, pm2, group_size, chunks, BLOCK=BLOCK, num_warps=4)
     _gn_norm[(B * G, chunks)](x, y, weight, bias, pmean, pm2, mean, rstd, group_size, HW, C // G, G, chunks, eps,
@@ -157,8 +157,8 @@ def _backward(x, dy, weight, bias, mean, rstd, num_groups, silu, block):
     G, CPG = num_groups, C // num_groups
     BLOCK = _block(HW, block)
     chunks = triton.cdiv(HW, BLOCK)
-    ps1 = _empty((B * C, chunks), torch.float32, x.device)
-    ps2 = _empty((B * C, chunks), torch.float32, x.device)
+    ps1 = empty((B * C, chunks), torch.float32, x.device)
+    ps2 = empty((B * C, chunks), torch.float32, x.device)
     _gn_bwd_partial[(B * C, chunks)](x, dy, weight, bias, mean, rstd, ps1, ps2, HW, C, CPG, chunks,
                                      SILU=silu, BLOCK=BLOCK, num_warps=4)
     s1 = ps1.sum(1).view(B, C)  # sum over H*W of dz, per sample and channel
@@ -167,7 +167,7 @@ def _backward(x, dy, weight, bias, mean, rstd, num_groups, silu, block):
     group_size = CPG * HW
     c1 = (s1 * w).view(B, G, CPG).sum(2).reshape(-1) / group_size
     c2 = (s2 * w).view(B, G, CPG).sum(2).reshape(-1) / group_size
-    dx = _empty_like(x)
+    dx = empty_like(x)
     BLOCK = _block(group_size, block)
     _gn_bwd_dx[(B * G, triton.cdiv(group_size, BLOCK))](x, dy, dx, weight, bias, mean, rstd, c1, c2,
                                                         group_size, HW, CPG, G, SILU=silu, BLOCK=BLOCK,

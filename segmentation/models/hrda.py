@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .segmentor import IGNORE_INDEX, Segmentor, SegmentorConfig, build_backbone, build_head
+from .segmentor import IGNORE_INDEX, PRESETS, Segmentor, SegmentorConfig, build_backbone, build_head
 
 Box = tuple[int, int, int, int]  # y1, y2, x1, x2
 
@@ -152,7 +152,6 @@ class HRDASegmentor(Segmentor):
     def __init__(self, cfg: SegmentorConfig | str = "hrda_daformer_mitb5"):
         nn.Module.__init__(self)
         if isinstance(cfg, str):
-            from .segmentor import PRESETS
             cfg = PRESETS[cfg]
         if cfg.hrda is None:
             raise ValueError("HRDASegmentor needs a config with hrda set")

@@ -5,8 +5,8 @@ read ``backbone.block1.0.attn.q.weight`` and ``decode_head.fuse_layer...``); ``f
 returns logits at the input size (bilinear, align_corners=False), ``forward(x, label)`` (or
 ``forward_train``) the training losses. The whole model is described by a ``SegmentorConfig``,
 stored in every file we write, so loading never depends on a file name. A config with ``hrda``
-set describes an HRDA multi-resolution segmentor (``segmentation.models.hrda``), built by
-``build_segmentor`` / ``load_segmentor`` like any other.
+set describes an HRDA multi-resolution segmentor (``segmentation.models.hrda``, a subclass);
+``build_segmentor`` / ``load_segmentor`` (``segmentation.models.build``) pick the class a config needs.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.weights import CheckpointError, load_into, read_state_dict, read_torch, save_tensors, sniff
+from ldm.weights import CheckpointError, read_state_dict, read_torch, save_tensors, sniff
 
 from .heads import DAFormerHead, SegFormerHead
 from .mit import MIT_CONFIGS, MixVisionTransformer, load_pretrained
@@ -149,16 +149,11 @@ def build_head(cfg: SegmentorConfig, in_channels, *, num_classes: int | None = N
 class Segmentor(nn.Module):
     default_window = (512, 256)  # evaluation sliding window (crop, stride) of the 512 configs
 
-    def __new__(cls, cfg: SegmentorConfig | str = "daformer_mitb5"):
-        """``Segmentor(cfg)`` of a config with ``hrda`` set is an ``HRDASegmentor``."""
-        if cls is Segmentor and (PRESETS[cfg] if isinstance(cfg, str) else cfg).hrda is not None:
-            from .hrda import HRDASegmentor
-            cls = HRDASegmentor
-        return super().__new__(cls)
-
     def __init__(self, cfg: SegmentorConfig | str = "daformer_mitb5"):
         super().__init__()
         cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
+        if cfg.hrda is not None:
+            raise ValueError("an HRDA config: build it with build_segmentor(cfg) or HRDASegmentor(cfg)")
         self.cfg = cfg
         self.backbone = build_backbone(cfg)
         self.decode_head = build_head(cfg, self.backbone.out_channels)
@@ -198,19 +193,6 @@ class Segmentor(nn.Module):
         return self
 
 
-def build_segmentor(cfg: SegmentorConfig | str | Mapping, **overrides) -> Segmentor:
-    """A segmentor from a preset name, a config or a config dict; ``overrides`` replace fields."""
-    if isinstance(cfg, str):
-        if cfg not in PRESETS:
-            raise KeyError(f"unknown segmentor preset {cfg!r}; known: {', '.join(PRESETS)}")
-        cfg = PRESETS[cfg]
-    elif isinstance(cfg, Mapping):
-        cfg = SegmentorConfig.from_dict(cfg)
-    if overrides:
-        cfg = SegmentorConfig.from_dict({**asdict(cfg), **overrides})
-    return Segmentor(cfg)
-
-
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
@@ -236,7 +218,7 @@ def save_segmentor(model: Segmentor, path: str | os.PathLike, dtype: torch.dtype
                         overwrite=True)
 
 
-def _read_any(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+def read_segmentor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(state dict, config dict or None) of a segmentor file we wrote: a safetensors export, or a
     training checkpoint (a torch file with ``model`` and ``model_config``, possibly nested under
     ``extra``/``config``)."""
@@ -262,19 +244,3 @@ def _find_config(obj: Mapping) -> dict | None:
                 if isinstance(holder.get(key), Mapping):
                     return dict(holder[key])
     return None
-
-
-def load_segmentor(path: str | os.PathLike, config: SegmentorConfig | str | Mapping | None = None,
-                   device: str | torch.device = "cpu") -> Segmentor:
-    """Build the segmentor described in the file (or by ``config`` when the file has none) and
-    load its weights strictly; errors name the file and the missing / unexpected keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    sd, cfg = _read_any(path)
-    if config is not None:
-        cfg = config
-    if cfg is None:
-        raise CheckpointError(f"{path}: the file carries no segmentor config; pass one (a preset name: "
-                              f"{', '.join(PRESETS)})")
-    return load_into(build_segmentor(cfg), sd, source=path).to(device).eval()
