@@ -9,7 +9,7 @@
 
 Per-sample randomness comes from one private CPU torch.Generator, drawn in the original's order
 (reference-dginstyle.md §4.5): pass-1 init, posterior sample, pass-2 init, then one inpainting
-noise per step. Images are PIL at the edges and [-1, 1] NCHW tensors inside.
+noise per step. With eta > 0 each step also draws its DDIM noise first (in pass 1 too). Images are PIL at the edges and [-1, 1] NCHW tensors inside.
 """
 from __future__ import annotations
 
@@ -269,7 +269,7 @@ class Generator:
         hint1 = self.hint_from_labels(label, H, W)
         # Pass 1: plain controlled generation at the base size (one view, as the original's stride 64 at 512).
         z1 = randn((1, 4, h, w), generator, dev, dt)
-        z1 = self.sample(z1, ctx, hint1, settings, view_batch=mrlf.view_batch)
+        z1 = self.sample(z1, ctx, hint1, settings, view_batch=mrlf.view_batch, generator=generator)
         first = to_pil(self.sd.decode_latents(z1))[0]  # quantised to uint8, as the original
         timings["pass1_s"] = time.perf_counter() - tic
         if f == 1:
