@@ -16,7 +16,6 @@ from helpers import rel_err
 from samplers import (
     SD15,
     Schedule,
-    Shared,
     Split,
     add_noise,
     cfg,
@@ -24,7 +23,6 @@ from samplers import (
     ddim_sample,
     ddim_step,
     ddim_step_with_x0,
-    ddim_timesteps,
     dpm_timesteps,
     dpmpp_2m_sample,
     euler_sample,
@@ -35,6 +33,7 @@ from samplers import (
     predict_x0,
     prev_timestep,
     randn,
+    spaced_timesteps,
     step_alphas,
 )
 
@@ -115,7 +114,7 @@ def test_timesteps_match_diffusers(spacing, offset):
     ref = hf_ddim(Schedule(steps_offset=offset, timestep_spacing=spacing))
     for n in (1, 3, 7, 10, 20, 50, 333, 999, 1000):
         ref.set_timesteps(n)
-        ours = ddim_timesteps(n, 1000, spacing, offset)
+        ours = spaced_timesteps(n, 1000, spacing, offset)
         assert ours.dtype == torch.int64
         assert torch.equal(ours, ref.timesteps), (spacing, offset, n)
         assert torch.equal(Schedule(steps_offset=offset, timestep_spacing=spacing).timesteps(n), ours)
@@ -377,8 +376,8 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, x, t, context, hint=None, scale=None, layer_scales=None):
-        self.calls.append(dict(x=x, t=t, context=context, hint=hint, scale=scale, layer_scales=layer_scales))
+    def __call__(self, x, t, context, hint=None, scale=None):
+        self.calls.append(dict(x=x, t=t, context=context, hint=hint, scale=scale))
         out = torch.tanh(x) + context.mean(dim=(1, 2))[:, None, None, None]
         if hint is not None:
             out = out + 0.1 * hint.mean(dim=1, keepdim=True)
@@ -390,9 +389,8 @@ def test_cfg_batches_uncond_then_cond_in_one_call():
     x = x_init(12, (B, 4, 8, 8))
     u, c = torch.zeros(B, 77, 16), torch.ones(B, 77, 16)
     hint = torch.randn(B, 20, 8, 8)
-    layer_scales = torch.ones(13)
     model = Recorder()
-    eps = cfg(model, 7.5, context=Split(u, c), hint=hint, scale=0.8, layer_scales=Shared(layer_scales))(x, 951)
+    eps = cfg(model, 7.5, context=Split(u, c), hint=hint, scale=0.8)(x, 951)
 
     assert len(model.calls) == 1
     call = model.calls[0]
@@ -400,7 +398,6 @@ def test_cfg_batches_uncond_then_cond_in_one_call():
     assert torch.equal(call["context"], torch.cat([u, c]))  # diffusers' order: [uncond; cond]
     assert torch.equal(call["hint"], torch.cat([hint, hint]))  # same hint for both halves
     assert call["t"] == 951 and call["scale"] == 0.8
-    assert call["layer_scales"] is layer_scales  # Shared: not duplicated
 
     e_u, e_c = Recorder()(x, 951, u, hint), Recorder()(x, 951, c, hint)
     assert rel_err(eps, e_u + 7.5 * (e_c - e_u)) <= 1e-6
