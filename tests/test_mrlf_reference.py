@@ -1,9 +1,13 @@
 """Controlled generation and MRLF against the committed reference outputs (tests/data/make_mrlf_reference.py).
 
-One view (pass 1, plain generate(), img2img) must reproduce the reference bit for bit. The tiled
-canvas is compared within TILED_ATOL / TILED_IMAGE_ATOL. On a machine whose kernels round
-differently from the one that wrote the files (the stored fingerprint tells), every comparison
-falls back to the OTHER_MACHINE tolerances.
+The references come from the pipeline that averaged every view's DDIM update; the sampler now
+takes one step with the averaged eps. With one view both are the same operations, so pass 1,
+plain generate(), eta noise and img2img reproduce the references bit for bit. With overlapping
+views they agree only up to float rounding (the average of c1·x0_i + c2·eps_i is not rounded as
+c1·x0 + c2·mean(eps_i)): measured on the tiny model, latents (|z| up to 27) differ by at most
+1.4e-5 (a few float32 ulps after four steps) and one uint8 pixel by one level, hence TILED_ATOL
+and TILED_IMAGE_ATOL. On a machine whose kernels round differently from the one that wrote the
+files (the stored fingerprint tells), every comparison uses the OTHER_MACHINE tolerances.
 """
 import importlib.util
 from pathlib import Path
@@ -16,19 +20,19 @@ _spec = importlib.util.spec_from_file_location("make_mrlf_reference", DATA / "ma
 ref_cases = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ref_cases)
 
-TILED_ATOL = 0.0  # latents of the tiled canvas (|latents| up to ~27)
-TILED_IMAGE_ATOL = 0  # uint8 levels
+TILED_ATOL = 2e-5  # latents of the tiled canvas
+TILED_IMAGE_ATOL = 1  # uint8 levels
 OTHER_MACHINE_RTOL = 1e-4  # of the largest |value| of an array
 OTHER_MACHINE_IMAGE_ATOL = 2
 
 
 @pytest.fixture(scope="module")
 def setup():
-    gen, label = ref_cases.build()
+    pipe, label = ref_cases.build()
     ref = dict(np.load(ref_cases.NPZ))
-    now = ref_cases.fingerprint(gen)
+    now = ref_cases.fingerprint(pipe)
     same_machine = all(np.array_equal(now[k], ref[k]) for k in now)
-    return gen, label, ref, same_machine
+    return pipe, label, ref, same_machine
 
 
 def _check(ref, got, same_machine):
@@ -48,13 +52,13 @@ def _check(ref, got, same_machine):
 
 
 def test_generate_matches_reference(setup):
-    gen, label, ref, same_machine = setup
-    _check(ref, ref_cases.generate_cases(gen, label), same_machine)
+    pipe, label, ref, same_machine = setup
+    _check(ref, ref_cases.generate_cases(pipe, label), same_machine)
 
 
 def test_mrlf_matches_reference(setup):
-    gen, label, ref, same_machine = setup
-    _check(ref, ref_cases.mrlf_cases(gen, label, ref_cases.run_mrlf), same_machine)
+    pipe, label, ref, same_machine = setup
+    _check(ref, ref_cases.mrlf_cases(pipe, label), same_machine)
 
 
 def test_reference_covers_the_inpainting_and_the_view_batching():

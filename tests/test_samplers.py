@@ -14,22 +14,28 @@ import torch
 
 from helpers import rel_err
 from samplers import (
+    SAMPLERS,
     SD15,
     Schedule,
     Split,
     add_noise,
     cfg,
     cfg_combine,
+    ddim_levels,
     ddim_sample,
     ddim_step,
     ddim_step_with_x0,
     dpm_timesteps,
+    dpmpp_2m_levels,
     dpmpp_2m_sample,
+    euler_levels,
     euler_sample,
     euler_timesteps,
+    get_sampler,
     guided_eps,
     img2img_start,
     img2img_timesteps,
+    noised,
     predict_x0,
     prev_timestep,
     randn,
@@ -506,6 +512,63 @@ def test_solvers_reach_x0_with_oracle():
     for sample in (euler_sample, dpmpp_2m_sample):
         out = sample(oracle, x_init(19), 10, Schedule(timestep_spacing="trailing"))
         assert rel_err(out, x0) <= 1e-4, sample.__name__
+
+
+# --------------------------------------------------------------------------------------
+# The registry and the noise levels of each sampler's states
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_levels_are_where_each_sampler_state_sits(name):
+    """With an oracle that knows x0 and the noise, the state after step i is exactly x0 and the
+    noise at ``levels`` i: scale·(√ᾱ·x0 + √(1-ᾱ)·noise), for every sampler of the registry."""
+    sampler = SAMPLERS[name]
+    x0, n = x_init(20), x_init(21)
+
+    def oracle(x_vp, t):
+        sigma = SD15.sigma_grid(torch.tensor([float(t)]))[0]
+        a = 1 / (sigma**2 + 1)
+        return (x_vp - a.sqrt() * x0) / (1 - a).sqrt()
+
+    first_t = {"ddim": SD15.timesteps(10), "euler": euler_timesteps(10)[0], "dpmpp_2m": dpm_timesteps(10)[0]}[name][0]
+    a0 = 1 / (SD15.sigma_grid(torch.tensor([float(first_t)]))[0] ** 2 + 1)
+    states = []
+    sampler.sample(oracle, noised(x0, n, a0), 10, SD15, callback=lambda i, t, x, p: states.append(x))
+    levels = sampler.levels(10, SD15)
+    assert len(states) == len(levels.alpha_bar) == len(levels.scale) == 10
+    for i, x in enumerate(states):
+        assert rel_err(x, noised(x0, n, levels.alpha_bar[i], levels.scale[i])) <= 1e-5, (name, i)
+    assert levels.alpha_bar[-1].item() == (SD15.final_alpha_cumprod.item() if name == "ddim" else 1.0)
+    if name == "euler":  # σ-space: x0 + σ·noise
+        sigmas = euler_timesteps(10)[1]
+        assert rel_err(states[3], x0 + sigmas[4] * n) <= 1e-5
+    else:
+        assert torch.equal(levels.scale, torch.ones(10))
+
+
+def test_ddim_levels_follow_the_img2img_tail():
+    ts = img2img_timesteps(20, 0.5)
+    levels = ddim_levels(20, SD15, timesteps=ts)
+    assert torch.equal(levels.alpha_bar, torch.stack([step_alphas(SD15, t, 20)[1] for t in ts.tolist()]))
+    assert torch.equal(levels.alpha_bar, ddim_levels(20).alpha_bar[-len(ts):]) and len(ts) == 10
+
+
+def test_noised_equals_add_noise_to_the_bit():
+    x0, n = x_init(22), x_init(23)
+    for t in (999, 501, 0):
+        assert torch.equal(noised(x0, n, SD15.alphas_cumprod[t]), add_noise(x0, n, t))
+    assert torch.equal(noised(x0.half(), n.half(), SD15.alphas_cumprod[7]), add_noise(x0.half(), n.half(), 7))
+    assert rel_err(noised(x0, n, 0.25, 2.0), 2 * (0.5 * x0 + 0.75**0.5 * n)) <= 1e-7
+    assert torch.equal(noised(x0, n, 1.0), x0)
+
+
+def test_registry():
+    assert set(SAMPLERS) == {"ddim", "euler", "dpmpp_2m"}
+    assert get_sampler("euler") == (euler_sample, euler_levels)
+    assert get_sampler("ddim").sample is ddim_sample and get_sampler("dpmpp_2m").levels is dpmpp_2m_levels
+    with pytest.raises(ValueError, match="dpmpp_2m"):
+        get_sampler("plms")
 
 
 # --------------------------------------------------------------------------------------

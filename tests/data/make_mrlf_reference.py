@@ -32,7 +32,7 @@ from controlnet import ControlNet, ControlNetConfig  # noqa: E402
 from helpers import randomize_  # noqa: E402
 from ldm.sd import StableDiffusion  # noqa: E402
 from mrlf.fusion import controlled_model  # noqa: E402
-from mrlf.pipeline import Generator, MRLFSettings, SamplingSettings, to_pil  # noqa: E402
+from mrlf.pipeline import MRLFSettings, Pipeline, SamplingSettings, to_pil  # noqa: E402
 from segmentation.synthetic import street_scene  # noqa: E402
 
 NPZ = HERE / "mrlf_reference.npz"
@@ -56,31 +56,31 @@ def build():
     for i, m in enumerate((sd.unet, sd.vae, sd.text_encoder)):
         randomize_(m, seed=10 + i)
     cn = randomize_(ControlNet(ControlNetConfig.tiny(20)), seed=3).eval()
-    return Generator(sd, cn), street_scene(SIZE, SIZE, LABEL_SEED)
+    return Pipeline(sd, cn), street_scene(SIZE, SIZE, LABEL_SEED)
 
 
 @torch.no_grad()
-def fingerprint(gen) -> dict[str, np.ndarray]:
+def fingerprint(pipe) -> dict[str, np.ndarray]:
     g = torch.Generator().manual_seed(123)
     x = torch.randn(2, 4, 8, 8, generator=g)
-    hint = gen.hint_from_labels(street_scene(SIZE, SIZE, LABEL_SEED), SIZE, SIZE).expand(2, -1, -1, -1)
-    ctx = gen.sd.encode_prompt(["", PROMPT])
-    eps = controlled_model(gen.sd.unet, gen.controlnet)(x, torch.tensor(501), ctx, hint)
-    return {"fingerprint_eps": eps.numpy(), "fingerprint_decode": gen.sd.decode_latents(x).numpy()}
+    hint = pipe.hint_from_labels(street_scene(SIZE, SIZE, LABEL_SEED), SIZE, SIZE).expand(2, -1, -1, -1)
+    ctx = pipe.sd.encode_prompt(["", PROMPT])
+    eps = controlled_model(pipe.sd.unet, pipe.controlnet)(x, torch.tensor(501), ctx, hint)
+    return {"fingerprint_eps": eps.numpy(), "fingerprint_decode": pipe.sd.decode_latents(x).numpy()}
 
 
-def _images(gen, z) -> np.ndarray:
-    return np.stack([np.asarray(im) for im in to_pil(gen.sd.decode_latents(z))])
+def _images(pipe, z) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in to_pil(pipe.sd.decode_latents(z))])
 
 
 @torch.no_grad()
-def generate_cases(gen, label) -> dict[str, np.ndarray]:
+def generate_cases(pipe, label) -> dict[str, np.ndarray]:
     """generate(): one view (two prompts, negative prompt), eta > 0, img2img, and a tiled canvas."""
     out = {}
 
     def run(name, **kw):
-        z = gen.generate(**kw, output="latents")
-        out[f"{name}/latents"], out[f"{name}/images"] = z.numpy(), _images(gen, z)
+        z = pipe.generate(**kw, output="latents")
+        out[f"{name}/latents"], out[f"{name}/images"] = z.numpy(), _images(pipe, z)
 
     base = dict(labels=label, height=SIZE, width=SIZE)
     run("generate_single", prompts=[PROMPT, "building"], seeds=[7, 8], negative_prompt="blurry",
@@ -95,45 +95,24 @@ def generate_cases(gen, label) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
-def mrlf_cases(gen, label, run_mrlf) -> dict[str, np.ndarray]:
-    """MRLF cases; run_mrlf(gen, label, settings, mrlf_settings) -> (result, pass-1 latents,
-    re-encoded init latents, pass-2 latents)."""
+def mrlf_cases(pipe, label) -> dict[str, np.ndarray]:
+    """MRLF: the latents of both passes, the re-encoded init, the result and the first pass."""
     out = {}
-    for name, (sampling, tiled) in MRLF_CASES.items():
-        result, z1, z_init, z2 = run_mrlf(gen, label, sampling, tiled)
+    for name, (sampling, fusion) in MRLF_CASES.items():
+        result = pipe.mrlf(label, PROMPT, torch.Generator().manual_seed(1), settings=sampling, fusion=fusion)
         assert result.mask.any() and not result.mask.all(), "the inpainting mask must be partial"
-        out[f"{name}/pass1_latents"], out[f"{name}/init_latents"], out[f"{name}/pass2_latents"] = (
-            z1.numpy(), z_init.numpy(), z2.numpy())
+        out[f"{name}/pass1_latents"] = result.pass1_latents.numpy()
+        out[f"{name}/init_latents"] = result.init_latents.numpy()
+        out[f"{name}/pass2_latents"] = result.pass2_latents.numpy()
         out[f"{name}/image"] = np.asarray(result.image)[None]
         out[f"{name}/first_pass"] = np.asarray(result.first_pass)[None]
     return out
 
 
-def run_mrlf(gen, label, sampling, tiled):
-    """One MRLF run with its latents: the sampling loop's outputs and the inpainting init, seen
-    by wrapping `Generator.sample`."""
-    seen = []
-    sample = gen.sample
-
-    def spy(*args, **kwargs):
-        z = sample(*args, **kwargs)
-        inpaint = kwargs.get("inpaint", args[8] if len(args) > 8 else None)
-        seen.append((z, inpaint))
-        return z
-
-    gen.sample = spy
-    try:
-        result = gen.mrlf(label, PROMPT, torch.Generator().manual_seed(1), settings=sampling, mrlf=tiled)
-    finally:
-        del gen.sample
-    (z1, _), (z2, inpaint) = seen
-    return result, z1, inpaint.init, z2
-
-
 def main() -> None:
     torch.manual_seed(0)
-    gen, label = build()
-    arrays = {**fingerprint(gen), **generate_cases(gen, label), **mrlf_cases(gen, label, run_mrlf)}
+    pipe, label = build()
+    arrays = {**fingerprint(pipe), **generate_cases(pipe, label), **mrlf_cases(pipe, label)}
     np.savez_compressed(NPZ, **arrays)
     for key, a in arrays.items():
         if a.dtype == np.uint8:  # images, for looking at
