@@ -6,10 +6,10 @@ hint), and the eps are averaged where views overlap (uniform weights: the origin
 average; or per-pixel blend weights). Views go through the networks ``view_batch`` at a time, so
 81 views cost about 81/view_batch batched calls instead of 81 single ones.
 
-The original averages each view's DDIM update instead. A DDIM step is affine in eps with
-coefficients shared by all views (and eta noise cropped from one canvas noise agrees on
-overlaps), so the average of the updates is the update with the averaged eps: the same result
-up to float rounding, for any sampler.
+The original averages the views' DDIM updates instead. A step of DDIM (Euler, DPM++ 2M alike)
+is affine in eps with coefficients shared by all views, and eta noise cropped from one canvas
+noise agrees on overlaps, so the average of the views' updates is one step with the averaged
+eps: the same result up to float rounding, and any sampler can run the canvas.
 """
 from __future__ import annotations
 

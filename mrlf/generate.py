@@ -33,8 +33,8 @@ from PIL import Image
 from ldm.checkpoint import DTYPES
 from mrlf.pipeline import DATASET, DEMO, MRLFSettings, Pipeline, SamplingSettings
 from mrlf.prompts import PromptConfig, make_prompt
-from segmentation.labels import TRAIN_ID_SUFFIX, colorize, load_label, save_label
 from samplers import SAMPLERS
+from segmentation.labels import TRAIN_ID_SUFFIX, colorize, load_label, save_label
 from segmentation.rcs import build_jobs, class_stats, place_crop, read_gen_file
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "segmentation" / "examples"

@@ -32,7 +32,7 @@ from ldm.layers import get_fused
 from mrlf.components import large_component_mask, latent_mask
 from mrlf.fusion import controlled_model, tiled_eps
 from mrlf.tiles import blend_weights, get_views
-from samplers import SD15, Schedule, Split, add_noise, get_sampler, img2img_timesteps, noised, randn
+from samplers import SD15, Schedule, Split, get_sampler, img2img_start, noised, randn
 from segmentation.labels import one_hot, validate_label
 
 
@@ -264,10 +264,10 @@ class Pipeline:
                 raise ValueError("strength < 1 needs init_images")
             if settings.sampler != "ddim":
                 raise ValueError(f"img2img (init_images) needs the ddim sampler, not {settings.sampler!r}")
-            timesteps = img2img_timesteps(settings.steps, settings.strength, self.schedule)
             x0 = self.sd.encode_image(init_images.expand(n, -1, -1, -1) if init_images.shape[0] == 1 else init_images,
                                       gens)
-            z = add_noise(x0.float(), z.float(), int(timesteps[0]), self.schedule).to(self.sd.dtype)
+            z, timesteps = img2img_start(x0.float(), settings.steps, settings.strength, self.schedule, noise=z)
+            z = z.to(self.sd.dtype)
         z = self.sample(z, ctx, hint, settings, window, stride, view_batch, generator=gens,
                         timesteps=timesteps, callback=callback)
         if output == "latents":

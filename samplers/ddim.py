@@ -1,8 +1,8 @@
 """DDIM (Song et al. 2020, eq. 12 and 16) as pure functions, plus DDPM forward noising.
 
-``ddim_step`` is stateless: it takes ᾱ_t and ᾱ_prev, so MRLF can apply it to each tile of a
-timestep separately. ``ddim_sample`` is the plain loop over any ``eps_fn(x, t) -> eps``;
-conditioning (text, ControlNet hint, CFG) is bound by the caller, see ``samplers.guidance``.
+``ddim_step`` is stateless: it takes ᾱ_t and ᾱ_prev. ``ddim_sample`` is the plain loop over any
+``eps_fn(x, t) -> eps`` (MRLF's tiled canvas is one such eps_fn); conditioning (text, ControlNet
+hint, CFG) is bound by the caller, see ``samplers.guidance``.
 
 Numerics follow diffusers ``DDIMScheduler.step`` operation by operation (0-d float32
 coefficients), so a float32 run matches it to the last bit on the same device.
@@ -136,7 +136,8 @@ def ddim_step(
 
 
 def prev_timestep(t: int, num_inference_steps: int, num_train_timesteps: int = 1000) -> int:
-    """t' = t - N // n (diffusers' convention for every spacing). Negative on the last step."""
+    """t' = t - N // n, negative on the last step. diffusers steps by N // n for every spacing,
+    also "trailing" / "linspace" where that is not the gap to the next grid point; so do we."""
     return int(t) - num_train_timesteps // int(num_inference_steps)
 
 

@@ -9,7 +9,8 @@ x is unit-variance noise. After step i the sample function calls callback(i, t, 
 state x and the predicted clean latent; a returned tensor replaces x. ``levels`` says where that
 state sits (``Levels``: x = scale·(√ᾱ·x0 + √(1-ᾱ)·noise)), so a callback that writes content into
 x, as latent inpainting does, noises it to the right level with ``samplers.ddim.noised``,
-whichever sampler runs. ``levels`` takes the grid options of its ``sample`` (DDIM: timesteps).
+whichever sampler runs. ``levels`` takes the grid options of its ``sample`` (DDIM: timesteps;
+Euler and DPM++: spacing).
 
 A new sampler is one more entry: ``SAMPLERS["name"] = Sampler(my_sample, my_levels)``.
 """
@@ -25,6 +26,8 @@ from .solvers import dpmpp_2m_levels, dpmpp_2m_sample, euler_levels, euler_sampl
 
 
 class Sampler(NamedTuple):
+    """A sample function and the levels of its states (see the module docstring)."""
+
     sample: Callable[..., torch.Tensor]
     levels: Callable[..., Levels]
 

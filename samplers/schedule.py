@@ -136,7 +136,7 @@ class Schedule:
 
     @functools.cached_property
     def final_alpha_cumprod(self) -> torch.Tensor:
-        """ᾱ used as "previous" alpha by the last DDIM step (when t - step_ratio < 0).
+        """ᾱ used as "previous" alpha by the last DDIM step (when t - N // n < 0).
 
         Parity trap: SD-1.5 has set_alpha_to_one=False, so this is ᾱ_0 = 0.99915, not 1: the
         final DDIM sample keeps σ = √(1-ᾱ_0) ≈ 0.029 of the predicted noise.
@@ -169,14 +169,6 @@ class Schedule:
         sigmas = self.sigmas.numpy()
         sigmas = np.interp(torch.as_tensor(timesteps).numpy(), np.arange(0, len(sigmas)), sigmas)
         return torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
-
-    def step_ratio(self, num_inference_steps: int) -> int:
-        """DDIM's stride between a timestep and its "previous" one: N // n (50 for 20 steps).
-
-        diffusers uses this for every spacing, also "trailing"/"linspace" where it is not the
-        gap between neighbouring grid points; we keep that convention for parity.
-        """
-        return self.num_train_timesteps // int(num_inference_steps)
 
     def alpha_bar(self, t) -> torch.Tensor:
         """ᾱ_t for an int timestep, or final_alpha_cumprod when t < 0 (a 0-d float32 tensor)."""
