@@ -17,7 +17,7 @@ import torch
 
 from controlnet import ControlNet
 from ldm.sd import StableDiffusion
-from mrlf.pipeline import Generator, MRLFSettings, SamplingSettings
+from mrlf.pipeline import MRLFSettings, Pipeline, SamplingSettings
 from segmentation.synthetic import street_scene
 
 
@@ -26,7 +26,7 @@ def _rss_kb(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def run(gen, label, settings, mrlf, device):
+def run(pipe, label, settings, fusion, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -35,7 +35,7 @@ def run(gen, label, settings, mrlf, device):
             f.write("5")
         base = _rss_kb("VmRSS")
     t0 = time.perf_counter()
-    gen.mrlf(label, "road sidewalk building sky car", torch.Generator().manual_seed(0), settings=settings, mrlf=mrlf)
+    pipe.mrlf(label, "road sidewalk building sky car", torch.Generator().manual_seed(0), settings=settings, fusion=fusion)
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
@@ -60,21 +60,21 @@ def main(argv=None):
     sd = StableDiffusion.random(a.preset, seed=0, dtype=dtype, device=device)
     hint_blocks = (8, 8, 16, 16) if a.preset == "tiny" else (16, 32, 96, 256)
     cn = ControlNet.from_unet(sd.unet, 20, hint_blocks).to(device, dtype).eval()
-    gens = {False: Generator(sd, cn)}
+    pipes = {False: Pipeline(sd, cn)}
     if device.type == "cuda":
-        gens[True] = Generator(sd, cn, cuda_graphs=True)
+        pipes[True] = Pipeline(sd, cn, cuda_graphs=True)
     label = street_scene(a.size, a.size, 0)
     window = a.window or a.size // 8
     settings = SamplingSettings(steps=a.steps)
     base = MRLFSettings(window=window, stride=a.stride, component_threshold=a.size ** 2 // 13)
     n_views = ((2 * a.size // 8 - window) // a.stride + 1) ** 2
     rows = []
-    for graphs, gen in gens.items():
+    for graphs, pipe in pipes.items():
         # Warm-up: the batched run meets every shape the one-view loop uses (pass 1 = one view), so it
         # also captures the graphs both measured runs replay.
-        run(gen, label, settings, base.__class__(**{**base.__dict__, "view_batch": a.view_batch}), device)
+        run(pipe, label, settings, base.__class__(**{**base.__dict__, "view_batch": a.view_batch}), device)
         for vb in (1, a.view_batch):
-            s, mb = run(gen, label, settings, base.__class__(**{**base.__dict__, "view_batch": vb}), device)
+            s, mb = run(pipe, label, settings, base.__class__(**{**base.__dict__, "view_batch": vb}), device)
             rows.append((vb, graphs, s, mb))
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     table = (f"### MRLF: batched views vs one-view loop\n\n{datetime.date.today()}, {dev}, {a.preset} model, {a.dtype}, "

@@ -1,10 +1,15 @@
-"""One MultiDiffusion timestep: every view of the latent canvas denoised, batched, then averaged.
+"""MultiDiffusion over a latent canvas as a denoiser: every view's guided eps, fused into one.
 
-All views read the same (previous) canvas; each gets its own guided eps and DDIM update;
-the updates are averaged where views overlap (uniform weights = the original's plain average).
-Views go through the networks `view_batch` at a time, so 81 views cost about 81/view_batch
-batched calls instead of 81 single ones; numerically this equals the one-view loop up to
-float rounding.
+``tiled_eps`` turns a model into ``eps_fn(z, t)`` for the samplers of ``samplers/``: all views
+read the same canvas z, each gets its own guided eps (text guidance, its crop of the ControlNet
+hint), and the eps are averaged where views overlap (uniform weights: the original's plain
+average; or per-pixel blend weights). Views go through the networks ``view_batch`` at a time, so
+81 views cost about 81/view_batch batched calls instead of 81 single ones.
+
+The original averages the views' DDIM updates instead. A step of DDIM (Euler, DPM++ 2M alike)
+is affine in eps with coefficients shared by all views, and eta noise cropped from one canvas
+noise agrees on overlaps, so the average of the views' updates is one step with the averaged
+eps: the same result up to float rounding, and any sampler can run the canvas.
 """
 from __future__ import annotations
 
@@ -12,8 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from mrlf.tiles import View, accumulate_views, crop_views, fuse
-from samplers import ddim_step
+from mrlf.tiles import View, crop_views, fuse_views
 from samplers.guidance import Split, guided_eps
 
 
@@ -41,27 +45,30 @@ def controlled_model(unet, controlnet=None, control_scale: float = 1.0, guess_mo
     return model_fn
 
 
-def fused_step(model_fn, z: torch.Tensor, t: int | torch.Tensor, a_t: float, a_prev: float, views: Sequence[View], *,
-               context: Split, guidance: float, hint: torch.Tensor | None = None, hint_factor: int = 8,
-               view_batch: int = 8, weights: torch.Tensor | None = None, eta: float = 0.0,
-               noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Advance the canvas z (B, C, H, W) from t to the previous timestep over all views.
+def tiled_eps(model_fn, views: Sequence[View], *, context: Split, guidance: float, hint: torch.Tensor | None = None,
+              hint_factor: int = 8, view_batch: int = 8,
+              weights: torch.Tensor | None = None) -> Callable[[torch.Tensor, object], torch.Tensor]:
+    """eps_fn(z, t) -> the fused guided eps of the canvas z (B, C, H, W), in z's dtype.
 
-    t: the timestep, an int or a 0-d tensor (handed to model_fn unchanged).
-    context: Split(uncond, cond), each (B, 77, D); hint: (B, K, f*H, f*W) or None.
-    noise: (B, C, H, W) canvas noise for eta > 0 (cropped per view, so overlaps agree).
+    views: windows covering the canvas (`mrlf.tiles.get_views`); one view over the whole canvas
+        is plain guided eps, to the last bit.
+    context: Split(uncond, cond), each (B, 77, D); hint: (B, K, f*H, f*W) or None, cropped per
+        view at hint_factor f.
+    weights: per-pixel view weights (`mrlf.tiles.blend_weights`), None for uniform.
+    t is handed to model_fn unchanged (an int, a float or a 0-d tensor).
     """
-    B, _, H, W = z.shape
-    tiles = []
-    for i in range(0, len(views), view_batch):
-        chunk = views[i:i + view_batch]
-        v = len(chunk)
-        x = crop_views(z, chunk).flatten(0, 1)  # (v*B, C, h, w), view-major
-        kwargs = {"context": Split(context.uncond.repeat(v, 1, 1), context.cond.repeat(v, 1, 1))}
-        if hint is not None:
-            kwargs["hint"] = crop_views(hint, [c.scaled(hint_factor) for c in chunk]).flatten(0, 1)
-        eps = guided_eps(model_fn, x, t, guidance, **kwargs)
-        n = crop_views(noise, chunk).flatten(0, 1) if noise is not None else None
-        tiles.append(ddim_step(x, eps, a_t, a_prev, eta=eta, noise=n).unflatten(0, (v, B)))
-    value, count = accumulate_views(torch.cat(tiles), views, (H, W), weights)
-    return fuse(value, count).to(z.dtype)
+
+    def eps_fn(z: torch.Tensor, t) -> torch.Tensor:
+        B, _, H, W = z.shape
+        tiles = []
+        for i in range(0, len(views), view_batch):
+            chunk = views[i:i + view_batch]
+            v = len(chunk)
+            x = crop_views(z, chunk).flatten(0, 1)  # (v*B, C, h, w), view-major
+            kwargs = {"context": Split(context.uncond.repeat(v, 1, 1), context.cond.repeat(v, 1, 1))}
+            if hint is not None:
+                kwargs["hint"] = crop_views(hint, [c.scaled(hint_factor) for c in chunk]).flatten(0, 1)
+            tiles.append(guided_eps(model_fn, x, t, guidance, **kwargs).unflatten(0, (v, B)))
+        return fuse_views(torch.cat(tiles), views, (H, W), weights).to(z.dtype)
+
+    return eps_fn

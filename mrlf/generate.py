@@ -32,8 +32,9 @@ from PIL import Image
 
 from ldm.atomic import atomic_file, clean_stale
 from ldm.checkpoint import DTYPES
-from mrlf.pipeline import DATASET, DEMO, Generator, MRLFSettings, SamplingSettings
+from mrlf.pipeline import DATASET, DEMO, MRLFSettings, Pipeline, SamplingSettings
 from mrlf.prompts import PromptConfig, make_prompt
+from samplers import SAMPLERS
 from segmentation.labels import TRAIN_ID_SUFFIX, colorize, load_label, save_label
 from segmentation.rcs import build_jobs, class_stats, place_crop, read_gen_file
 
@@ -180,11 +181,12 @@ def settings_from_args(args) -> tuple[SamplingSettings, MRLFSettings, PromptConf
                                   component_threshold=args.threshold, inpaint_level=args.inpaint_level,
                                   posterior=args.posterior, blend=args.blend, view_batch=args.view_batch).items()
             if v is not None}
-    mrlf = dataclasses.replace(base, **over)
-    sampling = SamplingSettings(steps=args.steps, guidance_scale=args.guidance, control_scale=args.control_scale)
+    fusion = dataclasses.replace(base, **over)
+    sampling = SamplingSettings(steps=args.steps, guidance_scale=args.guidance, control_scale=args.control_scale,
+                                sampler=args.sampler)
     prompts = PromptConfig(weather_prob=args.weather_prob, negative_prompt=args.negative_prompt,
                            **({"weather_words": tuple(args.weather_words)} if args.weather_words else {}))
-    return sampling, mrlf, prompts
+    return sampling, fusion, prompts
 
 
 def parse_args(argv=None):
@@ -211,7 +213,8 @@ def parse_args(argv=None):
     s.add_argument("--faithful", action="store_true",
                    help="the original's crop index draw (rng.integers(0, n-1)); refuses the non-original options")
     s.add_argument("--size", type=int, default=None, help="crop / base size in pixels (default 512; 256 with the tiny model)")
-    s.add_argument("--steps", type=int, default=None, help="DDIM steps (default 20; 10 with the tiny model)")
+    s.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="ddim (the original), euler, dpmpp_2m")
+    s.add_argument("--steps", type=int, default=None, help="sampler steps (default 20; 10 with the tiny model)")
     s.add_argument("--guidance", type=float, default=7.5)
     s.add_argument("--control-scale", type=float, default=1.0)
     s.add_argument("--scale-factor", type=int, help="MRLF factor (1 = plain controlled generation)")
@@ -239,8 +242,9 @@ def parse_args(argv=None):
         p.error("--style must be in [0, 1]")
     if args.faithful:
         unfaithful = [f"--{k.replace('_', '-')} {v}" for k, v in
-                      (("blend", args.blend), ("inpaint_level", args.inpaint_level), ("posterior", args.posterior))
-                      if v not in (None, "uniform", "faithful", "sample")]
+                      (("blend", args.blend), ("inpaint_level", args.inpaint_level), ("posterior", args.posterior),
+                       ("sampler", args.sampler))
+                      if v not in (None, "uniform", "faithful", "sample", "ddim")]
         if unfaithful or args.negative_prompt:
             p.error(f"--faithful reproduces the original; it cannot be combined with "
                     f"{', '.join(unfaithful + (['--negative-prompt'] if args.negative_prompt else []))}")
@@ -264,7 +268,7 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     if args.cuda_graphs and device.type != "cuda":
         raise SystemExit(f"error: --cuda-graphs needs a CUDA device, got {device}")
-    sampling, mrlf, prompt_cfg = settings_from_args(args)
+    sampling, fusion, prompt_cfg = settings_from_args(args)
     out = Output(Path(args.out))
     jobs = make_jobs(args)
     indices = args.only if args.only else range(len(jobs))
@@ -277,8 +281,8 @@ def main(argv=None) -> int:
     if not todo:
         return 0
     sd, cn = load_models(args, device, dtype)
-    gen = Generator(sd, cn, cuda_graphs=args.cuda_graphs)
-    settings = {"sampling": asdict(sampling), "mrlf": asdict(mrlf), "size": args.size, "faithful": args.faithful,
+    pipe = Pipeline(sd, cn, cuda_graphs=args.cuda_graphs)
+    settings = {"sampling": asdict(sampling), "mrlf": asdict(fusion), "size": args.size, "faithful": args.faithful,
                 "prompt": asdict(prompt_cfg), "base": args.base, "controlnet": args.controlnet,
                 "style_source": args.style_source, "style": args.style, "dtype": str(dtype), "device": device.type}
     progress = None if args.no_progress else Progress(len(todo), f"rank {rank} " if world > 1 else "")
@@ -289,8 +293,8 @@ def main(argv=None) -> int:
         label = load_label(job["file"])
         crop, box = crop_label(label, job, args.size, rng, args.faithful, job["file"])
         prompt = make_prompt(crop, rng, prompt_cfg)
-        result = gen.mrlf(crop, prompt.text, torch.Generator("cpu").manual_seed(seed), settings=sampling, mrlf=mrlf,
-                          negative_prompt=prompt_cfg.negative_prompt, source=job["file"])
+        result = pipe.mrlf(crop, prompt.text, torch.Generator("cpu").manual_seed(seed), settings=sampling,
+                           fusion=fusion, negative_prompt=prompt_cfg.negative_prompt, source=job["file"])
         record = {"id": sid, "index": i, "seed": seed, "global_seed": args.seed, "prompt": prompt.text,
                   "weather": prompt.weather, "class": job["class"], "class_name": job["class_name"],
                   "source": str(job["file"]), "crop_box": list(map(int, box)),

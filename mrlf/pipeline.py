@@ -1,33 +1,35 @@
 """Controlled generation and Multi-Resolution Latent Fusion (DGInStyle §4).
 
-`Generator.sample` is guided, ControlNet-controlled DDIM over a latent canvas tiled into views
-(one view = plain generation). `Generator.mrlf` is the two-pass driver:
+`Pipeline.sample` runs a sampler of `samplers/` (`SamplingSettings.sampler`: DDIM as the
+original, Euler, DPM++ 2M or any other registered one) on a guided, ControlNet-controlled
+denoiser over a latent canvas tiled into views (`mrlf.fusion.tiled_eps`; one view = plain
+generation). Latent inpainting happens in the sampler's step callback, at the noise level the
+sampler gives for its state (`samplers.registry`). `Pipeline.mrlf` is the two-pass driver:
 
     pass 1 at base size -> Lanczos x f -> VAE encode (posterior sample) ->
     tiled pass at f x base with latent inpainting of the large label components -> decode ->
     Lanczos back to base size.
 
-Per-sample randomness comes from one private CPU torch.Generator, drawn in the original's order
-(reference-dginstyle.md §4.5): pass-1 init, posterior sample, pass-2 init, then one inpainting
-noise per step. Images are PIL at the edges and [-1, 1] NCHW tensors inside.
+Per-sample randomness comes from one private CPU torch.Generator, drawn in the original's order:
+pass-1 init, posterior sample, pass-2 init, then one inpainting noise per step. With eta > 0
+(DDIM) each step first draws its canvas noise, in pass 1 too. Images are PIL at the edges and
+[-1, 1] NCHW tensors inside.
 """
 from __future__ import annotations
 
+import functools
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ldm import ops
 from ldm.graphs import CUDAGraphed
 from mrlf.components import large_component_mask, latent_mask
-from mrlf.fusion import controlled_model, fused_step
+from mrlf.fusion import controlled_model, tiled_eps
 from mrlf.tiles import blend_weights, get_views
-from samplers import SD15, Schedule, add_noise, randn, step_alphas
-from samplers.guidance import Split
-from samplers.ddim import img2img_timesteps
+from samplers import SD15, Schedule, Split, get_sampler, img2img_start, noised, randn
 from segmentation.labels import one_hot, validate_label
 
 
@@ -37,8 +39,14 @@ class SamplingSettings:
     guidance_scale: float = 7.5
     control_scale: float = 1.0
     guess_mode: bool = False
-    eta: float = 0.0
-    strength: float = 1.0  # img2img: fraction of the schedule run from the init image (1 = from noise)
+    eta: float = 0.0  # DDIM's fresh noise per step
+    strength: float = 1.0  # img2img (DDIM): fraction of the schedule run from the init image (1 = from noise)
+    sampler: str = "ddim"  # a name in samplers.SAMPLERS: "ddim" (the original), "euler", "dpmpp_2m"
+
+    def __post_init__(self):
+        get_sampler(self.sampler)
+        if self.sampler != "ddim" and (self.eta > 0 or self.strength < 1):
+            raise ValueError(f"eta > 0 and strength < 1 (img2img) need the ddim sampler, not {self.sampler!r}")
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,10 @@ class MRLFSettings:
     window: int = 64  # latent view size of the tiled pass (64 latents = 512 px)
     stride: int = 8  # latent stride of the tiled pass (dataset: 8 -> 81 views; demo: 16 -> 25)
     component_threshold: int = 20000  # pixels (> this) at the base size; demo: 30000
-    inpaint_level: str = "faithful"  # "faithful": noise to t-1 as the original; "matched": to the step's target level
+    # Level the init latents are noised to after each step. "matched": the level the step lands on.
+    # "faithful": with DDIM the original's t-1 (t: the step's timestep); the other samplers have
+    # no such quirk to keep, so there it is the matched level.
+    inpaint_level: str = "faithful"
     posterior: str = "sample"  # "sample" (faithful) or "mean" for the pass-1 re-encode
     blend: str = "uniform"  # view weights: "uniform" (faithful average), "tent", "gaussian"
     view_batch: int = 8
@@ -83,29 +94,32 @@ def from_pil(image: Image.Image) -> torch.Tensor:
 
 @dataclass
 class Inpaint:
-    """Latent inpainting applied after each fused update: z <- m * noised(init) + (1 - m) * z."""
+    """Latent inpainting after each sampler step: z <- m * noised(init) + (1 - m) * z."""
 
     init: torch.Tensor  # clean scaled latents (B, 4, H, W)
     mask: torch.Tensor  # (H, W) or (B, 1, H, W), 1 = take the noised init
-    level: str = "faithful"
+    level: str = "faithful"  # as MRLFSettings.inpaint_level
 
 
 @dataclass
 class MRLFResult:
-    image: Image.Image
+    image: Image.Image  # the result, at the base size
     first_pass: Image.Image
-    mask: np.ndarray
+    mask: np.ndarray  # large-component mask at the base size, True = inpainted from pass 1
     components: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    pass1_latents: torch.Tensor | None = None  # (1, 4, h, w): pass 1's sampler result
+    init_latents: torch.Tensor | None = None  # (1, 4, f*h, f*w): the upscaled first pass re-encoded (f > 1)
+    pass2_latents: torch.Tensor | None = None  # (1, 4, f*h, f*w): the tiled pass's sampler result (f > 1)
 
 
-class Generator:
+class Pipeline:
     """Guided, controlled SD sampling on a view-tiled latent canvas.
 
     sd: an `ldm.sd.StableDiffusion` (its U-Net is the denoiser, U^P for Style Swap);
     controlnet: a `controlnet.ControlNet` or None.
     cuda_graphs: replay the guided ControlNet + U-Net call as CUDA graphs (`ldm.graphs`), one per
-        batch shape, kept for the generator's lifetime. Same numbers, fewer CPU launches; CUDA only
+        batch shape, kept for the pipeline's lifetime. Same numbers, fewer CPU launches; CUDA only
         (ignored on other devices and under autocast). Call `reset_graphs()` after replacing weight
         tensors in place of the old ones (`load_state_dict(assign=True)`, `.to(...)`); in-place updates
         such as `mrlf.style.blend_unet_` need none, and other modules get graphs of their own
@@ -128,7 +142,7 @@ class Generator:
         # The modules' identities too: a graph (or its eager fallback) keeps calling the modules it was made for.
         key = (id(self.sd.unet), id(self.controlnet), settings.control_scale, settings.guess_mode)
         if key not in self._graphs:
-            self._graphs[key] = CUDAGraphed(fn, extra_key=_launch_state)
+            self._graphs[key] = CUDAGraphed(fn)
         return self._graphs[key]
 
     @property
@@ -153,43 +167,48 @@ class Generator:
                settings: SamplingSettings = SamplingSettings(), window: int | None = None, stride: int | None = None,
                view_batch: int = 8, blend: str = "uniform", inpaint: Inpaint | None = None,
                generator=None, timesteps=None, callback=None) -> torch.Tensor:
-        """Denoise `latents` (B, 4, H, W) over all timesteps (or the given ones, for img2img).
+        """Denoise `latents` (B, 4, H, W), unit-variance noise, with `settings.sampler`; returns the final latents.
 
         window/stride: latent view size and stride (None: one view over the whole canvas).
         generator: CPU torch.Generator (or one per sample) for inpainting and eta noise.
-        callback(i, t, latents) runs after each step.
+        timesteps: DDIM only, the tail of the grid to run from an img2img start in `latents`.
+        callback(i, t, latents) runs after each step (after its inpainting) with the sampler's state
+        (Euler's is x0 + σ·noise, the others' the latent itself).
         """
         sd, s = self.sd, settings
-        B, _, H, W = latents.shape
+        sampler = get_sampler(s.sampler)
+        _, _, H, W = latents.shape
         views = get_views(H, W, window or max(H, W), stride or max(H, W))
         weights = None if blend == "uniform" else blend_weights(views[0].height, views[0].width, blend)
-        model_fn = self.model_fn(s)
-        hint = None if hint is None else hint.to(sd.device, sd.dtype)
-        mask = None if inpaint is None else inpaint.mask.to(sd.device, latents.dtype)
-        z = latents.to(sd.device, sd.dtype)
-        ts = self.schedule.timesteps(s.steps) if timesteps is None else timesteps
-        for i, t in enumerate(int(t) for t in ts):
-            a_t, a_prev = step_alphas(self.schedule, t, s.steps)
-            noise = randn(z.shape, generator, sd.device, z.dtype) if s.eta > 0 else None
+        fused = tiled_eps(self.model_fn(s), views, context=context, guidance=s.guidance_scale,
+                          hint=None if hint is None else hint.to(sd.device, sd.dtype), hint_factor=self.factor,
+                          view_batch=view_batch, weights=weights)
+
+        def eps_fn(z, t):
             # t as a device tensor: a CUDA graph replays it as data (an int would be baked in).
-            z = fused_step(model_fn, z, torch.tensor(t, device=sd.device), a_t, a_prev, views, context=context, guidance=s.guidance_scale,
-                           hint=hint, hint_factor=self.factor, view_batch=view_batch, weights=weights,
-                           eta=s.eta, noise=noise)
+            return fused(z, torch.tensor(t, device=sd.device))
+
+        grid = {} if timesteps is None else {"timesteps": timesteps}
+        levels = None if inpaint is None else sampler.levels(s.steps, self.schedule, **grid)
+        mask = None if inpaint is None else inpaint.mask.to(sd.device, latents.dtype)
+
+        def after_step(i, t, z, x0):
             if inpaint is not None:
-                # Parity trap: the original noises the init to t-1 although z now sits at t - step.
-                level = t - 1 if inpaint.level == "faithful" else t - self.schedule.step_ratio(s.steps)
+                if inpaint.level == "faithful" and s.sampler == "ddim":
+                    # Parity trap: the original noises the init to t-1 although z now sits at t - N//n.
+                    a, scale = self.schedule.alpha_bar(t - 1), 1.0
+                else:
+                    a, scale = levels.alpha_bar[i], levels.scale[i]
                 n = randn(z.shape, generator, sd.device, torch.float32)
-                init_t = self._noised(inpaint.init, n, level)
+                init_t = noised(inpaint.init.float(), n, a, scale)
                 z = (mask * init_t + (1 - mask) * z.float()).to(z.dtype)
             if callback is not None:
                 callback(i, t, z)
-        return z
+            return z
 
-    def _noised(self, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-        if t < 0:  # below the schedule: the final alpha, as the DDIM step's own target
-            a = self.schedule.final_alpha_cumprod
-            return (a ** 0.5) * x0.float() + ((1 - a) ** 0.5) * noise
-        return add_noise(x0.float(), noise, t, self.schedule)
+        noise = {} if s.eta == 0 else {"eta": s.eta, "generator": generator}
+        return sampler.sample(eps_fn, latents.to(sd.device, sd.dtype), s.steps, self.schedule, callback=after_step,
+                              **grid, **noise)
 
     def hint_from_labels(self, labels, height: int, width: int) -> torch.Tensor:
         """(B, H, W) or (H, W) trainId labels (or a (B, K, H, W) one-hot/image hint) -> hint at height x width.
@@ -213,7 +232,8 @@ class Generator:
                  callback=None, output: str = "pil"):
         """Prompts (+ label maps) -> images. One private CPU generator per image (seed i), so an image
         does not depend on the batch it is generated in. `init_images` ([-1, 1]) with settings.strength < 1
-        is img2img. output: "pil", "tensor" ([-1, 1]) or "latents"."""
+        is img2img (DDIM). callback(i, t, latents) runs after each step. output: "pil", "tensor" ([-1, 1])
+        or "latents"."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         prompts = [p for p in prompts for _ in range(images_per_prompt)]
         n = len(prompts)
@@ -239,10 +259,12 @@ class Generator:
         if init_images is not None or settings.strength < 1:
             if init_images is None:
                 raise ValueError("strength < 1 needs init_images")
-            timesteps = img2img_timesteps(settings.steps, settings.strength, self.schedule)
+            if settings.sampler != "ddim":
+                raise ValueError(f"img2img (init_images) needs the ddim sampler, not {settings.sampler!r}")
             x0 = self.sd.encode_image(init_images.expand(n, -1, -1, -1) if init_images.shape[0] == 1 else init_images,
                                       gens)
-            z = add_noise(x0.float(), z.float(), int(timesteps[0]), self.schedule).to(self.sd.dtype)
+            z, timesteps = img2img_start(x0.float(), settings.steps, settings.strength, self.schedule, noise=z)
+            z = z.to(self.sd.dtype)
         z = self.sample(z, ctx, hint, settings, window, stride, view_batch, generator=gens,
                         timesteps=timesteps, callback=callback)
         if output == "latents":
@@ -252,53 +274,58 @@ class Generator:
 
     @torch.no_grad()
     def mrlf(self, label: np.ndarray, prompt: str, generator: torch.Generator, *,
-             settings: SamplingSettings = SamplingSettings(), mrlf: MRLFSettings = DATASET,
-             negative_prompt: str = "", source: str = "label") -> MRLFResult:
-        """DGInStyle's two-pass generation for one (H, W) trainId label crop; returns the base-size image."""
+             settings: SamplingSettings = SamplingSettings(), fusion: MRLFSettings = DATASET,
+             negative_prompt: str = "", source: str = "label", callback=None) -> MRLFResult:
+        """DGInStyle's two-pass generation for one (H, W) trainId label crop: the base-size image and the
+        latents of both passes.
+
+        settings: the sampling of both passes; fusion: MRLF's factor, views, threshold and options.
+        callback(pass_index, i, t, latents) runs after every step of pass 1 (pass_index 1) and of the
+        tiled pass 2 (pass_index 2, after the inpainting), as `sample`'s callback.
+        """
         label = validate_label(np.asarray(label), source=source)
         H, W = label.shape
         h, w = self._check_size(H, W)
-        f = mrlf.scale_factor
+        f = fusion.scale_factor
         dev, dt = self.sd.device, self.sd.dtype
         timings = {}
         tic = time.perf_counter()
-        mask, comps = large_component_mask(label, mrlf.component_threshold)  # before any one-hot (void stays void)
+        mask, comps = large_component_mask(label, fusion.component_threshold)  # before any one-hot (void stays void)
         ctx = self.contexts([prompt], negative_prompt)
         hint1 = self.hint_from_labels(label, H, W)
         # Pass 1: plain controlled generation at the base size (one view, as the original's stride 64 at 512).
         z1 = randn((1, 4, h, w), generator, dev, dt)
-        z1 = self.sample(z1, ctx, hint1, settings, view_batch=mrlf.view_batch)
+        z1 = self.sample(z1, ctx, hint1, settings, view_batch=fusion.view_batch, generator=generator,
+                         callback=_for_pass(callback, 1))
         first = to_pil(self.sd.decode_latents(z1))[0]  # quantised to uint8, as the original
         timings["pass1_s"] = time.perf_counter() - tic
         if f == 1:
-            return MRLFResult(first, first, mask, comps, timings)
+            return MRLFResult(first, first, mask, comps, timings, pass1_latents=z1)
         tic = time.perf_counter()
         up = first.resize((W * f, H * f), Image.LANCZOS)
         post = self.sd.vae.encode(from_pil(up).to(dev, self.sd.vae_dtype))
-        z_init = (post.sample(generator) if mrlf.posterior == "sample" else post.mode()) * self.sd.vae.cfg.scaling_factor
-        # Pass 2: tiled at f x base, large components re-injected from pass 1 after every fused update.
+        z_init = (post.sample(generator) if fusion.posterior == "sample" else post.mode()) * self.sd.vae.cfg.scaling_factor
+        # Pass 2: tiled at f x base, large components re-injected from pass 1 after every step.
         hint2 = self.hint_from_labels(label, H * f, W * f)
         m = torch.from_numpy(latent_mask(mask, self.factor // f) if self.factor % f == 0 else
                              _nearest_resize(mask, h * f, w * f)).float()
         z2 = randn((1, 4, h * f, w * f), generator, dev, dt)
-        z2 = self.sample(z2, ctx, hint2, settings, mrlf.window, mrlf.stride, mrlf.view_batch, mrlf.blend,
-                         Inpaint(z_init, m, mrlf.inpaint_level), generator=generator)
+        z2 = self.sample(z2, ctx, hint2, settings, fusion.window, fusion.stride, fusion.view_batch, fusion.blend,
+                         Inpaint(z_init, m, fusion.inpaint_level), generator=generator,
+                         callback=_for_pass(callback, 2))
         big = to_pil(self.sd.decode_latents(z2))[0]
         image = big.resize((W, H), Image.LANCZOS)
         timings["pass2_s"] = time.perf_counter() - tic
-        return MRLFResult(image, first, mask, comps, timings)
+        return MRLFResult(image, first, mask, comps, timings, pass1_latents=z1, init_latents=z_init,
+                          pass2_latents=z2)
 
 
-def _launch_state():
-    """Process-wide switches that change which kernels a captured call launches."""
-    return ops.state()
+def _for_pass(callback, pass_index: int):
+    """callback(pass_index, i, t, latents) as a per-pass callback(i, t, latents)."""
+    return None if callback is None else functools.partial(callback, pass_index)
 
 
 def _nearest_resize(mask: np.ndarray, h: int, w: int) -> np.ndarray:
     """PyTorch legacy nearest to (h, w): index floor(i * H / h)."""
     H, W = mask.shape
     return mask[(np.arange(h) * H // h)[:, None], (np.arange(w) * W // w)[None, :]]
-
-
-def settings_dict(settings: SamplingSettings, mrlf: MRLFSettings) -> dict:
-    return {"sampling": asdict(settings), "mrlf": asdict(mrlf)}

@@ -17,9 +17,10 @@ window is simply one 32-latent view. Pass ``strict=True`` to get an error instea
 
 Fusion: :func:`accumulate_views` adds per-view tensors into a canvas with per-pixel
 weights; :func:`fuse` divides where the count is positive (elsewhere it keeps the
-value, 0, as the original does). Uniform weights reproduce the original's plain
-average; :func:`blend_weights` also offers a feathered (tent or Gaussian) window,
-positive everywhere, as an option.
+value, 0, as the original does); :func:`fuse_views` does both (``mrlf.fusion`` fuses the
+views' eps with it). Uniform weights reproduce the original's plain average;
+:func:`blend_weights` also offers a feathered (tent or Gaussian) window, positive
+everywhere, as an option.
 """
 from __future__ import annotations
 
@@ -96,17 +97,6 @@ def get_views(h: int, w: int, window: int | tuple[int, int] = 64, stride: int | 
     _check((sh <= wh or wh == h) and (sw <= ww or ww == w),
            f"stride {stride} larger than the window {wh}x{ww} would leave latents uncovered")
     return [View(h0, h0 + wh, w0, w0 + ww) for h0 in _starts(h, wh, sh) for w0 in _starts(w, ww, sw)]
-
-
-def pixel_to_latent(size: int, factor: int = LATENT_FACTOR) -> int:
-    """Latent length of a pixel length; it must divide (the VAE needs it)."""
-    _check(size % factor == 0, f"pixel size {size} is not a multiple of the latent factor {factor}")
-    return size // factor
-
-
-def latent_to_pixel(view: View, factor: int = LATENT_FACTOR) -> View:
-    """The pixel crop of a latent view (every coordinate times ``factor``)."""
-    return view.scaled(factor)
 
 
 def blend_weights(height: int, width: int, mode: str = "uniform", *, sigma: float = 0.25,
@@ -186,13 +176,5 @@ def fuse_views(tiles: torch.Tensor, views: Sequence[View], size: tuple[int, int]
     return fuse(value, count).to(tiles.dtype)
 
 
-def coverage(views: Sequence[View], size: tuple[int, int]) -> torch.Tensor:
-    """How many views cover each latent, (H, W) int64 (for checks and plots)."""
-    c = torch.zeros(size, dtype=torch.int64)
-    for v in views:
-        c[v.h0:v.h1, v.w0:v.w1] += 1
-    return c
-
-
-__all__ = ["LATENT_FACTOR", "View", "get_views", "pixel_to_latent", "latent_to_pixel", "blend_weights",
-           "crop_views", "accumulate_views", "fuse", "fuse_views", "coverage"]
+__all__ = ["LATENT_FACTOR", "View", "get_views", "blend_weights", "crop_views", "accumulate_views", "fuse",
+           "fuse_views"]

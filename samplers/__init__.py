@@ -2,33 +2,42 @@
 
 Imports nothing from the rest of the project (torch and numpy only); models are adapted to
 the contract by closures, e.g. ``samplers.cfg(unet, 7.5, context=Split(uncond, cond))``.
+Every sampler is one function over that contract (``samplers.registry`` lists them by name and
+describes the step callback and noise levels they share); timestep grids come from
+``samplers.schedule`` alone.
 """
 from .ddim import (
     DDIMOutput,
     add_noise,
+    ddim_levels,
     ddim_sample,
     ddim_sigma,
     ddim_step,
     ddim_step_with_x0,
     img2img_start,
     img2img_timesteps,
+    noised,
     predict_x0,
     prev_timestep,
     randn,
     step_alphas,
 )
-from .guidance import Shared, Split, cfg, cfg_combine, guided_eps
-from .schedule import SD15, Schedule, ddim_timesteps, linear_betas, scaled_linear_betas
-from .solvers import dpm_timesteps, dpmpp_2m_sample, euler_sample, euler_timesteps
+from .guidance import Split, cfg, cfg_combine, guided_eps
+from .registry import SAMPLERS, Sampler, get_sampler
+from .schedule import SD15, Levels, Schedule, linear_betas, scaled_linear_betas, spaced_timesteps
+from .solvers import dpm_timesteps, dpmpp_2m_levels, dpmpp_2m_sample, euler_levels, euler_sample, euler_timesteps
 
 __all__ = [
     "SD15",
     "Schedule",
-    "ddim_timesteps",
+    "Levels",
+    "spaced_timesteps",
     "scaled_linear_betas",
     "linear_betas",
     "DDIMOutput",
     "add_noise",
+    "noised",
+    "ddim_levels",
     "ddim_sample",
     "ddim_sigma",
     "ddim_step",
@@ -40,12 +49,16 @@ __all__ = [
     "randn",
     "step_alphas",
     "Split",
-    "Shared",
     "cfg",
     "cfg_combine",
     "guided_eps",
+    "euler_levels",
     "euler_sample",
     "euler_timesteps",
+    "dpmpp_2m_levels",
     "dpmpp_2m_sample",
     "dpm_timesteps",
+    "Sampler",
+    "SAMPLERS",
+    "get_sampler",
 ]

@@ -1,8 +1,8 @@
 """DDIM (Song et al. 2020, eq. 12 and 16) as pure functions, plus DDPM forward noising.
 
-``ddim_step`` is stateless: it takes ᾱ_t and ᾱ_prev, so MRLF can apply it to each tile of a
-timestep separately. ``ddim_sample`` is the plain loop over any ``eps_fn(x, t) -> eps``;
-conditioning (text, ControlNet hint, CFG) is bound by the caller, see ``samplers.guidance``.
+``ddim_step`` is stateless: it takes ᾱ_t and ᾱ_prev. ``ddim_sample`` is the plain loop over any
+``eps_fn(x, t) -> eps`` (MRLF's tiled canvas is one such eps_fn); conditioning (text, ControlNet
+hint, CFG) is bound by the caller, see ``samplers.guidance``.
 
 Numerics follow diffusers ``DDIMScheduler.step`` operation by operation (0-d float32
 coefficients), so a float32 run matches it to the last bit on the same device.
@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from .schedule import SD15, Schedule
+from .schedule import SD15, Levels, Schedule
 
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
@@ -136,7 +136,8 @@ def ddim_step(
 
 
 def prev_timestep(t: int, num_inference_steps: int, num_train_timesteps: int = 1000) -> int:
-    """t' = t - N // n (diffusers' convention for every spacing). Negative on the last step."""
+    """t' = t - N // n, negative on the last step. diffusers steps by N // n for every spacing,
+    also "trailing" / "linspace" where that is not the gap to the next grid point; so do we."""
     return int(t) - num_train_timesteps // int(num_inference_steps)
 
 
@@ -167,6 +168,17 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t, schedule: Schedule = SD1
     a = ac[t].flatten()
     a = a.reshape(-1, *([1] * (x0.ndim - 1))) if t.ndim > 0 else a.reshape(())
     return a**0.5 * x0 + (1 - a) ** 0.5 * noise
+
+
+def noised(x0: torch.Tensor, noise: torch.Tensor, alpha_bar, scale=1.0) -> torch.Tensor:
+    """x0 noised to level ᾱ in a sampler's state space: scale·(√ᾱ·x0 + √(1-ᾱ)·noise).
+
+    alpha_bar, scale: floats or 0-d tensors, e.g. ``Levels.alpha_bar[i]`` and ``Levels.scale[i]``
+    to put content into the state a sampler returned after step i. As ``add_noise``, ᾱ is cast
+    to x0's dtype first, so with scale 1 and ᾱ = ``alphas_cumprod[t]`` both agree to the last bit.
+    """
+    a = torch.as_tensor(alpha_bar, device=x0.device, dtype=x0.dtype)
+    return torch.as_tensor(scale, device=x0.device, dtype=x0.dtype) * (a**0.5 * x0 + (1 - a) ** 0.5 * noise)
 
 
 # --------------------------------------------------------------------------------------
@@ -219,6 +231,20 @@ def img2img_start(
 # --------------------------------------------------------------------------------------
 
 
+def ddim_levels(
+    num_inference_steps: int = 20,
+    schedule: Schedule = SD15,
+    *,
+    timesteps: Sequence[int] | torch.Tensor | None = None,
+) -> Levels:
+    """Where ``ddim_sample``'s state sits after each step: ᾱ_{t - N//n} (the final alpha after
+    the last step), in the VP latent itself (scale 1). Same grid arguments as ``ddim_sample``."""
+    if timesteps is None:
+        timesteps = schedule.timesteps(num_inference_steps)
+    a = torch.stack([step_alphas(schedule, t, num_inference_steps)[1] for t in torch.as_tensor(timesteps).tolist()])
+    return Levels(a, torch.ones_like(a))
+
+
 @torch.no_grad()
 def ddim_sample(
     eps_fn: EpsFn,
@@ -240,7 +266,8 @@ def ddim_sample(
     to start later. The stride to t' is always N // num_inference_steps.
     eta > 0 draws one ``randn(x.shape)`` per step from ``generator`` (after the model call).
     callback(i, t, x_prev, x0) runs after each step; if it returns a tensor, that replaces
-    x_prev (latent inpainting / blending hooks in there).
+    x_prev (latent inpainting / blending hooks in there; ``ddim_levels`` says which noise
+    level x_prev is at).
     """
     if timesteps is None:
         timesteps = schedule.timesteps(num_inference_steps)

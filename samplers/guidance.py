@@ -13,7 +13,7 @@ How each keyword argument is batched for the doubled call:
 - ``Split(uncond, cond)``: the two halves differ (the text context): cat([uncond, cond]).
 - a plain tensor: per-sample data that is the same for both halves (a ControlNet hint):
   cat([v, v]). Lists/tuples of tensors are handled element by element.
-- ``Shared(v)`` or any non-tensor (floats, None, modules): passed through unchanged.
+- any non-tensor (floats, None, modules): passed through unchanged.
 The timestep t is duplicated only if it is a per-sample tensor; scalars pass through.
 With scale 1 the uncond half is skipped: the model sees x and the cond halves only.
 """
@@ -33,13 +33,6 @@ class Split:
     cond: Any
 
 
-@dataclass(frozen=True)
-class Shared:
-    """A tensor that must reach the model unchanged (not duplicated), e.g. per-layer scales."""
-
-    value: Any
-
-
 def _batched(v):
     """The value for the [uncond; cond] call."""
     if isinstance(v, Split):
@@ -48,8 +41,6 @@ def _batched(v):
         if isinstance(v.uncond, (list, tuple)):
             return type(v.uncond)(_batched(Split(u, c)) for u, c in zip(v.uncond, v.cond, strict=True))
         raise TypeError(f"Split halves must be tensors or lists of tensors, got {type(v.uncond).__name__}")
-    if isinstance(v, Shared):
-        return v.value
     if isinstance(v, torch.Tensor):
         return torch.cat([v, v]) if v.ndim > 0 else v
     if isinstance(v, (list, tuple)):
@@ -61,8 +52,6 @@ def _cond_only(v):
     """The value for a conditional-only call (scale 1)."""
     if isinstance(v, Split):
         return v.cond
-    if isinstance(v, Shared):
-        return v.value
     if isinstance(v, (list, tuple)):
         return type(v)(_cond_only(e) for e in v)
     return v

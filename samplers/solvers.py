@@ -1,7 +1,9 @@
 """Euler and DPM-Solver++(2M) over the same ``eps_fn(x, t) -> eps`` contract as DDIM.
 
-Both work in the variance-exploding view x = x0 + σ·n with σ_t = √((1-ᾱ_t)/ᾱ_t) (Karras et
-al. 2022), sample on discrete σ grids interpolated from the training schedule, and follow
+Both step along discrete σ grids, σ_t = √((1-ᾱ_t)/ᾱ_t) of the variance-exploding view
+x = x0 + σ·n (Karras et al. 2022) interpolated from the training schedule (grids from
+``samplers.schedule``). Euler's state is that σ-space latent, DPM-Solver's the VP latent
+itself (``euler_levels`` / ``dpmpp_2m_levels`` give each step's level and scale). They follow
 diffusers' ``EulerDiscreteScheduler`` (ancestral off, s_churn 0) and
 ``DPMSolverMultistepScheduler`` (dpmsolver++, order 2, midpoint, final σ = 0) operation by
 operation, so float32 runs match them.
@@ -12,41 +14,24 @@ works for all three samplers.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .ddim import Callback, EpsFn
-from .schedule import SD15, Schedule
-
-
-def _interp_sigmas(timesteps: np.ndarray, schedule: Schedule) -> torch.Tensor:
-    """σ at (possibly fractional) timesteps by linear interpolation, with a final σ = 0."""
-    sigmas = schedule.sigmas.numpy()
-    sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-    return torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+from .schedule import SD15, Levels, Schedule
 
 
 def euler_timesteps(
     num_inference_steps: int, schedule: Schedule = SD15, spacing: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(timesteps float32 (n,), sigmas float32 (n+1,)) as diffusers ``EulerDiscreteScheduler``.
+    """(timesteps float32 (n,), sigmas float32 (n+1,)) as diffusers ``EulerDiscreteScheduler``:
+    DDIM's grid, but float and, for "linspace", not rounded (fractional timesteps)."""
+    timesteps = schedule.timesteps(num_inference_steps, spacing, integer=False)
+    return timesteps, schedule.sigma_grid(timesteps)
 
-    "linspace" gives fractional timesteps (no rounding); "leading" adds the schedule's
-    steps_offset like DDIM.
-    """
-    n, N = int(num_inference_steps), schedule.num_train_timesteps
-    spacing = spacing or schedule.timestep_spacing
-    if spacing == "linspace":
-        ts = np.linspace(0, N - 1, n, dtype=np.float32)[::-1].copy()
-    elif spacing == "leading":
-        ts = (np.arange(0, n) * (N // n)).round()[::-1].copy().astype(np.float32)
-        ts += schedule.steps_offset
-    elif spacing == "trailing":
-        ts = np.arange(N, 0, -N / n).round().copy().astype(np.float32)
-        ts -= 1
-    else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}")
-    return torch.from_numpy(ts), _interp_sigmas(ts, schedule)
+
+def euler_levels(num_inference_steps: int = 20, schedule: Schedule = SD15, *, spacing: str | None = None) -> Levels:
+    """Where ``euler_sample``'s state sits after each step: σ_{i+1}, in σ-space (x0 + σ·noise)."""
+    return Levels.from_sigmas(euler_timesteps(num_inference_steps, schedule, spacing)[1][1:], scaled=True)
 
 
 def euler_init_sigma(sigmas: torch.Tensor, spacing: str) -> torch.Tensor:
@@ -69,7 +54,7 @@ def euler_sample(
     """Euler (first-order, deterministic) from unit-variance noise x; returns the final latent.
 
     eps_fn sees x/√(σ²+1) and a float timestep. callback(i, t, x_next, x0) runs after each step
-    (x_next in σ-space); a returned tensor replaces x_next.
+    (x_next in σ-space, at the level ``euler_levels`` gives); a returned tensor replaces x_next.
     """
     spacing = spacing or schedule.timestep_spacing
     timesteps, sigmas = euler_timesteps(num_inference_steps, schedule, spacing)
@@ -97,19 +82,13 @@ def dpm_timesteps(
     Note the grids differ from DDIM's: "linspace" and "leading" are built on n+1 points with the
     last dropped (20 leading steps with offset 1: 941, 894, ..., 48).
     """
-    n, N = int(num_inference_steps), schedule.num_train_timesteps
-    spacing = spacing or schedule.timestep_spacing
-    if spacing == "linspace":
-        ts = np.linspace(0, N - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-    elif spacing == "leading":
-        ts = (np.arange(0, n + 1) * (N // (n + 1))).round()[::-1][:-1].copy().astype(np.int64)
-        ts += schedule.steps_offset
-    elif spacing == "trailing":
-        ts = np.arange(N, 0, -N / n).round().copy().astype(np.int64)
-        ts -= 1
-    else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}")
-    return torch.from_numpy(ts), _interp_sigmas(ts, schedule)
+    timesteps = schedule.timesteps(num_inference_steps, spacing, extra_point=True)
+    return timesteps, schedule.sigma_grid(timesteps)
+
+
+def dpmpp_2m_levels(num_inference_steps: int = 20, schedule: Schedule = SD15, *, spacing: str | None = None) -> Levels:
+    """Where ``dpmpp_2m_sample``'s state sits after each step: σ_{i+1}, in the VP latent."""
+    return Levels.from_sigmas(dpm_timesteps(num_inference_steps, schedule, spacing)[1][1:], scaled=False)
 
 
 def _alpha_sigma_lambda(sigma: torch.Tensor):
@@ -133,7 +112,8 @@ def dpmpp_2m_sample(
 
     First step first-order (no history), and the last step too: with a final σ of 0 diffusers
     always ends with a first-order step, which returns the predicted x0 exactly.
-    eps_fn sees x itself (VP space) and an int timestep. callback(i, t, x_next, x0).
+    eps_fn sees x itself (VP space) and an int timestep. callback(i, t, x_next, x0) as in
+    ``euler_sample`` (x_next at the level ``dpmpp_2m_levels`` gives).
     """
     timesteps, sigmas = dpm_timesteps(num_inference_steps, schedule, spacing)
     sigmas = sigmas.to(x.device)

@@ -148,5 +148,17 @@ def test_cli_argument_errors():
         generate.main(["--cuda-graphs", "--device", "cpu"])
 
 
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_sampler_flag(full_run, labels, tmp_path, sampler):
+    assert _run(tmp_path, labels, "--sampler", sampler, "--only", "0") == 0
+    row = _manifest(tmp_path)[0]
+    assert row["settings"]["sampling"]["sampler"] == sampler
+    assert _manifest(full_run)[0]["settings"]["sampling"]["sampler"] == "ddim"
+    image = np.asarray(Image.open(tmp_path / row["image"]))
+    assert image.shape == (64, 64, 3) and not np.array_equal(image, np.asarray(Image.open(full_run / row["image"])))
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--faithful", "--sampler", sampler])
+
+
 def test_sample_seed_is_stable():
     assert generate.sample_seed(0, 5) == generate.sample_seed(0, 5) != generate.sample_seed(1, 5)

@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_flatten
 from controlnet import ControlNet
 from ldm.graphs import CUDAGraphed
 from ldm.sd import StableDiffusion
-from mrlf.pipeline import Generator, MRLFSettings, SamplingSettings
+from mrlf.pipeline import MRLFSettings, Pipeline, SamplingSettings
 from segmentation.synthetic import street_scene
 
 
@@ -157,20 +157,20 @@ def _generator(device, cuda_graphs, dtype=torch.float32):
     torch.manual_seed(1)
     for p in cn.parameters():  # zero convs too, so the residuals matter
         p.data.normal_(0, 0.05)
-    return Generator(sd, cn.eval(), cuda_graphs=cuda_graphs)
+    return Pipeline(sd, cn.eval(), cuda_graphs=cuda_graphs)
 
 
 def test_generator_mrlf_with_graph_double_equals_eager(monkeypatch):
-    """The Generator's graph path (t as a tensor, batched views, guidance) gives the eager numbers."""
+    """The pipeline's graph path (t as a tensor, batched views, guidance) gives the eager numbers."""
     label = street_scene(128, 128, 3)
-    settings, mrlf = SamplingSettings(steps=3), MRLFSettings(window=16, stride=8, component_threshold=2000,
-                                                              view_batch=4)
+    settings, fusion = SamplingSettings(steps=3), MRLFSettings(window=16, stride=8, component_threshold=2000,
+                                                                view_batch=4)
     eager = _generator("cpu", False).mrlf(label, "road car", torch.Generator().manual_seed(0), settings=settings,
-                                          mrlf=mrlf)
+                                          fusion=fusion)
     monkeypatch.setattr("mrlf.pipeline.CUDAGraphed", ReplayDouble)
     ReplayDouble.captures = 0
     gen = _generator("cpu", True)
-    graphed = gen.mrlf(label, "road car", torch.Generator().manual_seed(0), settings=settings, mrlf=mrlf)
+    graphed = gen.mrlf(label, "road car", torch.Generator().manual_seed(0), settings=settings, fusion=fusion)
     # pass 2 has 9 views: chunks of 4 (batch 8) and a last chunk of 1 view, whose shapes equal pass 1's
     assert ReplayDouble.captures == 2
     np.testing.assert_array_equal(np.asarray(graphed.image), np.asarray(eager.image))

@@ -7,7 +7,7 @@ from controlnet import ControlNet, ControlNetConfig
 from controlnet.checkpoint import controlnet_config_to_diffusers, controlnet_to_diffusers
 from helpers import randomize_, rel_err
 from ldm.sd import StableDiffusion
-from mrlf.pipeline import Generator, SamplingSettings
+from mrlf.pipeline import Pipeline, SamplingSettings
 from segmentation.synthetic import street_scene
 from test_parity import _clean, _ref_clip, _ref_unet, _ref_vae
 
@@ -32,7 +32,7 @@ def pair(tmp_path_factory):
         unet=_ref_unet(sd.unet), controlnet=ref_cn.eval(), scheduler=sched, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return Generator(sd, cn), pipe
+    return Pipeline(sd, cn), pipe
 
 
 @pytest.mark.parametrize("guidance,control_scale,negative", [(7.5, 1.0, ""), (3.0, 0.6, "blurry, night")])

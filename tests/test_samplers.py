@@ -14,27 +14,32 @@ import torch
 
 from helpers import rel_err
 from samplers import (
+    SAMPLERS,
     SD15,
     Schedule,
-    Shared,
     Split,
     add_noise,
     cfg,
     cfg_combine,
+    ddim_levels,
     ddim_sample,
     ddim_step,
     ddim_step_with_x0,
-    ddim_timesteps,
     dpm_timesteps,
+    dpmpp_2m_levels,
     dpmpp_2m_sample,
+    euler_levels,
     euler_sample,
     euler_timesteps,
+    get_sampler,
     guided_eps,
     img2img_start,
     img2img_timesteps,
+    noised,
     predict_x0,
     prev_timestep,
     randn,
+    spaced_timesteps,
     step_alphas,
 )
 
@@ -115,7 +120,7 @@ def test_timesteps_match_diffusers(spacing, offset):
     ref = hf_ddim(Schedule(steps_offset=offset, timestep_spacing=spacing))
     for n in (1, 3, 7, 10, 20, 50, 333, 999, 1000):
         ref.set_timesteps(n)
-        ours = ddim_timesteps(n, 1000, spacing, offset)
+        ours = spaced_timesteps(n, 1000, spacing, offset)
         assert ours.dtype == torch.int64
         assert torch.equal(ours, ref.timesteps), (spacing, offset, n)
         assert torch.equal(Schedule(steps_offset=offset, timestep_spacing=spacing).timesteps(n), ours)
@@ -377,8 +382,8 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, x, t, context, hint=None, scale=None, layer_scales=None):
-        self.calls.append(dict(x=x, t=t, context=context, hint=hint, scale=scale, layer_scales=layer_scales))
+    def __call__(self, x, t, context, hint=None, scale=None):
+        self.calls.append(dict(x=x, t=t, context=context, hint=hint, scale=scale))
         out = torch.tanh(x) + context.mean(dim=(1, 2))[:, None, None, None]
         if hint is not None:
             out = out + 0.1 * hint.mean(dim=1, keepdim=True)
@@ -390,9 +395,8 @@ def test_cfg_batches_uncond_then_cond_in_one_call():
     x = x_init(12, (B, 4, 8, 8))
     u, c = torch.zeros(B, 77, 16), torch.ones(B, 77, 16)
     hint = torch.randn(B, 20, 8, 8)
-    layer_scales = torch.ones(13)
     model = Recorder()
-    eps = cfg(model, 7.5, context=Split(u, c), hint=hint, scale=0.8, layer_scales=Shared(layer_scales))(x, 951)
+    eps = cfg(model, 7.5, context=Split(u, c), hint=hint, scale=0.8)(x, 951)
 
     assert len(model.calls) == 1
     call = model.calls[0]
@@ -400,7 +404,6 @@ def test_cfg_batches_uncond_then_cond_in_one_call():
     assert torch.equal(call["context"], torch.cat([u, c]))  # diffusers' order: [uncond; cond]
     assert torch.equal(call["hint"], torch.cat([hint, hint]))  # same hint for both halves
     assert call["t"] == 951 and call["scale"] == 0.8
-    assert call["layer_scales"] is layer_scales  # Shared: not duplicated
 
     e_u, e_c = Recorder()(x, 951, u, hint), Recorder()(x, 951, c, hint)
     assert rel_err(eps, e_u + 7.5 * (e_c - e_u)) <= 1e-6
@@ -509,6 +512,63 @@ def test_solvers_reach_x0_with_oracle():
     for sample in (euler_sample, dpmpp_2m_sample):
         out = sample(oracle, x_init(19), 10, Schedule(timestep_spacing="trailing"))
         assert rel_err(out, x0) <= 1e-4, sample.__name__
+
+
+# --------------------------------------------------------------------------------------
+# The registry and the noise levels of each sampler's states
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_levels_are_where_each_sampler_state_sits(name):
+    """With an oracle that knows x0 and the noise, the state after step i is exactly x0 and the
+    noise at ``levels`` i: scale·(√ᾱ·x0 + √(1-ᾱ)·noise), for every sampler of the registry."""
+    sampler = SAMPLERS[name]
+    x0, n = x_init(20), x_init(21)
+
+    def oracle(x_vp, t):
+        sigma = SD15.sigma_grid(torch.tensor([float(t)]))[0]
+        a = 1 / (sigma**2 + 1)
+        return (x_vp - a.sqrt() * x0) / (1 - a).sqrt()
+
+    first_t = {"ddim": SD15.timesteps(10), "euler": euler_timesteps(10)[0], "dpmpp_2m": dpm_timesteps(10)[0]}[name][0]
+    a0 = 1 / (SD15.sigma_grid(torch.tensor([float(first_t)]))[0] ** 2 + 1)
+    states = []
+    sampler.sample(oracle, noised(x0, n, a0), 10, SD15, callback=lambda i, t, x, p: states.append(x))
+    levels = sampler.levels(10, SD15)
+    assert len(states) == len(levels.alpha_bar) == len(levels.scale) == 10
+    for i, x in enumerate(states):
+        assert rel_err(x, noised(x0, n, levels.alpha_bar[i], levels.scale[i])) <= 1e-5, (name, i)
+    assert levels.alpha_bar[-1].item() == (SD15.final_alpha_cumprod.item() if name == "ddim" else 1.0)
+    if name == "euler":  # σ-space: x0 + σ·noise
+        sigmas = euler_timesteps(10)[1]
+        assert rel_err(states[3], x0 + sigmas[4] * n) <= 1e-5
+    else:
+        assert torch.equal(levels.scale, torch.ones(10))
+
+
+def test_ddim_levels_follow_the_img2img_tail():
+    ts = img2img_timesteps(20, 0.5)
+    levels = ddim_levels(20, SD15, timesteps=ts)
+    assert torch.equal(levels.alpha_bar, torch.stack([step_alphas(SD15, t, 20)[1] for t in ts.tolist()]))
+    assert torch.equal(levels.alpha_bar, ddim_levels(20).alpha_bar[-len(ts):]) and len(ts) == 10
+
+
+def test_noised_equals_add_noise_to_the_bit():
+    x0, n = x_init(22), x_init(23)
+    for t in (999, 501, 0):
+        assert torch.equal(noised(x0, n, SD15.alphas_cumprod[t]), add_noise(x0, n, t))
+    assert torch.equal(noised(x0.half(), n.half(), SD15.alphas_cumprod[7]), add_noise(x0.half(), n.half(), 7))
+    assert rel_err(noised(x0, n, 0.25, 2.0), 2 * (0.5 * x0 + 0.75**0.5 * n)) <= 1e-7
+    assert torch.equal(noised(x0, n, 1.0), x0)
+
+
+def test_registry():
+    assert set(SAMPLERS) == {"ddim", "euler", "dpmpp_2m"}
+    assert get_sampler("euler") == (euler_sample, euler_levels)
+    assert get_sampler("ddim").sample is ddim_sample and get_sampler("dpmpp_2m").levels is dpmpp_2m_levels
+    with pytest.raises(ValueError, match="dpmpp_2m"):
+        get_sampler("plms")
 
 
 # --------------------------------------------------------------------------------------

@@ -5,8 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrlf.tiles import (View, accumulate_views, blend_weights, coverage, crop_views, fuse, fuse_views, get_views,
-                        latent_to_pixel, pixel_to_latent)
+from mrlf.tiles import View, accumulate_views, blend_weights, crop_views, fuse, fuse_views, get_views
+
+
+def coverage(views, size):
+    """How many views cover each latent, (H, W) int64."""
+    c = torch.zeros(size, dtype=torch.int64)
+    for v in views:
+        c[v.h0:v.h1, v.w0:v.w1] += 1
+    return c
 
 
 def original_views(height_px, width_px, window=64, stride=8):
@@ -94,13 +101,10 @@ def test_bad_arguments_raise(args):
 
 def test_latent_pixel_mapping():
     v = View(16, 80, 8, 72)
-    assert latent_to_pixel(v) == View(128, 640, 64, 576)
-    assert latent_to_pixel(v, 4) == View(64, 320, 32, 288)
-    assert pixel_to_latent(1024) == 128 and pixel_to_latent(96, 4) == 24
-    with pytest.raises(ValueError):
-        pixel_to_latent(1020)
+    assert v.scaled() == View(128, 640, 64, 576)
+    assert v.scaled(4) == View(64, 320, 32, 288)
     img = torch.arange(1024 * 1024.0).reshape(1024, 1024)
-    p = latent_to_pixel(v)
+    p = v.scaled()
     assert img[p.slices].shape == (8 * v.height, 8 * v.width)
     assert img[p.slices][0, 0] == img[8 * v.h0, 8 * v.w0]
 

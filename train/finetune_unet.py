@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from ldm import checkpoint as ckpt_io
 from ldm.sd import StableDiffusion
-from mrlf.pipeline import Generator, SamplingSettings
+from mrlf.pipeline import Pipeline, SamplingSettings
 from samplers import SD15, add_noise
 from train import common
 from train.data import (DREAMBOOTH_SCALES, ImageDataset, LatentCache, ShardSampler, diffusion_inputs,
@@ -76,9 +76,9 @@ def sample_grid(sd: StableDiffusion, unet, prompt: str, n: int, resolution: int,
     try:
         view = StableDiffusion(unet, sd.vae, sd.text_encoder, sd.tokenizer)
         with amp:
-            images = Generator(view).generate([prompt] * n, height=resolution, width=resolution,
-                                              seeds=list(range(seed, seed + n)),
-                                              settings=SamplingSettings(steps=steps))
+            images = Pipeline(view).generate([prompt] * n, height=resolution, width=resolution,
+                                             seeds=list(range(seed, seed + n)),
+                                             settings=SamplingSettings(steps=steps))
     finally:
         unet.train(was_training)
     return common.image_grid(images, ncols=min(n, 4))

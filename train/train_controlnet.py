@@ -46,7 +46,7 @@ from controlnet.checkpoint import load_controlnet, save_controlnet
 from controlnet.model import ControlNet
 from ldm import checkpoint as ckpt_io
 from ldm.sd import StableDiffusion
-from mrlf.pipeline import Generator, SamplingSettings
+from mrlf.pipeline import Pipeline, SamplingSettings
 from mrlf.prompts import class_stack
 from samplers import SD15, add_noise
 from segmentation.labels import CLASS_NAMES, IGNORE, NUM_CHANNELS, colorize, load_label, one_hot, train_id_path
@@ -113,13 +113,13 @@ def validate(sd, prior_unet, controlnet, labels, args, amp):
     rows = []
     try:
         with amp:
-            runs = [Generator(sd, controlnet).generate(prompts, np.stack(labels), height=r, width=r,
-                                                       images_per_prompt=k, seeds=seeds, settings=settings)]
+            runs = [Pipeline(sd, controlnet).generate(prompts, np.stack(labels), height=r, width=r,
+                                                      images_per_prompt=k, seeds=seeds, settings=settings)]
             if prior_unet is not None:
                 swapped = StableDiffusion(prior_unet, sd.vae, sd.text_encoder, sd.tokenizer)
-                runs.append(Generator(swapped, controlnet).generate(prompts, np.stack(labels), height=r, width=r,
-                                                                    images_per_prompt=k, seeds=seeds,
-                                                                    settings=settings))
+                runs.append(Pipeline(swapped, controlnet).generate(prompts, np.stack(labels), height=r, width=r,
+                                                                   images_per_prompt=k, seeds=seeds,
+                                                                   settings=settings))
     finally:
         controlnet.train(was_training)
     for i, lab in enumerate(labels):
