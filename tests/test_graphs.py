@@ -209,7 +209,6 @@ def test_real_cuda_graphs_stay_eager_under_autocast_and_follow_the_inputs_device
 
 def test_generator_graph_keys_follow_modules_and_kernel_switches():
     from ldm import ops
-    from mrlf.pipeline import _launch_state
 
     gen = _generator("cpu", True)
     s = SamplingSettings()
@@ -217,8 +216,8 @@ def test_generator_graph_keys_follow_modules_and_kernel_switches():
     first = gen.model_fn(s)
     gen.controlnet = ControlNet.from_unet(gen.sd.unet, 20, (8, 8, 16, 16))
     assert gen.model_fn(s) is not first  # another ControlNet: its own graphs, never the old module's
-    state = _launch_state()
+    state = ops.state()
     with ops.use(fused="geglu"):
-        assert _launch_state() != state
+        assert ops.state() != state
     with ops.use(triton=False):
-        assert _launch_state() != state
+        assert ops.state() != state
