@@ -17,8 +17,9 @@ from segmentation.evaluate import evaluate_dataset
 from segmentation.labels import colorize
 from segmentation.metrics import mean_iou
 from segmentation.models import build_segmentor, load_segmentor
+from segmentation.optim import lr_factor, param_groups
 from segmentation.synthetic import street_scene
-from train.train_segmentation import lr_factor, main, param_groups, parse_args
+from train.train_segmentation import main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
