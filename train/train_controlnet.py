@@ -17,7 +17,8 @@ N GPUs on one machine (batch and accumulation are per GPU):
     torchrun --standalone --nproc_per_node=N -m train.train_controlnet ...same arguments...
 Resume (exact: same world size): add --resume auto or --resume PATH.
 --data takes a GTA root (images/ + labels/*_labelTrainIds.png), a Cityscapes root, a paired folder
-(--layout paired) or the original's dataset file (.jsonl); see train/data.py.
+(--layout paired), the original's dataset file (.jsonl) or any other trainId layout of
+segmentation/datasets.py (--layout NAME).
 Smoke run on CPU with random tiny models:
     python -m train.train_controlnet --tiny --data some/paired_root --layout paired --output-dir /tmp/cn \
         --resolution 64 --max-steps 20
@@ -311,7 +312,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--controlnet", help="initial ControlNet weights (default: a copy of U^S's encoder half)")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="dataset root or .jsonl dataset file")
-    g.add_argument("--layout", choices=LAYOUTS, default="auto")
+    g.add_argument("--layout", choices=LAYOUTS, default="auto",
+                   help="a layout of segmentation.datasets with trainId labels; auto: gta, cityscapes or jsonl by "
+                        "what --data holds")
     g.add_argument("--split", default="train", help="Cityscapes split")
     g.add_argument("--output-dir", required=True)
     g.add_argument("--resolution", type=int, default=512)
