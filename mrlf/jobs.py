@@ -22,8 +22,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from segmentation.labels import CLASS_NAMES, NUM_CLASSES, LabelError, class_id, load_label
-from segmentation.rcs import (CACHE_NAME, DEFAULT_MIN_PIXELS, DEFAULT_PATTERN, DEFAULT_TEMPERATURE, ClassStats,
-                              RareClassSampler, RCSError, class_stats)
+from segmentation.rcs import (DEFAULT_MIN_PIXELS, DEFAULT_PATTERN, DEFAULT_TEMPERATURE, ClassStats, RareClassSampler,
+                              RCSError, add_stats_arguments, class_stats, stats_from_args)
 
 
 class GenFileError(ValueError):
@@ -139,21 +139,13 @@ def read_gen_file(path: str | os.PathLike, root: str | os.PathLike | None = None
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mrlf.jobs",
                                  description="write a gen file of N rare-class-sampled (class, file) jobs")
-    ap.add_argument("folder", help="label folder (trainId PNGs)")
+    add_stats_arguments(ap)
     ap.add_argument("-n", type=int, required=True, help="number of jobs")
     ap.add_argument("-o", "--output", required=True, help="gen file (JSON) to write")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--crop-size", type=int, default=None, help="skip files smaller than this")
-    ap.add_argument("--pattern", default=DEFAULT_PATTERN)
-    ap.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
-    ap.add_argument("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS)
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--cache", default=None, help=f"statistics cache file (default FOLDER/{CACHE_NAME})")
-    ap.add_argument("--no-cache", action="store_true", help="do not read or write a cache")
     args = ap.parse_args(argv)
-    cache = False if args.no_cache else (args.cache or True)
-    stats = class_stats(args.folder, pattern=args.pattern, cache=cache, workers=args.workers)
-    jobs = build_jobs(stats, args.n, args.seed, args.temperature, args.min_pixels, args.crop_size)
+    jobs = build_jobs(stats_from_args(args), args.n, args.seed, args.temperature, args.min_pixels, args.crop_size)
     write_gen_file(jobs, args.output)
     print(f"wrote {len(jobs)} jobs to {args.output}")
     return 0

@@ -312,21 +312,30 @@ def place_crop(label: np.ndarray, c: int, rng: np.random.Generator, crop_size=DE
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
+def add_stats_arguments(p: argparse.ArgumentParser) -> None:
+    """The label-folder arguments of the command lines built on `class_stats` (this module's
+    ``stats``; ``python -m mrlf.jobs``); `stats_from_args` reads them."""
+    p.add_argument("folder", help="label folder (trainId PNGs)")
+    p.add_argument("--pattern", default=DEFAULT_PATTERN)
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    p.add_argument("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cache", default=None, help=f"statistics cache file (default FOLDER/{CACHE_NAME})")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write a cache")
+
+
+def stats_from_args(args: argparse.Namespace) -> ClassStats:
+    cache = False if args.no_cache else (args.cache or True)
+    return class_stats(args.folder, pattern=args.pattern, cache=cache, workers=args.workers)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m segmentation.rcs", description="Rare class sampling tools "
                                  "(gen files of RCS-drawn jobs: python -m mrlf.jobs)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("stats", help="class statistics and RCS probabilities of a label folder")
-    s.add_argument("folder")
-    s.add_argument("--pattern", default=DEFAULT_PATTERN)
-    s.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
-    s.add_argument("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS)
-    s.add_argument("--workers", type=int, default=1)
-    s.add_argument("--cache", default=None, help=f"statistics cache file (default FOLDER/{CACHE_NAME})")
-    s.add_argument("--no-cache", action="store_true", help="do not read or write a cache")
+    add_stats_arguments(sub.add_parser("stats", help="class statistics and RCS probabilities of a label folder"))
     args = ap.parse_args(argv)
-    cache = False if args.no_cache else (args.cache or True)
-    stats = class_stats(args.folder, pattern=args.pattern, cache=cache, workers=args.workers)
+    stats = stats_from_args(args)
     classes, probs = stats.class_probs(args.temperature)
     tot = stats.totals()
     print(f"{len(stats.files)} files")

@@ -59,7 +59,6 @@ segmentor with its config; for segmentation.evaluate / adherence).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -91,14 +90,9 @@ def build_sources(specs, pipeline: TrainPipeline, rcs: RCSConfig | None, default
 
 
 def main(args):
-    d = common.setup_distributed(args.device)
-    common.seed_everything(args.seed, d)
+    d, log, tb, amp_dtype = common.start_run(args)
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
-    log = common.create_logger(out, d)
-    tb = common.open_tensorboard(out, d)
-    amp_dtype = common.compute_dtype(args.mixed_precision, d.device)
-    log.info(f"rank {d.rank}/{d.world_size} on {d.device}, compute dtype {amp_dtype}; args: {json.dumps(vars(args))}")
     if args.tiny:
         log.warning("--tiny: a randomly initialised tiny segmentor, for tests and smoke runs only")
     if d.device.type == "cuda":
@@ -152,12 +146,8 @@ def main(args):
     ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.distributed else model
 
     step = 0
-    resume = common.resolve_resume(args.resume, ckpt_dir)
-    if resume is not None:
-        state = common.load_checkpoint(resume)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+    state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt, scaler=scaler)
+    if state is not None:
         step = int(state["step"])
         if fd is not None:
             if "fd_backbone" in state:
@@ -172,8 +162,6 @@ def main(args):
             log.info("SHADE basis from the checkpoint")
         elif shade is not None:
             log.warning("the checkpoint has no SHADE basis: computing one at the resumed step")
-        common.restore_rng(state, d, logger=log)
-        log.info(f"resumed from {resume} at step {step}")
         del state
 
     # Data: item k of rank r is a function of (seed, r, k), so resuming at step s reads items
@@ -239,8 +227,7 @@ def main(args):
         + (["loss_fd"] if fd is not None else []) + (["loss_shade"] if shade is not None else [])
     if model_cfg.hrda is not None:
         terms += ["loss_fused"] + [f"loss_{k}" for k in ("hr", "lr") if getattr(model_cfg.hrda, f"{k}_loss_weight") > 0]
-    zero = lambda: torch.zeros(len(terms), device=d.device)  # noqa: E731
-    loss_sum, loss_n, gen_n, t0, step0 = zero(), 0, 0, time.time(), step
+    meter, gen_n = common.Meter(step), 0  # gen_n: generated samples among this rank's since the last log line
     for batch in loader:
         factor = lr_factor(step, args.max_iters, args.warmup_iters, args.warmup_ratio, args.poly_power)
         for g in opt.param_groups:
@@ -265,46 +252,40 @@ def main(args):
         scaler.scale(loss).backward()
         common.optimizer_step(opt, scaler, None)
         step += 1
-        loss_sum += torch.stack([res[k].float() for k in terms]).detach()
-        loss_n += 1
+        meter.add(**{k: res[k] for k in terms})
         gen_n += int((batch["group"] == 1).sum())
 
         if step % args.log_every == 0 or step == args.max_iters:
-            metrics = {k: common.all_reduce_mean(v, d) for k, v in zip(terms, loss_sum / loss_n)}
-            gen_share = common.all_reduce_mean(gen_n / (loss_n * args.batch_size), d)
-            dt = time.time() - t0
-            metrics |= {"lr": opt.param_groups[0]["lr"], "generated_share": gen_share,
-                        "samples_per_s": (step - step0) * args.batch_size * d.world_size / max(dt, 1e-9)}
+            metrics = meter.means(d)
+            metrics |= {"lr": opt.param_groups[0]["lr"],
+                        "generated_share": common.all_reduce_mean(gen_n / (meter.n * args.batch_size), d),
+                        "samples_per_s": meter.samples_per_s(step, args.batch_size * d.world_size)}
             common.log_metrics(log, out, step, metrics, d, tb)
-            loss_sum, loss_n, gen_n, t0, step0 = zero(), 0, 0, time.time(), step
+            meter.restart(step)
+            gen_n = 0
 
-        pause = time.time()  # evaluation, SHADE basis passes and checkpoints do not count in samples/s
-        if shade is not None and step % args.shade_interval == 0:  # SegModel's hook: after every interval
-            update_shade_basis(step)
-        if evals and args.eval_every and (step % args.eval_every == 0 or step == args.max_iters):
-            common.write_metrics(out, step, run_eval(step), d, tb)
-
-        if step % args.ckpt_every == 0 or step == args.max_iters:
-            state = {"model": common.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                     "scaler": scaler.state_dict(), "model_config": asdict(common.unwrap(model).cfg),
-                     "config": vars(args)}
-            if fd is not None and not args.pretrained:  # with --pretrained, a resume rebuilds it from the file
-                state["fd_backbone"] = fd.frozen.state_dict()
-            if shade is not None:  # the basis of the next steps (exact resume without a new pass)
-                state["shade_basis"] = shade.basis()
-            path = common.save_checkpoint(ckpt_dir, step, state, d, keep_last=args.keep_last)
-            log.info(f"saved {path}")
-        t0 += time.time() - pause
+        with meter.paused():  # evaluation, SHADE basis passes and checkpoints do not count in samples/s
+            if shade is not None and step % args.shade_interval == 0:  # SegModel's hook: after every interval
+                update_shade_basis(step)
+            if evals and args.eval_every and (step % args.eval_every == 0 or step == args.max_iters):
+                common.write_metrics(out, step, run_eval(step), d, tb)
+            if step % args.ckpt_every == 0 or step == args.max_iters:
+                state = {"model": common.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                         "scaler": scaler.state_dict(), "model_config": asdict(common.unwrap(model).cfg),
+                         "config": vars(args)}
+                if fd is not None and not args.pretrained:  # with --pretrained, a resume rebuilds it from the file
+                    state["fd_backbone"] = fd.frozen.state_dict()
+                if shade is not None:  # the basis of the next steps (exact resume without a new pass)
+                    state["shade_basis"] = shade.basis()
+                path = common.save_checkpoint(ckpt_dir, step, state, d, keep_last=args.keep_last)
+                log.info(f"saved {path}")
         if step >= args.max_iters:
             break
 
     if d.is_main:
         path = save_segmentor(common.unwrap(model), out / "model.safetensors")
         log.info(f"exported {path}")
-    common.barrier()
-    log.info("done")
-    if tb is not None:
-        tb.close()
+    common.finish_run(log, tb)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -375,15 +356,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-hr", action=argparse.BooleanOptionalAction, default=None,
                    help="double the layouts' test scales (the 1024 configs; default: on for HRDA models)")
     g.add_argument("--eval-limit", type=int, default=None, help="first N images per dataset")
-    g = p.add_argument_group("run")
-    g.add_argument("--output-dir", required=True)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--num-workers", type=int, default=2)
-    g.add_argument("--log-every", type=int, default=50)
-    g.add_argument("--ckpt-every", type=int, default=4000)
-    g.add_argument("--keep-last", type=int, default=1)
-    g.add_argument("--resume", help="'auto' (latest in OUTPUT/checkpoints, if any) or a checkpoint path")
+    common.add_run_arguments(p, num_workers=2, log_every=50, ckpt_every=4000, keep_last=1)
     return p
 
 
