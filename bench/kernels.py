@@ -3,7 +3,7 @@
     python bench/kernels.py                         # everything ldm.kernels.bench does, and ControlNet
     python bench/kernels.py --write BENCHMARKS.md
 
-``ldm`` may not import ``controlnet`` (architecture.md), so the ControlNet step is defined here and
+``ldm`` may not import ``controlnet`` (the layering tests/test_layering.py enforces), so the ControlNet step is defined here and
 handed to ``ldm.kernels.bench.main``; the other options are that module's.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from controlnet.model import ControlNet, ControlNetConfig
 from ldm.kernels import bench
 
-GFLOP_PER_SAMPLE = 803 + 283  # U-Net + ControlNet at 64x64 latents, batch 1 (design/performance.md)
+GFLOP_PER_SAMPLE = 803 + 283  # one U-Net and one ControlNet forward at 64x64 latents, batch 1
 
 
 def controlnet_unet_step(device, dtype, batch=2, latent=64):

@@ -1,4 +1,4 @@
-"""Controlled generation and Multi-Resolution Latent Fusion (DGInStyle §4).
+"""Controlled generation and DGInStyle's Multi-Resolution Latent Fusion.
 
 `Generator.sample` is guided, ControlNet-controlled DDIM over a latent canvas tiled into views
 (one view = plain generation). `Generator.mrlf` is the two-pass driver:
@@ -7,8 +7,8 @@
     tiled pass at f x base with latent inpainting of the large label components -> decode ->
     Lanczos back to base size.
 
-Per-sample randomness comes from one private CPU torch.Generator, drawn in the original's order
-(reference-dginstyle.md §4.5): pass-1 init, posterior sample, pass-2 init, then one inpainting
+Per-sample randomness comes from one private CPU torch.Generator, drawn in the order of the
+original's demo.py and gen_datasets.py: pass-1 init, posterior sample, pass-2 init, then one inpainting
 noise per step. Images are PIL at the edges and [-1, 1] NCHW tensors inside.
 """
 from __future__ import annotations

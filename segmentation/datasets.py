@@ -1,7 +1,8 @@
 """Segmentation datasets: folder layouts, (image, label) pairing, loading with id -> trainId
 conversion, rare-class sampling for the source set, and the source/generated mixture.
 
-Layouts (reference §11.3 and §1.3; ``{split}`` is the split folder):
+Layouts (as DGInStyle-SegModel and its dataset conversion scripts expect them; ``{split}`` is the
+split folder):
 
 | layout | images | labels | image / label suffix | labels hold |
 |---|---|---|---|---|
@@ -28,11 +29,12 @@ ACDC and Dark Zurich are found both as shipped (``rgb_anon/<condition>/val/<seq>
 flattened (``rgb_anon/val/...``, as SegModel's README does with rsync). Mapillary accepts
 ``val``/``train`` for ``validation``/``training``.
 
-Mixing (decision 9): ``MixedDataset`` draws sample k of rank r with ``default_rng([seed, r, k])``:
+Mixing: ``MixedDataset`` draws sample k of rank r with ``default_rng([seed, r, k])``:
 first the group (source or generated) with the requested ratio, or uniformly over the union when
 no ratio is given (what SegModel's DGDataset intended, ``P(gen) = N_gen / (N_src + N_gen)``), then
 the file (rare-class sampling if enabled) and every augmentation draw. The original builder never
-constructs the generated half (§11.2); here both are built and really read.
+constructs the generated half (its ``builder.py`` ignores the second source); here both are built
+and really read.
 """
 from __future__ import annotations
 
@@ -466,7 +468,7 @@ class MixedDataset(Dataset):
     ``ratio``: weights per group ("1:1"); None means uniform over the union of all files, so group
     g is drawn with probability N_g / N. Within a group a source is drawn proportionally to its
     size. Item k is a pure function of (seed, rank, k): any DataLoader worker count, resume at any
-    step and per-rank distinct data (decision 8). ``length`` is nominal (the sampler decides how
+    step and per-rank distinct data. ``length`` is nominal (the sampler decides how
     many items are read)."""
 
     def __init__(self, groups: Sequence[Sequence[TrainSource]], ratio=None, seed: int = 0, rank: int = 0,

@@ -1,4 +1,4 @@
-"""Rare Class Sampling (reference-dginstyle.md §5): class statistics, probabilities, crop placement.
+"""Rare Class Sampling as DGInStyle uses it: class statistics, probabilities, crop placement.
 
 - ``class_stats(folder)``: per-file pixel counts of the 19 classes for the label PNGs of a folder,
   cached as JSON inside the folder (``rcs_class_stats.json``) and refreshed per file when a file's
@@ -14,7 +14,7 @@
 Random draws (numpy ``Generator``), in this order:
 - ``RareClassSampler.sample``: ``rng.choice(classes, p=probs)`` then ``rng.integers(len(files))``.
 - ``place_crop``: exactly one ``rng.integers`` per try. Faithful mode draws ``rng.integers(0, n - 1)``
-  as the original does (§5.3): the exclusive upper bound means the last pixel (row-major order)
+  as the original's generation does: the exclusive upper bound means the last pixel (row-major order)
   can never be picked, and n <= 1 is an error. The default mode draws ``rng.integers(0, n)``.
 """
 from __future__ import annotations
@@ -274,7 +274,7 @@ def crop_origin(x: int, y: int, height: int, width: int, crop_size=DEFAULT_CROP)
 def place_crop(label: np.ndarray, c: int, rng: np.random.Generator, crop_size=DEFAULT_CROP,
                min_ratio: float = 0.01, max_tries: int = 10, faithful: bool = False,
                source: str = "label") -> Crop:
-    """Crop box around a random pixel of class ``c`` (reference §5.3).
+    """Crop box around a random pixel of class ``c`` (the RCS crop of DGInStyle's generation).
 
     Each try draws one pixel index (faithful: ``rng.integers(0, n - 1)``; default
     ``rng.integers(0, n)``) into the row-major ``np.nonzero(label == c)`` order, centres the crop

@@ -269,7 +269,7 @@ def test_controlnet_items_are_keyed_rcs_crops(gta):
     expect = torch.from_numpy(image[y1:y1 + RES, x1:x1 + RES]).permute(2, 0, 1).float() / 127.5 - 1
     assert (a["pixel_values"] - expect).abs().max() < 1e-6
     assert a["caption"] == class_stack(label[y1:y1 + RES, x1:x1 + RES]) and (a["label"] == int(c)).any()
-    # ranks, epochs and indices all give other draws (the original drew the same on every rank, §12.14)
+    # ranks, epochs and indices all give other draws (the original drew the same on every rank)
     other_rank = ControlNetDataset(pairs, RES, "rcs", seed=0, rank=1, stats=stats, rcs_min_pixels=50)
     draws = lambda d, keys: [(d[k]["desc"], d[k]["seed"]) for k in keys]  # noqa: E731
     keys = [(0, i) for i in range(6)]

@@ -14,7 +14,7 @@ Sampling and randomness (what makes DDP and resume exact):
   position of its stream (resume: ``start = step * batch_size * grad_accum``). Each item draws
   *everything* random about itself (rare class and file, rescale ratio, crop, caption dropout, and a
   64-bit ``seed`` for its diffusion noise) from ``np.random.default_rng([seed, rank, epoch, index])``:
-  ranks differ (§12.14), and an item does not depend on the batch it lands in, on worker processes,
+  ranks differ (the original's RCS draws were the same on every rank), and an item does not depend on the batch it lands in, on worker processes,
   or on what ran before it. ``diffusion_inputs`` turns the per-item seeds into per-item CPU torch
   generators for t ~ U{0..999}, ε and the VAE posterior sample, so gradient accumulation sees
   exactly the noise a large batch would.
@@ -313,7 +313,7 @@ def fill_latent_cache(dataset: _Cached, vae: torch.nn.Module, device, rank: int 
 # ---------------------------------------------------------------------------------------
 
 class ImageDataset(_Cached, Dataset):
-    """Images for U^S fine-tuning (reference §9): rescale by a random ratio from `scales` (bilinear),
+    """Images for U^S fine-tuning (DGInStyle's DreamBooth data): rescale by a random ratio from `scales` (bilinear),
     pad by reflection if smaller than `resolution`, then a random (or centre) square crop.
     Items: pixel_values (3, R, R) in [-1, 1], caption (the instance prompt, "" for DGInStyle),
     seed (int64, for the diffusion noise), desc ("file@ratio,x1,y1", for logs)."""
@@ -382,7 +382,7 @@ class ImageDataset(_Cached, Dataset):
 
 
 class ControlNetDataset(_Cached, Dataset):
-    """(image, trainId label) crops for ControlNet training (reference §8.3, RCS §5.2).
+    """(image, trainId label) crops for ControlNet training (DGInStyle's GTADataset, with its RCS).
 
     Per item, in this order, from ``item_rng(seed, rank, epoch, index)``:
       1. crop="rcs": (class c, file) from the RareClassSampler (the index only seeds the draw);

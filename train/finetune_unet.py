@@ -1,4 +1,4 @@
-"""Fine-tune the SD-1.5 U-Net on the source domain: U^P -> U^S (DGInStyle's DreamBooth step, reference §9).
+"""Fine-tune the SD-1.5 U-Net on the source domain: U^P -> U^S (DGInStyle's DreamBooth step).
 
 Every image under --data (recursive, *.png/*.jpg), the empty prompt, a random rescale from
 {0.5, 0.75, 1, 1.25, 1.5, 2} then a random --resolution crop (padded by reflection when smaller),

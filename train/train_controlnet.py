@@ -1,14 +1,16 @@
-"""Train DGInStyle's label ControlNet on the frozen source U-Net U^S (reference §8).
+"""Train DGInStyle's label ControlNet on the frozen source U-Net U^S (its controlnet/train.py).
 
 The ControlNet starts as a copy of U^S's encoder half (ControlNet.from_unet: hint encoder
 default-initialised, zero convs zero) or from --controlnet PATH; U^S, the VAE and the text encoder
 are frozen and cast to the compute dtype. Data: --resolution crops of (image, trainId label),
-placed by rare-class sampling (§5.2, seeded per rank and item, so ranks differ: §12.14), captioned
+placed by rare-class sampling (seeded per rank and item, so ranks differ; the original's draws were
+the same on every rank), captioned
 with the crop's class stack ("road sidewalk ... car"), with the label as a 20-channel one-hot hint
 (19 classes + void). ε-MSE, AdamW lr 1e-5 (0.9/0.999, wd 1e-2, eps 1e-8), constant schedule,
 clipping at 1.0. --proportion-empty-prompts replaces that share of captions by "" (really; the
 original parsed and ignored it). Validation renders the same labels with this ControlNet on U^S
-and, with --prior PATH, swapped onto U^P (the Style Swap check the original skipped, §12.13).
+and, with --prior PATH, swapped onto U^P (the Style Swap check the original skipped: its
+--inference_basemodel_path was unused).
 
 Single GPU (the original: batch 2 x accumulation 4):
     python -m train.train_controlnet --base runs/unet_s/diffusers --prior stable-diffusion-v1-5/stable-diffusion-v1-5 \
@@ -296,7 +298,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="train", help="split of the split-based layouts (cityscapes, mapillary, ...)")
     g.add_argument("--resolution", type=int, default=512)
     g.add_argument("--crop", choices=("rcs", "random", "center"), default="rcs",
-                   help="rcs: rare-class sampling (§5.2); center: the original's default without RCS")
+                   help="rcs: rare-class sampling; center: the original's default without RCS")
     g.add_argument("--rcs-temperature", type=float, default=0.01)
     g.add_argument("--rcs-min-pixels", type=int, default=3000, help="files eligible for class c: > this many pixels of c")
     g.add_argument("--rcs-tries", type=int, default=1, help="crop placements per item (1: the original, no check)")

@@ -1,7 +1,7 @@
 """Train a segmentor on source data (GTA) mixed with DGInStyle-generated data; evaluate on DG benchmarks.
 
-The recipe of DGInStyle-SegModel (reference §11.1-11.2), with the generated data really used
-(the original's builder silently drops it, §11.2 / decision 9):
+The recipe of DGInStyle-SegModel (its experiments.py and configs), with the generated data really
+used (the original's builder.py silently drops it):
   - model: DAFormer (MiT-B5 + separable-ASPP head) by default, ``--model segformer_mitb5`` etc.;
     ``--pretrained mit_b5.pth`` loads the official ImageNet MiT weights strictly;
     ``--model hrda_daformer_mitb5`` is HRDA (exp 61): the model's training forward takes a

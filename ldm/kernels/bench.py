@@ -20,7 +20,7 @@ fp16, random weights) per configuration, interleaved over several rounds: attent
 kernel plus the fused GroupNorm(+SiLU) and GEGLU (``ldm.layers.use_fused``); each also
 replayed as a CUDA graph (``--no-graphs`` leaves those out), which shows the kernels' speed without the
 CPU launch cost (a graph's peak memory is measured over its first call, so its memory pool is counted).
-``ldm`` must not import ``controlnet`` (architecture.md), so the ControlNet + U-Net step lives in
+``ldm`` must not import ``controlnet`` (the package layering tests/test_layering.py enforces), so the ControlNet + U-Net step lives in
 ``bench/kernels.py``, which passes it in through ``main(steps=...)``.
 """
 from __future__ import annotations
