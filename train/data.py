@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ldm.vae import DiagonalGaussian
 from mrlf.prompts import class_stack
@@ -293,7 +293,8 @@ class _Cached:
 def fill_latent_cache(dataset: _Cached, vae: torch.nn.Module, device, rank: int = 0, world_size: int = 1,
                       batch_size: int = 8, logger=None) -> int:
     """Encode this rank's share (index rank::world) of the items missing from the cache; returns the
-    number written. Call on every rank, then barrier."""
+    number written. A collective under torch.distributed: every rank calls it, and all wait until
+    every share is written."""
     todo = [i for i in range(rank, len(dataset), world_size) if dataset.cache.get(dataset.cache_key(i)) is None]
     dtype = next(vae.parameters()).dtype
     for s in range(0, len(todo), batch_size):
@@ -305,7 +306,20 @@ def fill_latent_cache(dataset: _Cached, vae: torch.nn.Module, device, rank: int 
             dataset.cache.put(dataset.cache_key(i), m)
         if logger is not None and (s // batch_size) % 50 == 0:
             logger.info(f"latent cache: {s + len(idx)}/{len(todo)} encoded on rank {rank}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if logger is not None:
+        logger.info(f"latent cache {dataset.cache.dir}: {len(todo)} new entries on rank {rank}")
     return len(todo)
+
+
+def shard_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, start: int,
+                 num_workers: int, pin_memory: bool) -> DataLoader:
+    """``batch_size`` items at a time from this rank's `ShardSampler` stream, from position ``start``
+    on (a resumed run's first unseen item). The loader's own generator keeps the global RNG untouched."""
+    sampler = ShardSampler(len(dataset), rank, world_size, seed=seed, start=start)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator(), persistent_workers=num_workers > 0)
 
 
 # ---------------------------------------------------------------------------------------

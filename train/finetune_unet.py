@@ -32,15 +32,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
 from ldm import checkpoint as ckpt_io
 from ldm.sd import StableDiffusion
 from mrlf.pipeline import Generator, SamplingSettings
 from samplers import SD15, add_noise
 from train import common
-from train.data import (DREAMBOOTH_SCALES, ImageDataset, LatentCache, ShardSampler, diffusion_inputs,
-                        fill_latent_cache, find_images, vae_fingerprint)
+from train.data import (DREAMBOOTH_SCALES, ImageDataset, LatentCache, diffusion_inputs, fill_latent_cache,
+                        find_images, shard_loader, vae_fingerprint)
 
 SAMPLE_PROMPT = "road building sky person vegetation car"
 
@@ -144,14 +143,10 @@ def main(args):
     dataset = ImageDataset(files, args.resolution, scales, "center" if args.center_crop else "random",
                            caption=args.prompt, seed=args.seed, rank=d.rank, cache=cache)
     if cache is not None:
-        n = fill_latent_cache(dataset, sd.vae, d.device, d.rank, d.world_size, logger=log)
-        common.barrier()
-        log.info(f"latent cache {cache.dir}: {n} new entries on rank 0")
+        fill_latent_cache(dataset, sd.vae, d.device, d.rank, d.world_size, logger=log)
     per_step = args.batch_size * args.grad_accum
-    sampler = ShardSampler(len(dataset), d.rank, d.world_size, seed=args.seed, start=position)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=d.device.type == "cuda", generator=torch.Generator(),
-                        persistent_workers=args.num_workers > 0)
+    loader = shard_loader(dataset, args.batch_size, d.rank, d.world_size, args.seed, position, args.num_workers,
+                          pin_memory=d.device.type == "cuda")
     log.info(f"{len(dataset)} images under {args.data}; {args.batch_size} x {args.grad_accum} per rank and step, "
              f"{per_step * d.world_size} per step in all")
 

@@ -42,7 +42,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
 from controlnet.checkpoint import load_controlnet, save_controlnet
 from controlnet.model import ControlNet
@@ -53,9 +52,8 @@ from mrlf.prompts import class_stack
 from samplers import SD15, add_noise
 from segmentation.labels import CLASS_NAMES, IGNORE, NUM_CHANNELS, colorize, load_label, one_hot, train_id_path
 from train import common
-from train.data import (CITYSCAPES_RATIOS, LAYOUTS, ControlNetDataset, LatentCache, ShardSampler, center_box,
-                        diffusion_inputs, discover_pairs, fill_latent_cache, pad_to, pair_class_stats,
-                        vae_fingerprint)
+from train.data import (CITYSCAPES_RATIOS, LAYOUTS, ControlNetDataset, LatentCache, center_box, diffusion_inputs,
+                        discover_pairs, fill_latent_cache, pad_to, pair_class_stats, shard_loader, vae_fingerprint)
 
 
 def load_base(args) -> StableDiffusion:
@@ -203,14 +201,10 @@ def main(args):
                                 resize_ratios=ratios, proportion_empty_prompts=args.proportion_empty_prompts,
                                 cache=cache)
     if cache is not None:
-        n = fill_latent_cache(dataset, sd.vae, d.device, d.rank, d.world_size, logger=log)
-        common.barrier()
-        log.info(f"latent cache {cache.dir}: {n} new entries on rank 0")
+        fill_latent_cache(dataset, sd.vae, d.device, d.rank, d.world_size, logger=log)
     per_step = args.batch_size * args.grad_accum
-    sampler = ShardSampler(len(dataset), d.rank, d.world_size, seed=args.seed, start=position)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=d.device.type == "cuda", generator=torch.Generator(),
-                        persistent_workers=args.num_workers > 0)
+    loader = shard_loader(dataset, args.batch_size, d.rank, d.world_size, args.seed, position, args.num_workers,
+                          pin_memory=d.device.type == "cuda")
     log.info(f"{len(pairs)} pairs ({layout} layout) from {args.data}; crop {args.crop}, resize ratios {ratios}; "
              f"{args.batch_size} x {args.grad_accum} per rank and step, {per_step * d.world_size} per step in all")
     val_labels = validation_labels(args, pairs) if d.is_main and args.validation_every else []
