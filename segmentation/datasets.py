@@ -242,8 +242,8 @@ def read_dataset_file(path: str | os.PathLike) -> list[dict]:
 
 def _without_label(lay: Layout, ann_dir: Path, images: dict[str, Path]) -> str:
     """The report on images whose label is missing (``images``: key -> image path). For a layout
-    with a raw twin (gta / gta_raw) it tells the images whose raw label is there, so the trainId
-    file only needs converting, from those without any label, and gives the converter's command."""
+    with a raw twin (gta / gta_raw) it tells apart the images whose raw label is there (only the
+    trainId file is missing) from those without any label, and gives the converter's command."""
     suffix = lay.seg_suffixes[0]
     msg = f"{len(images)} image(s) without a label in {ann_dir} (expected <name>{suffix})"
     raw = LAYOUTS.get(lay.name + "_raw")

@@ -6,24 +6,24 @@ one flat loop that calls these helpers, in the style of DiT's and nanoGPT's trai
 
 Typical use, top to bottom::
 
-    d, log, tb = start_run(args)                 # torchrun env -> process group, device; seeds; rank-0 log
-    model = DDP(model, ...) if d.distributed else model
-    state = resume(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt, scaler=scaler)
+    d, log, tb, amp_dtype = start_run(args)      # torchrun env -> process group, device; seeds; rank-0 log
+    ddp = DDP(model, ...) if d.distributed else model
+    state = resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt, scaler=scaler)
     step = state["step"] if state is not None else 0
     meter = Meter(step)
     ...
     for micro in range(accum):
-        with no_sync(model, sync=micro == accum - 1):   # all-reduce grads on the last micro-step only
-            with autocast(d.device, compute_dtype):
+        with no_sync(ddp, sync=micro == accum - 1):     # all-reduce grads on the last micro-step only
+            with autocast(d.device, amp_dtype):
                 loss = ...
             scaler.scale(loss / accum).backward()
         meter.add(loss=loss)
     ...
     metrics = meter.means(d)                     # the same numbers on every rank
     log_metrics(log, out, step, metrics, d, tb)  # rank 0: the log line and out/metrics.jsonl
-    save_checkpoint(ckpt_dir, step, {"model": unwrap(model).state_dict(), ...}, d, keep_last=3)
+    save_checkpoint(ckpt_dir, step, {"model": model.state_dict(), ...}, d, keep_last=3)
     ...
-    finish_run(log, tb)
+    finish_run(log, tb)                          # wait for rank 0's exports
     # and in `if __name__ == "__main__":`, after main(args) has returned:
     cleanup_distributed()
 
