@@ -1,7 +1,7 @@
 """ControlNet checkpoints: read, detect, convert, strictly load, save.
 
 Sources (all loaded into `controlnet.model.ControlNet`, whose names are lllyasviel's
-``control_model.*`` names without the prefix):
+``control_model.*`` names without the prefix, the U-Net encoder's names as in the U-Net):
   - lllyasviel files (``.pth/.ckpt/.safetensors``):
       * v1.0 files hold the whole SD pipeline next to the control part: ``control_model.*``
         plus ``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*`` and

@@ -1,7 +1,8 @@
 """The diffusers / transformers layouts: templated key rules and config translation.
 
-Our module names are the CompVis checkpoint names (see docs/architecture: "native key
-space"), so the diffusers folder layout is the only source that needs real renaming.
+Our module names are the CompVis checkpoint names after the prefix strip (``model.diffusion_model.``,
+``first_stage_model.``, ``cond_stage_model.transformer.``), so the diffusers folder layout is the
+only source that needs real renaming.
 The renaming is written as tables, in the style of gpt-fast's ``convert_hf_checkpoint``:
 
 - a ``Rule`` maps one *module* of ours to one module of theirs, with ``{}`` placeholders

@@ -32,11 +32,12 @@ from PIL import Image
 
 from ldm.atomic import atomic_file, clean_stale
 from ldm.checkpoint import DTYPES
+from mrlf.jobs import build_jobs, read_gen_file
 from mrlf.pipeline import DATASET, DEMO, MRLFSettings, Pipeline, SamplingSettings
 from mrlf.prompts import PromptConfig, make_prompt
 from samplers import SAMPLERS
 from segmentation.labels import TRAIN_ID_SUFFIX, colorize, load_label, save_label
-from segmentation.rcs import build_jobs, class_stats, place_crop, read_gen_file
+from segmentation.rcs import class_stats, place_crop
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "segmentation" / "examples"
 

@@ -1,4 +1,4 @@
-"""Controlled generation and Multi-Resolution Latent Fusion (DGInStyle §4).
+"""Controlled generation and DGInStyle's Multi-Resolution Latent Fusion.
 
 `Pipeline.sample` runs a sampler of `samplers/` (`SamplingSettings.sampler`: DDIM as the
 original, Euler, DPM++ 2M or any other registered one) on a guided, ControlNet-controlled

@@ -1,4 +1,4 @@
-"""Prompts from label maps (reference-dginstyle.md §6).
+"""Prompts from label maps, as DGInStyle words them for its ControlNet and its generation.
 
 - ``class_stack(label)``: the class names present, ascending train id, space-joined; void (255,
   and 19) excluded. This is the ControlNet training caption and the bare generation prompt.
@@ -8,7 +8,7 @@
 
 Random draws, from the supplied ``np.random.Generator``: always exactly one ``rng.random()``
 (compared ``< weather_prob``), then one ``rng.choice(weather_words)`` only when the weather branch
-is taken. The original used the unseeded global numpy RNG here (§12.3); we use the per-sample
+is taken. The original used the unseeded global numpy RNG here (prompts not reproducible); we use the per-sample
 Generator, and the faithful per-sample order is: crop placement draws first
 (``segmentation.rcs.place_crop``), then these weather draws, from the same Generator.
 """

@@ -4,7 +4,7 @@ The original (``tools/refine.get_views``) places square windows of 64 latents at
 0, stride, 2*stride, ... along each axis, row-major, as tuples ``(w0, h0, w1, h1)``.
 When ``size - window`` is not a multiple of the stride the right/bottom strip is
 never covered and fuses to 0. We add one edge-aligned window at ``size - window``
-in that case (decision 4 of reference-dginstyle.md), so every latent is covered;
+in that case, so every latent is covered;
 where the stride divides, the view list is identical to the original's.
 
 Our convention: a :class:`View` is ``(h0, h1, w0, w1)`` (half-open, latent units),

@@ -1,7 +1,8 @@
 """Segmentation datasets: folder layouts, (image, label) pairing, loading with id -> trainId
 conversion, rare-class sampling for the source set, and the source/generated mixture.
 
-Layouts (reference §11.3 and §1.3; ``{split}`` is the split folder):
+Layouts (as DGInStyle-SegModel and its dataset conversion scripts expect them; ``{split}`` is the
+split folder):
 
 | layout | images | labels | image / label suffix | labels hold |
 |---|---|---|---|---|
@@ -16,16 +17,24 @@ Layouts (reference §11.3 and §1.3; ``{split}`` is the split folder):
 | dark_zurich | same as acdc | | | trainIds |
 | folder | images | labels | .png/.jpg/.jpeg / _labelTrainIds.png or .png | trainIds |
 | dginstyle | manifest.jsonl (``image``/``label`` relative paths) | | | trainIds |
+| jsonl | a JSON-lines file as the root (``image``, ``conditioning_image``, ``text``) | | | trainIds (``conditioning_image``'s ``_labelTrainIds.png`` sibling) |
+
+``paired`` is another name for ``folder``. ``jsonl`` is the dataset file of DGInStyle's ControlNet
+training; relative paths in it are tried against the file's folder, then the working directory.
+An image without its trainId label in a layout that has a raw twin (``gta`` / ``gta_raw``,
+``cityscapes``, ``mapillary``) is reported with the ``segmentation.labels convert`` command that
+makes the missing files.
 
 ACDC and Dark Zurich are found both as shipped (``rgb_anon/<condition>/val/<seq>/...``) and
 flattened (``rgb_anon/val/...``, as SegModel's README does with rsync). Mapillary accepts
 ``val``/``train`` for ``validation``/``training``.
 
-Mixing (decision 9): ``MixedDataset`` draws sample k of rank r with ``default_rng([seed, r, k])``:
+Mixing: ``MixedDataset`` draws sample k of rank r with ``default_rng([seed, r, k])``:
 first the group (source or generated) with the requested ratio, or uniformly over the union when
 no ratio is given (what SegModel's DGDataset intended, ``P(gen) = N_gen / (N_src + N_gen)``), then
 the file (rare-class sampling if enabled) and every augmentation draw. The original builder never
-constructs the generated half (§11.2); here both are built and really read.
+constructs the generated half (its ``builder.py`` ignores the second source); here both are built
+and really read.
 """
 from __future__ import annotations
 
@@ -34,14 +43,15 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .labels import LUTS, NUM_CLASSES, TRAIN_ID_SUFFIX, LabelError, read_png_indices, to_train_ids, validate_label
+from .labels import (LUTS, NUM_CLASSES, TRAIN_ID_SUFFIX, LabelError, read_png_indices, to_train_ids, train_id_path,
+                     validate_label)
 from .rcs import DEFAULT_MIN_PIXELS, DEFAULT_TEMPERATURE, ClassStats, RareClassSampler, class_stats
 from .transforms import TestPipeline, TrainPipeline, resize_label
 
@@ -90,7 +100,10 @@ LAYOUTS: dict[str, Layout] = {
                           recursive=True, split_component=True, default_split="val", test_scale=(960, 540)),
     "folder": Layout("folder", "images", "labels", _IMG, (TRAIN_ID_SUFFIX, ".png"), test_scale=None),
     "dginstyle": Layout("dginstyle", "images", "labels", (".png",), (TRAIN_ID_SUFFIX,), test_scale=(512, 512)),
+    "jsonl": Layout("jsonl", ".", ".", _IMG, (TRAIN_ID_SUFFIX,), test_scale=None),
 }
+_ALIASES = {"darkzurich": "dark_zurich", "bdd": "bdd100k", "gen": "dginstyle", "generated": "dginstyle",
+            "paired": "folder"}
 BENCHMARKS = ("cityscapes", "bdd100k", "mapillary", "acdc", "dark_zurich")
 for _raw in [k for k in LAYOUTS if k.endswith("_raw")]:
     assert LAYOUTS[_raw].converter in LUTS
@@ -100,7 +113,7 @@ def get_layout(layout: str | Layout) -> Layout:
     if isinstance(layout, Layout):
         return layout
     key = layout.lower().replace("-", "_")
-    key = {"darkzurich": "dark_zurich", "bdd": "bdd100k", "gen": "dginstyle", "generated": "dginstyle"}.get(key, key)
+    key = _ALIASES.get(key, key)
     if key not in LAYOUTS:
         raise DatasetError(f"unknown dataset layout {layout!r}; known: {', '.join(LAYOUTS)}")
     return LAYOUTS[key]
@@ -144,6 +157,21 @@ def _suffix_of(name, suffixes):
     return next(s for s in suffixes if name.endswith(s))
 
 
+def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line; None for a line that is not JSON."""
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError:
+                yield n, None
+
+
+def convert_command(source: str, folder: str | os.PathLike, recursive: bool = False) -> str:
+    """The command that writes ``*_labelTrainIds.png`` next to the raw ``source`` labels of ``folder``."""
+    return f"python -m segmentation.labels convert --source {source} {folder}" + (" --recursive" if recursive else "")
+
+
 def read_manifest(root: str | os.PathLike) -> list[dict]:
     """The records of a DGInStyle output folder's ``manifest.jsonl`` (mrlf.generate), one per
     sample id (a regenerated sample's later line wins), with ``image_path`` and ``label_path``
@@ -157,14 +185,11 @@ def read_manifest(root: str | os.PathLike) -> list[dict]:
                            f"use the 'folder' layout for a plain images/ + labels/ folder")
     records: dict[str, dict] = {}
     bad = []
-    for n, line in enumerate(manifest.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, rec in _json_lines(manifest):
         try:
-            rec = json.loads(line)
             key = str(rec["id"])
             rec["image_path"], rec["label_path"] = str(root / rec["image"]), str(root / rec["label"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (KeyError, TypeError):
             bad.append(n)  # a line torn by a killed run (mrlf.generate redoes that sample on resume)
             continue
         records.pop(key, None)
@@ -179,15 +204,78 @@ def read_manifest(root: str | os.PathLike) -> list[dict]:
     return list(records.values())
 
 
+def _existing(name: str, dataset_file: Path, what: str, line_no: int) -> Path:
+    path = Path(name)
+    cands = [path] if path.is_absolute() else [dataset_file.parent / path, Path.cwd() / path]
+    for c in cands:
+        if c.exists():
+            return c
+    raise DatasetError(f"{dataset_file}:{line_no}: {what} {name!r} not found (tried {_few(cands)})")
+
+
+def read_dataset_file(path: str | os.PathLike) -> list[dict]:
+    """The records of a ``jsonl`` dataset file (DGInStyle's ControlNet training data: one object per
+    line with ``image``, ``conditioning_image``, the raw label, and ``text``), with ``image_path`` and
+    ``label_path`` added: the image and the trainId sibling of the raw label. Any line that is not
+    such a record, or names a missing file, raises ``DatasetError`` naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: the jsonl layout needs a dataset file")
+    records = []
+    for n, row in _json_lines(path):
+        if row is None:
+            raise DatasetError(f"{path}:{n}: not a JSON object; the dataset file has one object per line")
+        if not isinstance(row, dict) or not {"image", "conditioning_image"} <= set(row):
+            raise DatasetError(f"{path}:{n}: needs keys 'image' and 'conditioning_image' (and 'text'), "
+                               f"got {sorted(row) if isinstance(row, dict) else type(row).__name__}")
+        image = _existing(row["image"], path, "image", n)
+        raw = _existing(row["conditioning_image"], path, "conditioning_image", n)
+        label = raw if raw.name.endswith(TRAIN_ID_SUFFIX) else train_id_path(raw)
+        if not label.is_file():
+            raise DatasetError(f"{path}:{n}: the trainId label {label} is missing. Convert the raw label ids once "
+                               f"with:  {convert_command('gta', raw.parent)}")
+        records.append({**row, "image_path": str(image), "label_path": str(label)})
+    if not records:
+        raise DatasetError(f"{path}: empty dataset file")
+    return records
+
+
+def _without_label(lay: Layout, ann_dir: Path, images: dict[str, Path]) -> str:
+    """The report on images whose label is missing (``images``: key -> image path). For a layout
+    with a raw twin (gta / gta_raw) it tells apart the images whose raw label is there (only the
+    trainId file is missing) from those without any label, and gives the converter's command."""
+    suffix = lay.seg_suffixes[0]
+    msg = f"{len(images)} image(s) without a label in {ann_dir} (expected <name>{suffix})"
+    raw = LAYOUTS.get(lay.name + "_raw")
+    if raw is None:
+        return f"{msg}: {_few(images.values())}"
+    expected = {k: ann_dir / (k + suffix) for k in images}
+    convertible = [k for k in images if (ann_dir / (k + raw.seg_suffixes[0])).is_file()]
+    unlabelled = [k for k in images if k not in convertible]
+    cmd = convert_command(raw.converter, ann_dir, raw.recursive)
+    parts = []
+    if convertible:
+        parts.append(f"{len(convertible)} trainId label file(s) are missing, e.g. "
+                     f"{_few(expected[k] for k in convertible)}; the raw ids are there: convert them once with:  {cmd}")
+    if unlabelled:
+        parts.append(f"{len(unlabelled)} image(s) have no label at all, e.g. "
+                     + _few(f"{images[k].name} (no {expected[k].name})" for k in unlabelled)
+                     + f"; trainId labels are made from raw ids with:  {cmd}")
+    return f"{msg}: " + "; ".join(parts)
+
+
 def find_pairs(root: str | os.PathLike, layout: str | Layout, split: str | None = None,
                strict: bool = True) -> list[tuple[Path, Path]]:
-    """Sorted (image, label) path pairs of a dataset folder in ``layout``.
+    """Sorted (image, label) path pairs of a dataset folder in ``layout`` (for ``dginstyle`` and
+    ``jsonl``: in the order of the manifest / dataset file).
 
     Raises ``DatasetError`` when the root or a layout folder is missing, when no image is found,
     and (``strict``) when images lack labels or labels lack images, naming a few of each. With
     ``strict=False`` unpaired files are dropped with a warning."""
     lay = get_layout(layout)
     root = Path(root)
+    if lay.name == "jsonl":
+        return [(Path(r["image_path"]), Path(r["label_path"])) for r in read_dataset_file(root)]
     if not root.is_dir():
         raise DatasetError(f"dataset root {root} does not exist (layout {lay.name})")
     if lay.name == "dginstyle":
@@ -214,8 +302,7 @@ def find_pairs(root: str | os.PathLike, layout: str | Layout, split: str | None 
     if no_label or no_image:
         msg = []
         if no_label:
-            msg.append(f"{len(no_label)} image(s) without a label in {ann_dir} (expected "
-                       f"<name>{lay.seg_suffixes[0]}): {_few(images[k] for k in no_label)}")
+            msg.append(_without_label(lay, ann_dir, {k: images[k] for k in no_label}))
         if no_image:
             msg.append(f"{len(no_image)} label(s) without an image in {img_dir}: {_few(labels[k] for k in no_image)}")
         if strict:
@@ -227,7 +314,7 @@ def find_pairs(root: str | os.PathLike, layout: str | Layout, split: str | None 
 def parse_spec(spec: str, default_layout: str | None = None) -> tuple[Layout, Path]:
     """``"layout:PATH"`` (or a bare PATH with ``default_layout``) -> (Layout, Path)."""
     name, sep, path = spec.partition(":")
-    if sep and name.lower().replace("-", "_") in {*LAYOUTS, "darkzurich", "bdd", "gen", "generated"}:
+    if sep and name.lower().replace("-", "_") in {*LAYOUTS, *_ALIASES}:
         return get_layout(name), Path(path)
     if default_layout is None:
         raise DatasetError(f"dataset spec {spec!r} must be LAYOUT:PATH with LAYOUT one of {', '.join(LAYOUTS)}")
@@ -381,7 +468,7 @@ class MixedDataset(Dataset):
     ``ratio``: weights per group ("1:1"); None means uniform over the union of all files, so group
     g is drawn with probability N_g / N. Within a group a source is drawn proportionally to its
     size. Item k is a pure function of (seed, rank, k): any DataLoader worker count, resume at any
-    step and per-rank distinct data (decision 8). ``length`` is nominal (the sampler decides how
+    step and per-rank distinct data. ``length`` is nominal (the sampler decides how
     many items are read)."""
 
     def __init__(self, groups: Sequence[Sequence[TrainSource]], ratio=None, seed: int = 0, rank: int = 0,

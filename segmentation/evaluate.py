@@ -7,7 +7,7 @@
     torchrun --standalone --nproc_per_node=4 -m segmentation.evaluate ...same arguments...
 
 Any subset of the five benchmarks (or any layout of segmentation.datasets: ``gta``, ``folder``,
-``dginstyle`` ...) can be given as LAYOUT:PATH. As in SegModel's ``tools/test.py`` (§11.3):
+``dginstyle`` ...) can be given as LAYOUT:PATH. As in SegModel's ``tools/test.py``:
 the image is resized (keep ratio) to the dataset's test scale (Cityscapes/BDD100K/Mapillary
 1024x512, ACDC/Dark Zurich 960x540; doubled with ``--hr``), logits are computed over sliding
 512x512 windows with stride 256 (overlaps averaged) or on the whole image, resized back to the

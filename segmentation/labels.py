@@ -1,12 +1,13 @@
 """Cityscapes train classes, palette, id -> trainId maps, label I/O, one-hot and colours.
 
-Conventions (reference-dginstyle.md §1):
+Conventions (DGInStyle's ``training_classes.py``):
 - a label map holds Cityscapes train ids 0..18 and ``IGNORE`` (255) for void;
 - the ControlNet conditioning is a 20-channel one-hot map: channels 0..18 are the classes and
   channel ``VOID_CHANNEL`` (19) is void. The original ``make_one_hot`` wrote 19 into its input
-  where 255 was (§12.1); ``one_hot`` here never touches its input, so labels are saved as they came.
+  where 255 was, so its saved labels held 19; ``one_hot`` here never touches its input, so labels are
+  saved as they came.
 
-Raw ids -> trainIds (§1.3): GTA and Cityscapes share the Cityscapes label ids, Mapillary Vistas
+Raw ids -> trainIds (SegModel's ``tools/convert_datasets``): GTA and Cityscapes share the Cityscapes label ids, Mapillary Vistas
 v1.2 has its own table. ``convert_folder`` (CLI: ``python -m segmentation.labels convert --source
 gta|cityscapes|mapillary FOLDER``) writes ``*_labelTrainIds.png`` next to the raw files.
 """
@@ -85,7 +86,7 @@ def class_names(ids: Iterable[int]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Raw id -> trainId lookup tables (reference §1.3)
+# Raw id -> trainId lookup tables (SegModel's tools/convert_datasets/{gta,cityscapes,mapillary}.py)
 # --------------------------------------------------------------------------------------------
 # Cityscapes label ids -> train ids; GTA5 labels use the Cityscapes label ids.
 CITYSCAPES_TO_TRAIN: dict[int, int] = {
@@ -235,7 +236,7 @@ def one_hot(label, dtype: torch.dtype = torch.float32, device=None) -> torch.Ten
     Accepts numpy arrays, PIL images (mode L/P indices) and integer tensors; never mutates its
     input. Value 19 (what the original wrote into its labels) is accepted as void too; anything
     else outside 0..18 raises ``LabelError``. Equals ``np.eye(20)[label_with_255_as_19]`` with the
-    class axis moved to the channel position (the original's float64 H×W×20 layout, §12.20).
+    class axis moved to the channel position (the original's float64 H×W×20 layout).
     """
     t = _as_index_tensor(label)
     if t.dim() not in (2, 3):

@@ -1,6 +1,6 @@
 """Confusion matrix, per-class IoU and mIoU (mmseg's convention), distributed reduction.
 
-Convention (mmseg ``mean_iou``, used by DGInStyle-SegModel, reference §11.3):
+Convention (mmseg ``mean_iou``, used by DGInStyle-SegModel's ``tools/test.py --eval mIoU``):
 - pixels whose ground truth is ``ignore_index`` (255) are dropped; so are ground-truth values
   outside 0..num_classes-1 (they cannot be scored);
 - the confusion matrix ``cm[t, p]`` counts ground-truth class t predicted as p, summed over the

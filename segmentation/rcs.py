@@ -1,4 +1,4 @@
-"""Rare Class Sampling (reference-dginstyle.md §5): class statistics, probabilities, crop placement.
+"""Rare Class Sampling as DGInStyle uses it: class statistics, probabilities, crop placement.
 
 - ``class_stats(folder)``: per-file pixel counts of the 19 classes for the label PNGs of a folder,
   cached as JSON inside the folder (``rcs_class_stats.json``) and refreshed per file when a file's
@@ -7,14 +7,14 @@
   Classes with n_c = 0 are left out. The order is ascending n_c (the original's order), ties by
   ascending class id, so it is stable.
 - Eligible files of class c: pixel count of c **strictly greater** than ``min_pixels`` (3000).
-- ``RareClassSampler`` / ``build_jobs``: seeded (class, file) draws; ``read_gen_file`` /
-  ``write_gen_file``: the original's gen-file JSON (a list of {"class", "class_name", "file_name"}).
+- ``RareClassSampler``: seeded (class, file) draws (generation jobs and gen files built from them:
+  ``mrlf/jobs.py``).
 - ``place_crop``: a crop around a random pixel of the class, retried until it holds enough of it.
 
 Random draws (numpy ``Generator``), in this order:
 - ``RareClassSampler.sample``: ``rng.choice(classes, p=probs)`` then ``rng.integers(len(files))``.
 - ``place_crop``: exactly one ``rng.integers`` per try. Faithful mode draws ``rng.integers(0, n - 1)``
-  as the original does (§5.3): the exclusive upper bound means the last pixel (row-major order)
+  as the original's generation does: the exclusive upper bound means the last pixel (row-major order)
   can never be picked, and n <= 1 is an error. The default mode draws ``rng.integers(0, n)``.
 """
 from __future__ import annotations
@@ -27,13 +27,13 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ldm.atomic import write_text
 
-from .labels import CLASS_NAMES, IGNORE, NUM_CLASSES, TRAIN_ID_SUFFIX, LabelError, class_id, load_label
+from .labels import CLASS_NAMES, IGNORE, NUM_CLASSES, TRAIN_ID_SUFFIX, LabelError, load_label
 
 DEFAULT_PATTERN = "*" + TRAIN_ID_SUFFIX
 CACHE_NAME = "rcs_class_stats.json"
@@ -45,10 +45,6 @@ DEFAULT_CROP = 512
 
 class RCSError(ValueError):
     """Rare-class sampling cannot proceed (absent class, label smaller than the crop, ...)."""
-
-
-class GenFileError(ValueError):
-    """An invalid gen-file (job list) entry."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,106 +222,6 @@ class RareClassSampler:
         return c, int(files[rng.integers(len(files))])
 
 
-def build_jobs(source: str | os.PathLike | ClassStats, n: int, seed: int | np.random.Generator = 0,
-               temperature: float = DEFAULT_TEMPERATURE, min_pixels: int = DEFAULT_MIN_PIXELS,
-               crop_size=None, pattern: str = DEFAULT_PATTERN) -> list[dict]:
-    """``n`` RCS jobs from a label folder (or its ``ClassStats``): a list of
-    ``{"class": int, "class_name": str, "file": str}`` drawn with ``np.random.default_rng(seed)``
-    (or the Generator given). Only classes with eligible files are drawn (see RareClassSampler)."""
-    stats = source if isinstance(source, ClassStats) else class_stats(source, pattern=pattern)
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    sampler = RareClassSampler(stats, temperature, min_pixels, crop_size)
-    jobs = []
-    for _ in range(n):
-        c, i = sampler.sample(rng)
-        jobs.append({"class": c, "class_name": CLASS_NAMES[c], "file": str(stats.path(i))})
-    return jobs
-
-
-# --------------------------------------------------------------------------------------------
-# Gen files (the original's job-list JSON)
-# --------------------------------------------------------------------------------------------
-def check_class_present(label: np.ndarray, c: int, source: str = "label", min_pixels: int = 1) -> int:
-    """Pixel count of class c in ``label``; ``RCSError`` when below ``min_pixels``."""
-    n = int(np.count_nonzero(np.asarray(label) == c))
-    if n < min_pixels:
-        raise RCSError(f"{source}: class {c} ({CLASS_NAMES[c]}) has {n} pixel(s), "
-                       f"needs at least {min_pixels}")
-    return n
-
-
-def _parse_class(value) -> int | None:
-    """A train id from an int or a digit string ("15"); None when it is not one."""
-    if isinstance(value, (bool, np.bool_)):
-        return None
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, (int, np.integer)) and 0 <= value < NUM_CLASSES:
-        return int(value)
-    return None
-
-
-def write_gen_file(jobs: Iterable[dict], path: str | os.PathLike, relative_to: str | os.PathLike | None = None) -> None:
-    """Write jobs in the original format: ``[{"class": "15", "class_name": "bus", "file_name": ...}]``
-    (class as a string, as in example_data/gen_file.json). ``relative_to`` makes paths relative."""
-    out = []
-    for j in jobs:
-        c = class_id(j["class"])
-        f = Path(j.get("file", j.get("file_name")))
-        if relative_to is not None:
-            f = Path(os.path.relpath(f, relative_to))
-        out.append({"class": str(c), "class_name": CLASS_NAMES[c], "file_name": f.as_posix()})
-    write_text(path, json.dumps(out, indent=1) + "\n")
-
-
-def read_gen_file(path: str | os.PathLike, root: str | os.PathLike | None = None,
-                  validate: bool = True, min_pixels: int = 1) -> list[dict]:
-    """Read a gen file: a JSON list of {"class": "<id>" or <id>, "class_name"?, "file_name" (or
-    "file")}. Returns jobs ``{"class": int, "class_name": str, "file": str}``.
-
-    Relative file names resolve against ``root`` if given; else against the gen file's folder,
-    then the current directory (the original's convention), whichever exists. With ``validate``,
-    each file is loaded (values checked) and must hold at least ``min_pixels`` of its class.
-    Errors are ``GenFileError`` naming the gen file, the entry index and the label file."""
-    path = Path(path)
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise GenFileError(f"{path}: cannot read gen file ({e})") from e
-    if not isinstance(data, list):
-        raise GenFileError(f"{path}: a gen file must be a JSON list of entries")
-    jobs = []
-    for k, e in enumerate(data):
-        where = f"{path} entry {k}"
-        if not isinstance(e, dict) or "class" not in e or not ("file_name" in e or "file" in e):
-            raise GenFileError(f"{where}: needs 'class' and 'file_name', got {e!r}")
-        c = _parse_class(e["class"])
-        if c is None:
-            raise GenFileError(f"{where}: class must be a train id 0..{NUM_CLASSES - 1}, got {e['class']!r}")
-        if "class_name" in e:
-            try:
-                named = class_id(e["class_name"])
-            except KeyError:
-                named = None
-            if named != c:
-                raise GenFileError(f"{where}: class_name {e['class_name']!r} does not match class {c} "
-                                   f"({CLASS_NAMES[c]})")
-        f = Path(e.get("file_name", e.get("file")))
-        if not f.is_absolute():
-            cands = [Path(root) / f] if root is not None else [path.parent / f, Path.cwd() / f]
-            f = next((p for p in cands if p.exists()), cands[0])
-        if validate:
-            if not f.is_file():
-                raise GenFileError(f"{where}: label file not found: {f}")
-            try:
-                check_class_present(load_label(f), c, str(f), min_pixels)
-            except (LabelError, RCSError) as err:
-                raise GenFileError(f"{where}: {err}") from err
-        jobs.append({"class": c, "class_name": CLASS_NAMES[c], "file": str(f)})
-    return jobs
-
-
 # --------------------------------------------------------------------------------------------
 # Crop placement
 # --------------------------------------------------------------------------------------------
@@ -373,7 +269,7 @@ def crop_origin(x: int, y: int, height: int, width: int, crop_size=DEFAULT_CROP)
 def place_crop(label: np.ndarray, c: int, rng: np.random.Generator, crop_size=DEFAULT_CROP,
                min_ratio: float = 0.01, max_tries: int = 10, faithful: bool = False,
                source: str = "label") -> Crop:
-    """Crop box around a random pixel of class ``c`` (reference §5.3).
+    """Crop box around a random pixel of class ``c`` (the RCS crop of DGInStyle's generation).
 
     Each try draws one pixel index (faithful: ``rng.integers(0, n - 1)``; default
     ``rng.integers(0, n)``) into the row-major ``np.nonzero(label == c)`` order, centres the crop
@@ -411,38 +307,37 @@ def place_crop(label: np.ndarray, c: int, rng: np.random.Generator, crop_size=DE
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m segmentation.rcs", description="Rare class sampling tools")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("stats", help="class statistics and RCS probabilities of a label folder")
-    j = sub.add_parser("jobs", help="write a gen file of N RCS-sampled (class, file) jobs")
-    for p in (s, j):
-        p.add_argument("folder")
-        p.add_argument("--pattern", default=DEFAULT_PATTERN)
-        p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
-        p.add_argument("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS)
-        p.add_argument("--workers", type=int, default=1)
-        p.add_argument("--cache", default=None, help=f"statistics cache file (default FOLDER/{CACHE_NAME})")
-        p.add_argument("--no-cache", action="store_true", help="do not read or write a cache")
-    j.add_argument("-n", type=int, required=True, help="number of jobs")
-    j.add_argument("--seed", type=int, default=0)
-    j.add_argument("--crop-size", type=int, default=None, help="skip files smaller than this")
-    j.add_argument("-o", "--output", required=True, help="gen file (JSON) to write")
-    args = ap.parse_args(argv)
+def add_stats_arguments(p: argparse.ArgumentParser) -> None:
+    """The label-folder arguments of the command lines built on `class_stats` (this module's
+    ``stats``; ``python -m mrlf.jobs``); `stats_from_args` reads them."""
+    p.add_argument("folder", help="label folder (trainId PNGs)")
+    p.add_argument("--pattern", default=DEFAULT_PATTERN)
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    p.add_argument("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cache", default=None, help=f"statistics cache file (default FOLDER/{CACHE_NAME})")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write a cache")
+
+
+def stats_from_args(args: argparse.Namespace) -> ClassStats:
     cache = False if args.no_cache else (args.cache or True)
-    stats = class_stats(args.folder, pattern=args.pattern, cache=cache, workers=args.workers)
-    if args.cmd == "stats":
-        classes, probs = stats.class_probs(args.temperature)
-        tot = stats.totals()
-        print(f"{len(stats.files)} files")
-        print(f"{'id':>3} {'class':<14} {'pixels':>14} {'P(c)':>10} {'eligible':>9}")
-        for c, p in zip(classes, probs):
-            print(f"{c:>3} {CLASS_NAMES[c]:<14} {tot[c]:>14} {p:>10.4g} "
-                  f"{len(stats.eligible(int(c), args.min_pixels)):>9}")
-        return 0
-    jobs = build_jobs(stats, args.n, args.seed, args.temperature, args.min_pixels, args.crop_size)
-    write_gen_file(jobs, args.output)
-    print(f"wrote {len(jobs)} jobs to {args.output}")
+    return class_stats(args.folder, pattern=args.pattern, cache=cache, workers=args.workers)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m segmentation.rcs", description="Rare class sampling tools "
+                                 "(gen files of RCS-drawn jobs: python -m mrlf.jobs)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    add_stats_arguments(sub.add_parser("stats", help="class statistics and RCS probabilities of a label folder"))
+    args = ap.parse_args(argv)
+    stats = stats_from_args(args)
+    classes, probs = stats.class_probs(args.temperature)
+    tot = stats.totals()
+    print(f"{len(stats.files)} files")
+    print(f"{'id':>3} {'class':<14} {'pixels':>14} {'P(c)':>10} {'eligible':>9}")
+    for c, p in zip(classes, probs):
+        print(f"{c:>3} {CLASS_NAMES[c]:<14} {tot[c]:>14} {p:>10.4g} "
+              f"{len(stats.eligible(int(c), args.min_pixels)):>9}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """The mmseg training / test pipelines of DGInStyle-SegModel, on numpy arrays, seeded by argument.
 
-Training (reference §11.2, GTA branch): ``Resize`` (keep ratio, fit ``scale`` = (long, short)
+Training (SegModel's GTA configs): ``Resize`` (keep ratio, fit ``scale`` = (long, short)
 edges, e.g. (1280, 720)) -> ``RandomCrop`` 512 with ``cat_max_ratio`` 0.75 (up to 10 re-draws) ->
 ``RandomFlip`` 0.5 -> ``PhotoMetricDistortion`` (brightness +-32, contrast 0.5-1.5, saturation
 0.5-1.5, hue +-18 on OpenCV's 0..180 scale) -> ``Normalize`` (ImageNet mean/std, RGB) -> ``Pad``

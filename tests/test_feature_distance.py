@@ -1,11 +1,11 @@
-"""DAFormer's ImageNet feature distance on thing classes (train.train_segmentation): the ratio
+"""DAFormer's ImageNet feature distance on thing classes (segmentation.feature_distance): the ratio
 label downscaling, the masked distance, the frozen reference and where its gradients go."""
 import numpy as np
 import pytest
 import torch
 
 from segmentation.models import build_segmentor
-from train.train_segmentation import THING_CLASSES, FeatureDistance, downscale_label_ratio, feature_distance
+from segmentation.feature_distance import THING_CLASSES, FeatureDistance, downscale_label_ratio, feature_distance
 
 V = 255  # void
 

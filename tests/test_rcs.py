@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mrlf import jobs as J
 from segmentation import labels as L
 from segmentation import rcs
 
@@ -191,9 +192,9 @@ def test_sampler_restricts_and_follows_documented_draws(elig_folder):
 
 
 def test_build_jobs_deterministic_and_eligible(elig_folder):
-    jobs = rcs.build_jobs(elig_folder, 40, seed=3, min_pixels=49)
-    assert jobs == rcs.build_jobs(elig_folder, 40, seed=3, min_pixels=49)
-    assert jobs != rcs.build_jobs(elig_folder, 40, seed=4, min_pixels=49)
+    jobs = J.build_jobs(elig_folder, 40, seed=3, min_pixels=49)
+    assert jobs == J.build_jobs(elig_folder, 40, seed=3, min_pixels=49)
+    assert jobs != J.build_jobs(elig_folder, 40, seed=4, min_pixels=49)
     st = rcs.class_stats(elig_folder)
     seen = set()
     for j in jobs:
@@ -203,25 +204,25 @@ def test_build_jobs_deterministic_and_eligible(elig_folder):
         seen.add(j["class"])
     assert seen <= {0, 1, 17}
     # with min_pixels 3000 only class 0 (file c) and class 1 (file b) can appear
-    for j in rcs.build_jobs(st, 30, seed=0):
+    for j in J.build_jobs(st, 30, seed=0):
         assert (j["class"], os.path.basename(j["file"])) in {(0, "c_labelTrainIds.png"), (1, "b_labelTrainIds.png")}
 
 
 # ---------------------------------------------------------------- gen files
 def test_gen_file_roundtrip(elig_folder, tmp_path):
-    jobs = rcs.build_jobs(elig_folder, 5, seed=1, min_pixels=49)
+    jobs = J.build_jobs(elig_folder, 5, seed=1, min_pixels=49)
     gf = tmp_path / "0.json"
-    rcs.write_gen_file(jobs, gf, relative_to=tmp_path)
+    J.write_gen_file(jobs, gf, relative_to=tmp_path)
     raw = json.loads(gf.read_text())
     assert set(raw[0]) == {"class", "class_name", "file_name"}
     assert isinstance(raw[0]["class"], str) and not os.path.isabs(raw[0]["file_name"])
-    back = rcs.read_gen_file(gf)  # relative to the gen file's folder
+    back = J.read_gen_file(gf)  # relative to the gen file's folder
     assert [(j["class"], os.path.realpath(j["file"])) for j in back] == \
            [(j["class"], os.path.realpath(j["file"])) for j in jobs]
     # int classes and "file" keys are accepted too; root resolves relative names
     other = tmp_path / "o.json"
     other.write_text(json.dumps([{"class": 1, "class_name": "sidewalk", "file": "b_labelTrainIds.png"}]))
-    assert rcs.read_gen_file(other, root=elig_folder)[0]["file"] == str(elig_folder / "b_labelTrainIds.png")
+    assert J.read_gen_file(other, root=elig_folder)[0]["file"] == str(elig_folder / "b_labelTrainIds.png")
 
 
 @pytest.mark.parametrize("entry, match", [
@@ -237,21 +238,21 @@ def test_gen_file_validation_errors(elig_folder, tmp_path, entry, match):
     _write(elig_folder / "bad_labelTrainIds.png", np.full((2, 2), 99, np.uint8))
     gf = tmp_path / "g.json"
     gf.write_text(json.dumps([entry]))
-    with pytest.raises(rcs.GenFileError, match=match):
-        rcs.read_gen_file(gf, root=elig_folder)
+    with pytest.raises(J.GenFileError, match=match):
+        J.read_gen_file(gf, root=elig_folder)
 
 
 def test_gen_file_not_a_list(tmp_path):
     gf = tmp_path / "g.json"
     gf.write_text("{}")
-    with pytest.raises(rcs.GenFileError, match="list"):
-        rcs.read_gen_file(gf)
+    with pytest.raises(J.GenFileError, match="list"):
+        J.read_gen_file(gf)
 
 
 def test_cli(elig_folder, tmp_path, capsys):
     out = tmp_path / "jobs.json"
-    assert rcs.main(["jobs", str(elig_folder), "-n", "4", "--seed", "2", "-o", str(out)]) == 0
-    assert len(rcs.read_gen_file(out)) == 4
+    assert J.main([str(elig_folder), "-n", "4", "--seed", "2", "-o", str(out)]) == 0
+    assert len(J.read_gen_file(out)) == 4
     assert rcs.main(["stats", str(elig_folder)]) == 0
     assert "sidewalk" in capsys.readouterr().out
 

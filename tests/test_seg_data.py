@@ -88,7 +88,7 @@ def test_all_reduce_confusion_sums_over_two_gloo_processes(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Layouts and mappings
 # --------------------------------------------------------------------------------------------
-# The reference tables (reference-dginstyle.md §1.3), written out again independently.
+# The id -> trainId tables of SegModel's tools/convert_datasets scripts, written out again independently.
 CITYSCAPES_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
                   26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 MAPILLARY_IDS = {13: 0, 24: 0, 41: 0, 2: 1, 15: 1, 17: 2, 6: 3, 3: 4, 45: 5, 47: 5, 48: 6, 50: 7, 30: 8, 29: 9,

@@ -17,8 +17,9 @@ from segmentation.evaluate import evaluate_dataset
 from segmentation.labels import colorize
 from segmentation.metrics import mean_iou
 from segmentation.models import build_segmentor, load_segmentor
+from segmentation.optim import lr_factor, param_groups
 from segmentation.synthetic import street_scene
-from train.train_segmentation import lr_factor, main, param_groups, parse_args
+from train.train_segmentation import main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,6 +136,28 @@ def test_resume_continues_exactly(tmp_path, one_thread):
     assert all(torch.equal(v, a["model"][k]) for k, v in m.state_dict().items())
     metrics = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2, 4, 6] and all(0 <= m["generated_share"] <= 1 for m in metrics)
+
+
+def test_resume_in_the_same_folder_logs_each_step_once(tmp_path, one_thread):
+    """Resuming in the run's own folder from an earlier checkpoint drops the metrics rows logged after
+    it (training and evaluation rows alike): the resumed run logs those steps again, once, and
+    metrics.jsonl ends as an uninterrupted run's."""
+    src = write_scenes(tmp_path / "src", 3, size=48)
+    gen = write_scenes(tmp_path / "gen", 3, size=32, seed=1, generated=True)
+    run = ["--max-iters", "6", "--ckpt-every", "3", "--keep-last", "2", "--eval", f"folder:{src}",
+           "--eval-every", "3", "--eval-mode", "whole"]
+    out = tmp_path / "run"
+    main(_args(out, src, gen, *run))
+    first = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in first] == [2, 3, 4, 6, 6]
+    main(_args(out, src, gen, *run, "--resume", str(out / "checkpoints" / "step_0000003.pt")))
+    again = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in again] == [2, 3, 4, 6, 6]
+    assert again[:2] == first[:2]  # the rows up to the checkpoint are kept as they were
+    assert again[2].keys() == first[2].keys()  # step 4 (its loss averages steps 3-4 before, 4 alone after)
+    for a, b in zip(first[3:], again[3:]):  # step 6, whose log interval (5-6) both runs trained alike
+        assert a.keys() == b.keys()
+        assert all(a[k] == b[k] for k in a if k.startswith(("loss", "mIoU")) or k == "generated_share")
 
 
 FD_ALL = ["--fd-lambda", "0.5", "--fd-classes", *map(str, range(19)), "--fd-min-ratio", "0"]  # 32-px crops: one

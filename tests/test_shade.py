@@ -6,12 +6,16 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+from segmentation.datasets import SegDataset, TrainSource
 from segmentation.models import build_segmentor, load_segmentor
-from segmentation.models.shade import (StyleHallucination, attach_style_hallucination, farthest_point_sample,
-                                       stage1_features, stage1_statistics, style_consistency_loss)
+from segmentation.models.shade import (StyleHallucination, attach_style_hallucination, compute_basis,
+                                       farthest_point_sample, stage1_features, stage1_statistics,
+                                       style_consistency_loss)
+from segmentation.transforms import TrainPipeline
 from train.train_segmentation import main
 from tests.test_seg_train import ROOT, _args, _same_weights, one_thread, write_scenes  # noqa: F401
 
@@ -130,6 +134,30 @@ def test_resnet_backbones_are_refused():
 
 def _metrics(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_basis_pass_picks_styles_of_the_source_images(tmp_path, one_thread):
+    """compute_basis: K of the pooled stage-1 styles (of every source image, model in eval mode), a
+    function of (seed, step) only; a capped pass pools that many images; the training mode stays."""
+    pipe = TrainPipeline(scale=None, crop=48, cat_max_ratio=1.0, photometric=False, flip_prob=0.0)  # no-op
+    sources = [TrainSource(SegDataset(write_scenes(tmp_path / f"s{i}", 3, size=48, seed=i), "folder"), pipe)
+               for i in range(2)]
+    torch.manual_seed(0)
+    model = build_segmentor("tiny").train()
+    mean, std, n = compute_basis(model, sources, 4, seed=1, step=0, batch_size=2)
+    assert n == 6 and mean.shape == std.shape == (4, model.backbone.out_channels[0]) and model.training
+    again = compute_basis(model, sources, 4, seed=1, step=0, batch_size=3)
+    assert torch.equal(mean, again[0]) and torch.equal(std, again[1])
+    assert not torch.equal(mean, compute_basis(model, sources, 4, seed=1, step=4000, batch_size=2)[0])
+    model.eval()
+    with torch.no_grad():
+        images = [src.pipeline(*src.dataset.load(i), np.random.default_rng(0))[0] for src in sources
+                  for i in range(len(src))]
+        pooled = stage1_statistics(model.backbone, torch.stack(images))
+    basis = torch.cat([mean, std], dim=1)
+    hits = [int(torch.isclose(pooled, b, atol=1e-5).all(1).nonzero()[0]) for b in basis]
+    assert len(set(hits)) == 4  # four distinct source images
+    assert compute_basis(model, sources, 2, seed=1, step=0, max_images=4)[2] == 4
 
 
 @pytest.mark.parametrize("hrda", [False, True])

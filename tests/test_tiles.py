@@ -17,7 +17,7 @@ def coverage(views, size):
 
 
 def original_views(height_px, width_px, window=64, stride=8):
-    """tools/refine.get_views as described in reference-dginstyle.md 4.2: (w0, h0, w1, h1), row-major."""
+    """The original's tools/refine.get_views: (w0, h0, w1, h1) windows at multiples of the stride, row-major."""
     hl, wl = height_px / 8, width_px / 8  # float division, as in the original
     nh = int((hl - window) // stride + 1)
     nw = int((wl - window) // stride + 1)

@@ -25,11 +25,12 @@ from controlnet.model import ControlNet
 from ldm import checkpoint as ckpt_io
 from ldm.sd import StableDiffusion
 from mrlf.prompts import class_stack
+from segmentation.datasets import DatasetError
 from segmentation.labels import load_label, one_hot
 from segmentation.synthetic import street_scene
 from train import common, finetune_unet, train_controlnet
-from train.data import (ControlNetDataset, ImageDataset, LatentCache, LayoutError, ShardSampler,
-                        diffusion_inputs, discover_pairs, find_images, pair_class_stats)
+from train.data import (ControlNetDataset, ImageDataset, LatentCache, ShardSampler, diffusion_inputs, discover_pairs,
+                        find_images, pair_class_stats)
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 64  # training resolution of every test (tiny U-Net: 8x8 latents)
@@ -184,46 +185,46 @@ def test_layouts_are_discovered(tmp_path):
 
 def test_bad_layouts_give_clear_errors(tmp_path):
     raw_only = _write_gta(tmp_path / "raw_only", n=2, raw=True, train_ids=False)
-    with pytest.raises(LayoutError, match=r"segmentation\.labels convert --source gta .*--layout paired"):
+    with pytest.raises(DatasetError, match=r"segmentation\.labels convert --source gta .*--layout paired"):
         discover_pairs(raw_only)
-    with pytest.raises(LayoutError, match=r"2 trainId label file\(s\) are missing.*segmentation\.labels convert "
+    with pytest.raises(DatasetError, match=r"2 trainId label file\(s\) are missing.*segmentation\.labels convert "
                                           r"--source gta"):
         discover_pairs(raw_only, "gta")
 
     partly = _write_gta(tmp_path / "partly", n=3, raw=True)
     (partly / "labels" / "00001_labelTrainIds.png").unlink()
-    with pytest.raises(LayoutError, match=r"1 trainId label file\(s\).*00001_labelTrainIds\.png"):
+    with pytest.raises(DatasetError, match=r"1 trainId label file\(s\).*00001_labelTrainIds\.png"):
         discover_pairs(partly)
 
     unlabelled = _write_gta(tmp_path / "unlabelled", n=2)
     Image.new("RGB", (8, 8)).save(unlabelled / "images" / "99999.png")
-    with pytest.raises(LayoutError, match=r"1 image\(s\) have no label.*99999\.png"):
+    with pytest.raises(DatasetError, match=r"1 image\(s\) have no label.*99999\.png"):
         discover_pairs(unlabelled)
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(LayoutError, match="unknown dataset layout"):
+    with pytest.raises(DatasetError, match="unknown dataset layout"):
         discover_pairs(tmp_path / "empty")
-    with pytest.raises(LayoutError, match="no such folder"):
+    with pytest.raises(DatasetError, match="no such folder"):
         discover_pairs(tmp_path / "missing")
-    with pytest.raises(LayoutError, match="unknown layout 'coco'"):
+    with pytest.raises(DatasetError, match="unknown layout 'coco'"):
         discover_pairs(tmp_path, "coco")
-    with pytest.raises(LayoutError, match="no \\*.png / \\*.jpg images"):
+    with pytest.raises(DatasetError, match="no \\*.png / \\*.jpg images"):
         find_images(tmp_path / "empty")
 
     cs = tmp_path / "cs"
     (cs / "leftImg8bit" / "train" / "ulm").mkdir(parents=True)
     (cs / "gtFine" / "train" / "ulm").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(cs / "leftImg8bit" / "train" / "ulm" / "ulm_000000_000019_leftImg8bit.png")
-    with pytest.raises(LayoutError, match=r"ulm_000000_000019_gtFine_labelTrainIds\.png.*--source cityscapes "
+    with pytest.raises(DatasetError, match=r"ulm_000000_000019_gtFine_labelTrainIds\.png.*--source cityscapes "
                                           r".*--recursive"):
         discover_pairs(cs)
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "x", "image": "nope.png"}) + "\n")
-    with pytest.raises(LayoutError, match=r"bad\.jsonl:1: needs keys 'image' and 'conditioning_image'"):
+    with pytest.raises(DatasetError, match=r"bad\.jsonl:1: needs keys 'image' and 'conditioning_image'"):
         discover_pairs(bad)
     bad.write_text(json.dumps({"image": "nope.png", "conditioning_image": "n.png"}) + "\n")
-    with pytest.raises(LayoutError, match=r"bad\.jsonl:1: image 'nope\.png' not found"):
+    with pytest.raises(DatasetError, match=r"bad\.jsonl:1: image 'nope\.png' not found"):
         discover_pairs(bad)
 
 
@@ -268,7 +269,7 @@ def test_controlnet_items_are_keyed_rcs_crops(gta):
     expect = torch.from_numpy(image[y1:y1 + RES, x1:x1 + RES]).permute(2, 0, 1).float() / 127.5 - 1
     assert (a["pixel_values"] - expect).abs().max() < 1e-6
     assert a["caption"] == class_stack(label[y1:y1 + RES, x1:x1 + RES]) and (a["label"] == int(c)).any()
-    # ranks, epochs and indices all give other draws (the original drew the same on every rank, §12.14)
+    # ranks, epochs and indices all give other draws (the original drew the same on every rank)
     other_rank = ControlNetDataset(pairs, RES, "rcs", seed=0, rank=1, stats=stats, rcs_min_pixels=50)
     draws = lambda d, keys: [(d[k]["desc"], d[k]["seed"]) for k in keys]  # noqa: E731
     keys = [(0, i) for i in range(6)]

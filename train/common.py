@@ -1,27 +1,29 @@
-"""What every torchrun training script here shares: DDP setup, seeding, rank-0 logging,
-checkpoints with every RNG state, EMA, gradient-accumulation sync control. Nothing more:
-no Trainer class, no callbacks; each script (train/finetune_unet.py, train/train_controlnet.py,
-train/train_segmentation.py) is one flat loop that calls these helpers (the DiT / nanoGPT
-train.py style, docs: design/style.md practice 9 and 10).
+"""What every torchrun training script here shares: DDP setup, seeding, rank-0 logging, the
+command-line groups they have in common, checkpoints with every RNG state and exact resume, loss
+meters, EMA, gradient-accumulation sync control. Nothing more: no Trainer class, no callbacks;
+each script (train/finetune_unet.py, train/train_controlnet.py, train/train_segmentation.py) is
+one flat loop that calls these helpers, in the style of DiT's and nanoGPT's train.py.
 
 Typical use, top to bottom::
 
-    d = setup_distributed()                      # torchrun env -> process group, device
-    seed_everything(args.seed, d)                # seed * world_size + rank
-    log = create_logger(out_dir, d)              # rank 0: stdout + out_dir/log.txt
-    tb = open_tensorboard(out_dir, d)            # None unless rank 0 and tensorboard installed
-    model = DDP(model, ...) if d.distributed else model
+    d, log, tb, amp_dtype = start_run(args)      # torchrun env -> process group, device; seeds; rank-0 log
+    ddp = DDP(model, ...) if d.distributed else model
+    state = resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt, scaler=scaler)
+    step = state["step"] if state is not None else 0
+    meter = Meter(step)
     ...
     for micro in range(accum):
-        with no_sync(model, sync=micro == accum - 1):   # all-reduce grads on the last micro-step only
-            with autocast(d.device, compute_dtype):
+        with no_sync(ddp, sync=micro == accum - 1):     # all-reduce grads on the last micro-step only
+            with autocast(d.device, amp_dtype):
                 loss = ...
             scaler.scale(loss / accum).backward()
+        meter.add(loss=loss)
     ...
-    loss_avg = all_reduce_mean(loss_sum / n, d)  # the same number on every rank
-    write_metrics(out_dir, step, {"loss": loss_avg}, d, tb)   # rank 0: out_dir/metrics.jsonl
-    save_checkpoint(ckpt_dir, step, {"model": unwrap(model).state_dict(), ...}, d, keep_last=3)
+    metrics = meter.means(d)                     # the same numbers on every rank
+    log_metrics(log, out, step, metrics, d, tb)  # rank 0: the log line and out/metrics.jsonl
+    save_checkpoint(ckpt_dir, step, {"model": model.state_dict(), ...}, d, keep_last=3)
     ...
+    finish_run(log, tb)                          # wait for rank 0's exports
     # and in `if __name__ == "__main__":`, after main(args) has returned:
     cleanup_distributed()
 
@@ -34,6 +36,7 @@ Load with ``load_checkpoint`` (``weights_only=True``: only tensors and plain Pyt
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import logging
@@ -42,6 +45,7 @@ import os
 import random
 import re
 import sys
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +179,72 @@ def requires_grad(model: nn.Module, flag: bool = True) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------
+# A run: its command-line groups, its start and its end
+# ---------------------------------------------------------------------------------------
+
+def add_run_arguments(p: argparse.ArgumentParser, *, num_workers: int, log_every: int, ckpt_every: int,
+                      keep_last: int):
+    """The "run" argument group of every script (defaults per script); returns it for the script's own."""
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", required=True)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--num-workers", type=int, default=num_workers)
+    g.add_argument("--log-every", type=int, default=log_every)
+    g.add_argument("--ckpt-every", type=int, default=ckpt_every)
+    g.add_argument("--keep-last", type=int, default=keep_last, help="checkpoints kept")
+    g.add_argument("--resume", help="'auto' (latest in OUTPUT/checkpoints, if any) or a checkpoint path")
+    return g
+
+
+def add_diffusion_optimisation(p: argparse.ArgumentParser, *, batch_size: int, grad_accum: int, max_steps: int,
+                               lr: float):
+    """The "optimisation" group of the diffusion scripts (U-Net fine-tuning, ControlNet training):
+    AdamW with a constant lr, clipping, mixed precision with fp32 master weights, EMA."""
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="micro-batch per GPU")
+    g.add_argument("--grad-accum", type=int, default=grad_accum, help="micro-batches per optimizer step")
+    g.add_argument("--max-steps", type=int, default=max_steps)
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--weight-decay", type=float, default=1e-2)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--mixed-precision", choices=PRECISIONS, default="auto",
+                   help="autocast dtype with fp32 master weights (frozen models are cast to it); "
+                        "auto = bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass (the trained model and a frozen U-Net)")
+    g.add_argument("--ema", action="store_true", help="keep an EMA of the trained weights (exports then hold it)")
+    g.add_argument("--ema-decay", type=float, default=0.9999)
+    g.add_argument("--no-tf32", dest="tf32", action="store_false", help="disable TF32 matmuls on CUDA")
+    return g
+
+
+def start_run(args) -> tuple[Dist, logging.Logger, Any, torch.dtype]:
+    """The opening of every script: the process group and device (``args.device``), the seeds
+    (``args.seed``), the rank-0 logger writing ``args.output_dir/log.txt``, the TensorBoard writer
+    (or None) and the compute dtype of ``args.mixed_precision``. The first log line names the rank,
+    the device, the dtype and every argument."""
+    d = setup_distributed(args.device)
+    seed_everything(args.seed, d)
+    log = create_logger(args.output_dir, d)
+    tb = open_tensorboard(args.output_dir, d)
+    amp_dtype = compute_dtype(args.mixed_precision, d.device)
+    log.info(f"rank {d.rank}/{d.world_size} on {d.device}, compute dtype {amp_dtype}; args: {json.dumps(vars(args))}")
+    return d, log, tb, amp_dtype
+
+
+def finish_run(log: logging.Logger, tb=None) -> None:
+    """The end of every script: all ranks wait for rank 0's exports, then the logs close."""
+    barrier()
+    log.info("done")
+    if tb is not None:
+        tb.close()
+
+
+# ---------------------------------------------------------------------------------------
 # Precision
 # ---------------------------------------------------------------------------------------
 
@@ -279,6 +349,42 @@ def log_metrics(log, output_dir: str | os.PathLike, step: int, metrics: Mapping[
     nums = "  ".join(f"{k} {v:.5g}" for k, v in metrics.items() if isinstance(v, (int, float)))
     log.info(f"step {step:7d}  {nums}")
     write_metrics(output_dir, step, metrics, d, tb)
+
+
+class Meter:
+    """The loss terms of the steps since the last log line, summed on their device (no host sync per
+    step), and the training time they took: ``means`` and ``samples_per_s`` at a log line, then
+    ``restart``."""
+
+    def __init__(self, step: int = 0):
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n, self.step0, self.t0 = 0, int(step), time.time()
+
+    def add(self, **terms: torch.Tensor) -> None:
+        """One forward pass's loss terms (scalars)."""
+        for k, v in terms.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += 1
+
+    def means(self, d: Dist) -> dict[str, float]:
+        """Each term's mean over the forward passes and the ranks (a collective)."""
+        return {k: all_reduce_mean(v / self.n, d) for k, v in self.sums.items()}
+
+    def samples_per_s(self, step: int, samples_per_step: int) -> float:
+        return (step - self.step0) * samples_per_step / max(time.time() - self.t0, 1e-9)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (evaluation, checkpoints) does not count as training time."""
+        t = time.time()
+        try:
+            yield
+        finally:
+            self.t0 += time.time() - t
 
 
 def write_metrics(output_dir: str | os.PathLike, step: int, metrics: Mapping[str, Any], d: Dist, tb=None) -> None:
@@ -467,3 +573,27 @@ def restore_rng(ckpt: Mapping, d: Dist, generators: Mapping[str, torch.Generator
         return False
     set_rng_state(rngs[d.rank], generators)
     return True
+
+
+def resume_checkpoint(resume: str | None, checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, d: Dist,
+                      logger: logging.Logger, *, model: nn.Module, optimizer, scaler,
+                      ema: nn.Module | None = None) -> dict | None:
+    """``--resume``: the checkpoint to continue from (`resolve_resume`), or None for a fresh start.
+
+    Loads the model, optimizer and grad-scaler states (and the EMA's: the model's for a checkpoint
+    saved without one), puts this rank's RNG states back (`restore_rng`) and drops the
+    ``metrics.jsonl`` rows logged after the checkpoint's step, which the resumed run logs again.
+    Returns the checkpoint, for ``step`` and the script's own entries."""
+    path = resolve_resume(resume, checkpoint_dir)
+    if path is None:
+        return None
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    restore_rng(state, d, logger=logger)
+    truncate_metrics(output_dir, state["step"], d)
+    logger.info(f"resumed from {path} at step {state['step']}")
+    return state

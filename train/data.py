@@ -1,18 +1,12 @@
 """Datasets for the diffusion training scripts (U^S fine-tuning and ControlNet training).
 
-Layouts (``discover_pairs``; ``layout="auto"`` picks by what the root holds):
-  - ``gta``: ``ROOT/images/00001.png`` + ``ROOT/labels/00001_labelTrainIds.png``. The raw GTA
-    ids (``labels/00001.png``) are converted once with
-    ``python -m segmentation.labels convert --source gta ROOT/labels``; missing trainId files are
-    refused with that command in the message.
-  - ``cityscapes``: ``ROOT/leftImg8bit/<split>/<city>/*_leftImg8bit.png`` +
-    ``ROOT/gtFine/<split>/<city>/*_gtFine_labelTrainIds.png``.
-  - ``paired``: ``ROOT/images/<stem>.{png,jpg}`` + ``ROOT/labels/<stem>.png`` (or
-    ``<stem>_labelTrainIds.png``) already holding trainIds (e.g. a generated DGInStyle dataset).
-  - ``jsonl``: the original's dataset file (reference §10): one JSON object per line with
-    ``text``, ``image`` and ``conditioning_image`` (the *raw* label; its ``_labelTrainIds.png``
-    sibling is read). Relative paths are tried against the file's folder, then the working dir.
-  ``find_images`` lists every ``*.png/*.jpg`` under a folder (recursive) for U^S fine-tuning.
+Finding files: ``discover_pairs`` reads any layout of the one layout table,
+``segmentation.datasets.LAYOUTS``, whose labels are trainId files (``gta``, ``cityscapes``,
+``paired`` = ``folder``, ``jsonl`` = DGInStyle's ControlNet dataset file, ``dginstyle``, ...);
+``--layout auto`` (``detect_layout``) picks ``jsonl`` for a .json/.jsonl file, ``cityscapes`` for
+leftImg8bit/ + gtFine/ and ``gta`` for images/ + labels/ holding trainId files. Raw label ids are
+refused with the ``segmentation.labels convert`` command that makes the trainId files.
+``find_images`` lists every ``*.png/*.jpg`` under a folder (recursive) for U^S fine-tuning.
 
 Sampling and randomness (what makes DDP and resume exact):
   ``ShardSampler`` is an infinite, index-based, rank-sharded sampler (DistributedSampler's split,
@@ -20,7 +14,7 @@ Sampling and randomness (what makes DDP and resume exact):
   position of its stream (resume: ``start = step * batch_size * grad_accum``). Each item draws
   *everything* random about itself (rare class and file, rescale ratio, crop, caption dropout, and a
   64-bit ``seed`` for its diffusion noise) from ``np.random.default_rng([seed, rank, epoch, index])``:
-  ranks differ (§12.14), and an item does not depend on the batch it lands in, on worker processes,
+  ranks differ (the original's RCS draws were the same on every rank), and an item does not depend on the batch it lands in, on worker processes,
   or on what ran before it. ``diffusion_inputs`` turns the per-item seeds into per-item CPU torch
   generators for t ~ U{0..999}, ε and the VAE posterior sample, so gradient accumulation sees
   exactly the noise a large batch would.
@@ -35,7 +29,6 @@ draw a new view each time, so the datasets refuse a cache there.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,23 +38,22 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ldm.atomic import atomic_file
 from ldm.vae import DiagonalGaussian
 from mrlf.prompts import class_stack
-from segmentation.labels import IGNORE, TRAIN_ID_SUFFIX, load_label, train_id_path
-from segmentation.rcs import (DEFAULT_MIN_PIXELS, DEFAULT_TEMPERATURE, ClassStats, RareClassSampler, RCSError,
-                              class_stats, place_crop)
+from segmentation.datasets import LAYOUTS as DATASET_LAYOUTS
+from segmentation.datasets import DatasetError, convert_command, find_pairs, read_dataset_file
+from segmentation.labels import IGNORE, TRAIN_ID_SUFFIX, load_label
+from segmentation.rcs import (DEFAULT_MIN_PIXELS, DEFAULT_TEMPERATURE, ClassStats, RareClassSampler, class_stats,
+                              place_crop)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-LAYOUTS = ("auto", "gta", "cityscapes", "paired", "jsonl")
-DREAMBOOTH_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # reference §9: random rescale before the crop
-CITYSCAPES_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5)  # reference §5.2: Cityscapes resize ratios
-
-
-class LayoutError(ValueError):
-    """A dataset folder or file that does not have the expected layout."""
+# --layout: "auto" (detect_layout) or a layout of segmentation.datasets whose labels are trainId files
+LAYOUTS = ("auto", "paired", *(name for name, lay in DATASET_LAYOUTS.items() if lay.converter is None))
+DREAMBOOTH_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # DGInStyle's U^S fine-tuning: random rescale before the crop
+CITYSCAPES_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5)  # DGInStyle's ControlNet training on Cityscapes: resize ratios
 
 
 # ---------------------------------------------------------------------------------------
@@ -75,167 +67,54 @@ class Pair:
     text: str | None = None  # the dataset file's "text" (the full label's class stack; informational)
 
 
-def _few(paths, n: int = 3) -> str:
-    paths = list(paths)
-    s = ", ".join(str(p) for p in paths[:n])
-    return s + (f" ... ({len(paths)} in all)" if len(paths) > n else "")
-
-
-def _images_in(folder: Path, recursive: bool = False) -> list[Path]:
-    found = folder.rglob("*") if recursive else folder.glob("*")
-    return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
-
-
 def find_images(root: str | os.PathLike) -> list[Path]:
     """Every ``*.png/*.jpg/*.jpeg`` under `root` (recursive, sorted), label files skipped."""
     root = Path(root)
     if not root.is_dir():
-        raise LayoutError(f"{root}: not a folder of images")
-    files = [p for p in _images_in(root, recursive=True)
-             if not p.name.endswith((TRAIN_ID_SUFFIX, "_labelIds.png", "_color.png", "_instanceIds.png"))]
+        raise DatasetError(f"{root}: not a folder of images")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+                   and not p.name.startswith(".")
+                   and not p.name.endswith((TRAIN_ID_SUFFIX, "_labelIds.png", "_color.png", "_instanceIds.png")))
     if not files:
-        raise LayoutError(f"{root}: no *.png / *.jpg images found (recursively)")
+        raise DatasetError(f"{root}: no *.png / *.jpg images found (recursively)")
     return files
 
 
-def _missing_train_ids(missing: list[Path], raw_dir: Path, source: str) -> LayoutError:
-    cmd = f"python -m segmentation.labels convert --source {source} {raw_dir}"
-    if source == "cityscapes":
-        cmd += " --recursive"
-    return LayoutError(f"{len(missing)} trainId label file(s) are missing, e.g. {_few(missing)}. "
-                       f"Convert the raw label ids once with:  {cmd}")
-
-
-def _gta_pairs(root: Path) -> list[Pair]:
-    images, labels = root / "images", root / "labels"
-    files = _images_in(images)
-    if not files:
-        raise LayoutError(f"{images}: no images")
-    pairs, missing, unlabelled = [], [], []
-    for img in files:
-        lab = labels / (img.stem + TRAIN_ID_SUFFIX)
-        if lab.is_file():
-            pairs.append(Pair(img, lab))
-        elif (labels / (img.stem + ".png")).is_file():
-            missing.append(lab)
-        else:
-            unlabelled.append(img)
-    if missing:
-        raise _missing_train_ids(missing, labels, "gta")
-    if unlabelled:
-        raise LayoutError(f"{len(unlabelled)} image(s) have no label in {labels}, e.g. {_few(unlabelled)}")
-    return pairs
-
-
-def _paired_pairs(root: Path) -> list[Pair]:
-    images, labels = root / "images", root / "labels"
-    files = _images_in(images)
-    if not files:
-        raise LayoutError(f"{images}: no images")
-    pairs, unlabelled = [], []
-    for img in files:
-        for cand in (labels / (img.stem + TRAIN_ID_SUFFIX), labels / (img.stem + ".png")):
-            if cand.is_file():
-                pairs.append(Pair(img, cand))
-                break
-        else:
-            unlabelled.append(img)
-    if unlabelled:
-        raise LayoutError(f"{len(unlabelled)} image(s) have no label <stem>.png or <stem>{TRAIN_ID_SUFFIX} "
-                          f"in {labels}, e.g. {_few(unlabelled)}")
-    return pairs
-
-
-def _cityscapes_pairs(root: Path, split: str) -> list[Pair]:
-    img_dir, gt_dir = root / "leftImg8bit" / split, root / "gtFine" / split
-    if not img_dir.is_dir() or not gt_dir.is_dir():
-        raise LayoutError(f"{root}: Cityscapes layout needs leftImg8bit/{split}/ and gtFine/{split}/")
-    files = sorted(img_dir.rglob("*_leftImg8bit.png"))
-    if not files:
-        raise LayoutError(f"{img_dir}: no *_leftImg8bit.png images")
-    pairs, missing = [], []
-    for img in files:
-        stem = img.name[: -len("_leftImg8bit.png")]
-        lab = gt_dir / img.parent.relative_to(img_dir) / f"{stem}_gtFine_labelTrainIds.png"
-        (pairs.append(Pair(img, lab)) if lab.is_file() else missing.append(lab))
-    if missing:
-        raise _missing_train_ids(missing, root / "gtFine", "cityscapes")
-    return pairs
-
-
-def _resolve(p: str, base: Path, what: str, line_no: int, src: Path) -> Path:
-    path = Path(p)
-    cands = [path] if path.is_absolute() else [base / path, Path.cwd() / path]
-    for c in cands:
-        if c.exists():
-            return c
-    raise LayoutError(f"{src}:{line_no}: {what} {p!r} not found (tried {_few(cands)})")
-
-
-def _jsonl_pairs(path: Path) -> list[Pair]:
-    pairs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise LayoutError(f"{path}:{n}: not a JSON object ({e}); the dataset file has one object per line") from None
-        if not isinstance(row, dict) or not {"image", "conditioning_image"} <= set(row):
-            raise LayoutError(f"{path}:{n}: needs keys 'image' and 'conditioning_image' (and 'text'), "
-                              f"got {sorted(row) if isinstance(row, dict) else type(row).__name__}")
-        img = _resolve(row["image"], path.parent, "image", n, path)
-        cond = row["conditioning_image"]
-        raw = _resolve(cond, path.parent, "conditioning_image", n, path)
-        lab = raw if raw.name.endswith(TRAIN_ID_SUFFIX) else train_id_path(raw)
-        if not lab.is_file():
-            raise _missing_train_ids([lab], raw.parent, "gta")
-        pairs.append(Pair(img, lab, row.get("text")))
-    if not pairs:
-        raise LayoutError(f"{path}: empty dataset file")
-    return pairs
-
-
 def detect_layout(root: str | os.PathLike) -> str:
+    """The layout ``--layout auto`` picks: a .json/.jsonl file is ``jsonl``; leftImg8bit/ + gtFine/ is
+    ``cityscapes``; images/ + labels/ is ``gta`` when labels/ holds trainId files (raw GTA ids are
+    refused with the command that converts them)."""
     root = Path(root)
     if root.is_file():
         if root.suffix in (".json", ".jsonl"):
             return "jsonl"
-        raise LayoutError(f"{root}: a file, but not a .json/.jsonl dataset file")
+        raise DatasetError(f"{root}: a file, but not a .json/.jsonl dataset file")
     if not root.is_dir():
-        raise LayoutError(f"{root}: no such folder or dataset file")
+        raise DatasetError(f"{root}: no such folder or dataset file")
     if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
         return "cityscapes"
     if (root / "images").is_dir() and (root / "labels").is_dir():
         if any((root / "labels").glob("*" + TRAIN_ID_SUFFIX)):
             return "gta"
-        raise LayoutError(
+        raise DatasetError(
             f"{root / 'labels'} holds no *{TRAIN_ID_SUFFIX} files. If these are raw GTA ids, convert them once "
-            f"with:  python -m segmentation.labels convert --source gta {root / 'labels'}  ; if they already hold "
-            f"trainIds (0..18, 255), pass --layout paired")
-    raise LayoutError(f"{root}: unknown dataset layout; expected images/ + labels/ (gta, paired), "
-                      f"leftImg8bit/ + gtFine/ (cityscapes), or a .jsonl dataset file")
+            f"with:  {convert_command('gta', root / 'labels')}  ; if they already hold trainIds (0..18, 255), "
+            f"pass --layout paired")
+    raise DatasetError(f"{root}: unknown dataset layout; expected images/ + labels/ (gta, paired), "
+                       f"leftImg8bit/ + gtFine/ (cityscapes), or a .jsonl dataset file")
 
 
 def discover_pairs(root: str | os.PathLike, layout: str = "auto", split: str = "train") -> tuple[str, list[Pair]]:
-    """(layout, pairs) of an image + trainId label dataset; see the module docstring."""
+    """(layout, pairs) of an image + trainId label dataset: ``segmentation.datasets.find_pairs`` in
+    ``layout`` (``auto``: `detect_layout`), with the ``text`` of a jsonl dataset file kept."""
     if layout not in LAYOUTS:
-        raise LayoutError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    root = Path(root)
+        raise DatasetError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     if layout == "auto":
         layout = detect_layout(root)
     if layout == "jsonl":
-        if not root.is_file():
-            raise LayoutError(f"{root}: the jsonl layout needs a dataset file")
-        return layout, _jsonl_pairs(root)
-    if not root.is_dir():
-        raise LayoutError(f"{root}: no such folder")
-    if layout == "cityscapes":
-        return layout, _cityscapes_pairs(root, split)
-    for sub in ("images", "labels"):
-        if not (root / sub).is_dir():
-            raise LayoutError(f"{root}: the {layout} layout needs an {sub}/ folder")
-    return layout, (_gta_pairs(root) if layout == "gta" else _paired_pairs(root))
+        records = read_dataset_file(root)
+        return layout, [Pair(Path(r["image_path"]), Path(r["label_path"]), r.get("text")) for r in records]
+    return layout, [Pair(image, label) for image, label in find_pairs(root, layout, split)]
 
 
 def pair_class_stats(pairs: Sequence[Pair], cache_dir: str | os.PathLike | None = None) -> ClassStats:
@@ -412,7 +291,8 @@ class _Cached:
 def fill_latent_cache(dataset: _Cached, vae: torch.nn.Module, device, rank: int = 0, world_size: int = 1,
                       batch_size: int = 8, logger=None) -> int:
     """Encode this rank's share (index rank::world) of the items missing from the cache; returns the
-    number written. Call on every rank, then barrier."""
+    number written. A collective under torch.distributed: every rank calls it, and all wait until
+    every share is written."""
     todo = [i for i in range(rank, len(dataset), world_size) if dataset.cache.get(dataset.cache_key(i)) is None]
     dtype = next(vae.parameters()).dtype
     for s in range(0, len(todo), batch_size):
@@ -424,7 +304,20 @@ def fill_latent_cache(dataset: _Cached, vae: torch.nn.Module, device, rank: int 
             dataset.cache.put(dataset.cache_key(i), m)
         if logger is not None and (s // batch_size) % 50 == 0:
             logger.info(f"latent cache: {s + len(idx)}/{len(todo)} encoded on rank {rank}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if logger is not None:
+        logger.info(f"latent cache {dataset.cache.dir}: {len(todo)} new entries on rank {rank}")
     return len(todo)
+
+
+def shard_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, start: int,
+                 num_workers: int, pin_memory: bool) -> DataLoader:
+    """``batch_size`` items at a time from this rank's `ShardSampler` stream, from position ``start``
+    on (a resumed run's first unseen item). The loader's own generator keeps the global RNG untouched."""
+    sampler = ShardSampler(len(dataset), rank, world_size, seed=seed, start=start)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator(), persistent_workers=num_workers > 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -432,7 +325,7 @@ def fill_latent_cache(dataset: _Cached, vae: torch.nn.Module, device, rank: int 
 # ---------------------------------------------------------------------------------------
 
 class ImageDataset(_Cached, Dataset):
-    """Images for U^S fine-tuning (reference §9): rescale by a random ratio from `scales` (bilinear),
+    """Images for U^S fine-tuning (DGInStyle's DreamBooth data): rescale by a random ratio from `scales` (bilinear),
     pad by reflection if smaller than `resolution`, then a random (or centre) square crop.
     Items: pixel_values (3, R, R) in [-1, 1], caption (the instance prompt, "" for DGInStyle),
     seed (int64, for the diffusion noise), desc ("file@ratio,x1,y1", for logs)."""
@@ -443,7 +336,7 @@ class ImageDataset(_Cached, Dataset):
         if crop not in ("random", "center"):
             raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
         if not files:
-            raise LayoutError("ImageDataset: no image files")
+            raise DatasetError("ImageDataset: no image files")
         self.files, self.resolution, self.scales = list(files), int(resolution), tuple(float(s) for s in scales)
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"scales must be positive, got {scales}")
@@ -501,7 +394,7 @@ class ImageDataset(_Cached, Dataset):
 
 
 class ControlNetDataset(_Cached, Dataset):
-    """(image, trainId label) crops for ControlNet training (reference §8.3, RCS §5.2).
+    """(image, trainId label) crops for ControlNet training (DGInStyle's GTADataset, with its RCS).
 
     Per item, in this order, from ``item_rng(seed, rank, epoch, index)``:
       1. crop="rcs": (class c, file) from the RareClassSampler (the index only seeds the draw);
@@ -529,7 +422,7 @@ class ControlNetDataset(_Cached, Dataset):
         if not 0.0 <= proportion_empty_prompts <= 1.0:
             raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {proportion_empty_prompts}")
         if not pairs:
-            raise LayoutError("ControlNetDataset: no (image, label) pairs")
+            raise DatasetError("ControlNetDataset: no (image, label) pairs")
         self.pairs, self.resolution, self.crop = list(pairs), int(resolution), crop
         self.seed, self.rank = int(seed), int(rank)
         self.ratios = tuple(float(r) for r in resize_ratios)
@@ -561,7 +454,7 @@ class ControlNetDataset(_Cached, Dataset):
         label = load_label(pair.label)
         image = load_rgb(pair.image)
         if image.size != (label.shape[1], label.shape[0]):
-            raise LayoutError(f"{pair.image} is {image.size[0]}x{image.size[1]} but its label {pair.label} is "
+            raise DatasetError(f"{pair.image} is {image.size[0]}x{image.size[1]} but its label {pair.label} is "
                               f"{label.shape[1]}x{label.shape[0]} (WxH)")
         if ratio != 1.0:
             size = _scaled(image.size, ratio)

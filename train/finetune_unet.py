@@ -1,4 +1,4 @@
-"""Fine-tune the SD-1.5 U-Net on the source domain: U^P -> U^S (DGInStyle's DreamBooth step, reference §9).
+"""Fine-tune the SD-1.5 U-Net on the source domain: U^P -> U^S (DGInStyle's DreamBooth step).
 
 Every image under --data (recursive, *.png/*.jpg), the empty prompt, a random rescale from
 {0.5, 0.75, 1, 1.25, 1.5, 2} then a random --resolution crop (padded by reflection when smaller),
@@ -27,22 +27,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
 from ldm import checkpoint as ckpt_io
 from ldm.sd import StableDiffusion
 from mrlf.pipeline import Pipeline, SamplingSettings
 from samplers import SD15, add_noise
 from train import common
-from train.data import (DREAMBOOTH_SCALES, ImageDataset, LatentCache, ShardSampler, diffusion_inputs,
-                        fill_latent_cache, find_images, vae_fingerprint)
+from train.data import (DREAMBOOTH_SCALES, ImageDataset, LatentCache, diffusion_inputs, fill_latent_cache,
+                        find_images, shard_loader, vae_fingerprint)
 
 SAMPLE_PROMPT = "road building sky person vegetation car"
 
@@ -102,17 +99,12 @@ def export(args, unet, sd: StableDiffusion, base_folder: Path | None, out: Path,
 
 
 def main(args):
-    d = common.setup_distributed(args.device)
-    common.seed_everything(args.seed, d)
+    d, log, tb, amp_dtype = common.start_run(args)
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
-    log = common.create_logger(out, d)
-    tb = common.open_tensorboard(out, d)
     if d.device.type == "cuda" and args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    amp_dtype = common.compute_dtype(args.mixed_precision, d.device)
-    log.info(f"rank {d.rank}/{d.world_size} on {d.device}, compute dtype {amp_dtype}; args: {json.dumps(vars(args))}")
     if args.tiny:
         log.warning("=" * 72 + "\n--tiny: a RANDOMLY INITIALISED tiny model, not SD-1.5. For tests and smoke runs "
                     "only; nothing it learns or exports is useful.\n" + "=" * 72)
@@ -135,19 +127,10 @@ def main(args):
     log.info(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters")
 
     step, position = 0, 0  # optimizer steps; items this rank has drawn from its sampler stream
-    resume = common.resolve_resume(args.resume, ckpt_dir)
-    if resume is not None:
-        state = common.load_checkpoint(resume)
-        unet.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
-        step = state["step"]
-        position = state.get("sampler", {}).get("position", 0)
-        common.restore_rng(state, d, logger=log)
-        common.truncate_metrics(out, step, d)
-        log.info(f"resumed from {resume} at step {step}")
+    state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=unet, optimizer=opt, scaler=scaler,
+                                     ema=ema)
+    if state is not None:
+        step, position = state["step"], state.get("sampler", {}).get("position", 0)
         del state
 
     # Data: per-item randomness from (seed, rank, epoch, index); the sampler restarts where the
@@ -160,14 +143,10 @@ def main(args):
     dataset = ImageDataset(files, args.resolution, scales, "center" if args.center_crop else "random",
                            caption=args.prompt, seed=args.seed, rank=d.rank, cache=cache)
     if cache is not None:
-        n = fill_latent_cache(dataset, sd.vae, d.device, d.rank, d.world_size, logger=log)
-        common.barrier()
-        log.info(f"latent cache {cache.dir}: {n} new entries on rank 0")
+        fill_latent_cache(dataset, sd.vae, d.device, d.rank, d.world_size, logger=log)
     per_step = args.batch_size * args.grad_accum
-    sampler = ShardSampler(len(dataset), d.rank, d.world_size, seed=args.seed, start=position)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=d.device.type == "cuda", generator=torch.Generator(),
-                        persistent_workers=args.num_workers > 0)
+    loader = shard_loader(dataset, args.batch_size, d.rank, d.world_size, args.seed, position, args.num_workers,
+                          pin_memory=d.device.type == "cuda")
     log.info(f"{len(dataset)} images under {args.data}; {args.batch_size} x {args.grad_accum} per rank and step, "
              f"{per_step * d.world_size} per step in all")
 
@@ -175,7 +154,7 @@ def main(args):
         context1 = sd.text_encoder(sd.tokenizer([args.prompt]).to(d.device)).float()
     amp = common.autocast(d.device, amp_dtype)
     batches = iter(loader)
-    loss_sum, loss_n, t0, step0 = torch.zeros((), device=d.device), 0, time.time(), step
+    meter = common.Meter(step)
     descs = []
     while step < args.max_steps:
         for micro in range(args.grad_accum):
@@ -188,22 +167,18 @@ def main(args):
                 with amp:
                     loss = diffusion_loss(model, z0, noise, t, context)
                 scaler.scale(loss / args.grad_accum).backward()
-            loss_sum += loss.detach()
-            loss_n += 1
+            meter.add(loss=loss)
         grad_norm = common.optimizer_step(opt, scaler, unet.parameters(), args.max_grad_norm)
         if ema is not None:
             common.update_ema(ema, unet, args.ema_decay)
         step += 1
 
         if step % args.log_every == 0 or step == args.max_steps:
-            loss_avg = common.all_reduce_mean(loss_sum / loss_n, d)
-            all_descs = common.gather_objects(list(descs), d)
-            dt = time.time() - t0
-            metrics = {"loss": loss_avg, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
-                       "samples_per_s": (step - step0) * per_step * d.world_size / max(dt, 1e-9),
-                       "samples": all_descs}
+            metrics = meter.means(d) | {"grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+                                        "samples_per_s": meter.samples_per_s(step, per_step * d.world_size),
+                                        "samples": common.gather_objects(list(descs), d)}
             common.log_metrics(log, out, step, metrics, d, tb)
-            loss_sum, loss_n, t0, step0 = torch.zeros((), device=d.device), 0, time.time(), step
+            meter.restart(step)
 
         if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps) and d.is_main:
             grid = sample_grid(sd, ema if ema is not None else unet, args.sample_prompt, args.num_samples,
@@ -224,10 +199,7 @@ def main(args):
 
     if d.is_main and args.export:
         export(args, ema if ema is not None else unet, sd, base_folder, out, log)
-    common.barrier()
-    log.info("done")
-    if tb is not None:
-        tb.close()
+    common.finish_run(log, tb)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -238,7 +210,6 @@ def get_parser() -> argparse.ArgumentParser:
                                   "or a model id in the local HF cache")
     g.add_argument("--tiny", action="store_true", help="random tiny model instead of --base (tests, smoke runs)")
     g.add_argument("--data", required=True, help="folder of training images (searched recursively)")
-    g.add_argument("--output-dir", required=True)
     g.add_argument("--resolution", type=int, default=512)
     g.add_argument("--scales", type=float, nargs="+", default=list(DREAMBOOTH_SCALES),
                    help="random rescale ratios applied before the crop")
@@ -246,30 +217,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default="", help="instance prompt (DGInStyle: empty)")
     g.add_argument("--cache-latents", metavar="DIR",
                    help="cache VAE moments in DIR (needs a deterministic view: --center-crop and a single --scales)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=1, help="micro-batch per GPU")
-    g.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
-    g.add_argument("--max-steps", type=int, default=30000)
-    g.add_argument("--lr", type=float, default=2e-6)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--weight-decay", type=float, default=1e-2)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--mixed-precision", choices=common.PRECISIONS, default="auto",
-                   help="autocast dtype with fp32 master weights; auto = bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--ema", action="store_true", help="keep an EMA of the U-Net (exports then hold the EMA)")
-    g.add_argument("--ema-decay", type=float, default=0.9999)
-    g.add_argument("--no-tf32", dest="tf32", action="store_false", help="disable TF32 matmuls on CUDA")
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--num-workers", type=int, default=2)
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--ckpt-every", type=int, default=1000)
-    g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
-    g.add_argument("--resume", help="'auto' (latest in OUTPUT/checkpoints, if any) or a checkpoint path")
+    common.add_diffusion_optimisation(p, batch_size=1, grad_accum=2, max_steps=30000, lr=2e-6)
+    g = common.add_run_arguments(p, num_workers=2, log_every=10, ckpt_every=1000, keep_last=3)
     g.add_argument("--sample-every", type=int, default=200, help="0: no sample grids")
     g.add_argument("--sample-prompt", default=SAMPLE_PROMPT)
     g.add_argument("--sample-steps", type=int, default=25)

@@ -1,14 +1,16 @@
-"""Train DGInStyle's label ControlNet on the frozen source U-Net U^S (reference §8).
+"""Train DGInStyle's label ControlNet on the frozen source U-Net U^S (its controlnet/train.py).
 
 The ControlNet starts as a copy of U^S's encoder half (ControlNet.from_unet: hint encoder
 default-initialised, zero convs zero) or from --controlnet PATH; U^S, the VAE and the text encoder
 are frozen and cast to the compute dtype. Data: --resolution crops of (image, trainId label),
-placed by rare-class sampling (§5.2, seeded per rank and item, so ranks differ: §12.14), captioned
+placed by rare-class sampling (seeded per rank and item, so ranks differ; the original's draws were
+the same on every rank), captioned
 with the crop's class stack ("road sidewalk ... car"), with the label as a 20-channel one-hot hint
 (19 classes + void). ε-MSE, AdamW lr 1e-5 (0.9/0.999, wd 1e-2, eps 1e-8), constant schedule,
 clipping at 1.0. --proportion-empty-prompts replaces that share of captions by "" (really; the
 original parsed and ignored it). Validation renders the same labels with this ControlNet on U^S
-and, with --prior PATH, swapped onto U^P (the Style Swap check the original skipped, §12.13).
+and, with --prior PATH, swapped onto U^P (the Style Swap check the original skipped: its
+--inference_basemodel_path was unused).
 
 Single GPU (the original: batch 2 x accumulation 4):
     python -m train.train_controlnet --base runs/unet_s/diffusers --prior stable-diffusion-v1-5/stable-diffusion-v1-5 \
@@ -17,7 +19,8 @@ N GPUs on one machine (batch and accumulation are per GPU):
     torchrun --standalone --nproc_per_node=N -m train.train_controlnet ...same arguments...
 Resume (exact: same world size): add --resume auto or --resume PATH.
 --data takes a GTA root (images/ + labels/*_labelTrainIds.png), a Cityscapes root, a paired folder
-(--layout paired) or the original's dataset file (.jsonl); see train/data.py.
+(--layout paired), the original's dataset file (.jsonl) or any other trainId layout of
+segmentation/datasets.py (--layout NAME).
 Smoke run on CPU with random tiny models:
     python -m train.train_controlnet --tiny --data some/paired_root --layout paired --output-dir /tmp/cn \
         --resolution 64 --max-steps 20
@@ -32,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +42,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
 from controlnet.checkpoint import load_controlnet, save_controlnet
 from controlnet.model import ControlNet
@@ -51,9 +52,8 @@ from mrlf.prompts import class_stack
 from samplers import SD15, add_noise
 from segmentation.labels import CLASS_NAMES, IGNORE, NUM_CHANNELS, colorize, load_label, one_hot, train_id_path
 from train import common
-from train.data import (CITYSCAPES_RATIOS, LAYOUTS, ControlNetDataset, LatentCache, ShardSampler, center_box,
-                        diffusion_inputs, discover_pairs, fill_latent_cache, pad_to, pair_class_stats,
-                        vae_fingerprint)
+from train.data import (CITYSCAPES_RATIOS, LAYOUTS, ControlNetDataset, LatentCache, center_box, diffusion_inputs,
+                        discover_pairs, fill_latent_cache, pad_to, pair_class_stats, shard_loader, vae_fingerprint)
 
 
 def load_base(args) -> StableDiffusion:
@@ -130,17 +130,12 @@ def validate(sd, prior_unet, controlnet, labels, args, amp):
 
 
 def main(args):
-    d = common.setup_distributed(args.device)
-    common.seed_everything(args.seed, d)
+    d, log, tb, amp_dtype = common.start_run(args)
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
-    log = common.create_logger(out, d)
-    tb = common.open_tensorboard(out, d)
     if d.device.type == "cuda" and args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    amp_dtype = common.compute_dtype(args.mixed_precision, d.device)
-    log.info(f"rank {d.rank}/{d.world_size} on {d.device}, compute dtype {amp_dtype}; args: {json.dumps(vars(args))}")
     if args.tiny:
         log.warning("=" * 72 + "\n--tiny: RANDOMLY INITIALISED tiny models, not U^S / SD-1.5. For tests and smoke "
                     "runs only; nothing it learns or exports is useful.\n" + "=" * 72)
@@ -185,20 +180,11 @@ def main(args):
 
     step, position = 0, 0  # optimizer steps; items this rank has drawn from its sampler stream
     label_totals = torch.zeros(len(CLASS_NAMES) + 1, dtype=torch.float64)  # + void; all ranks, previous runs
-    resume = common.resolve_resume(args.resume, ckpt_dir)
-    if resume is not None:
-        state = common.load_checkpoint(resume)
-        controlnet.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=controlnet, optimizer=opt,
+                                     scaler=scaler, ema=ema)
+    if state is not None:
+        step, position = state["step"], state.get("sampler", {}).get("position", 0)
         label_totals = state.get("label_totals", label_totals).double()
-        step = state["step"]
-        position = state.get("sampler", {}).get("position", 0)
-        common.restore_rng(state, d, logger=log)
-        common.truncate_metrics(out, step, d)
-        log.info(f"resumed from {resume} at step {step}")
         del state
 
     # Data
@@ -215,21 +201,17 @@ def main(args):
                                 resize_ratios=ratios, proportion_empty_prompts=args.proportion_empty_prompts,
                                 cache=cache)
     if cache is not None:
-        n = fill_latent_cache(dataset, sd.vae, d.device, d.rank, d.world_size, logger=log)
-        common.barrier()
-        log.info(f"latent cache {cache.dir}: {n} new entries on rank 0")
+        fill_latent_cache(dataset, sd.vae, d.device, d.rank, d.world_size, logger=log)
     per_step = args.batch_size * args.grad_accum
-    sampler = ShardSampler(len(dataset), d.rank, d.world_size, seed=args.seed, start=position)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=d.device.type == "cuda", generator=torch.Generator(),
-                        persistent_workers=args.num_workers > 0)
+    loader = shard_loader(dataset, args.batch_size, d.rank, d.world_size, args.seed, position, args.num_workers,
+                          pin_memory=d.device.type == "cuda")
     log.info(f"{len(pairs)} pairs ({layout} layout) from {args.data}; crop {args.crop}, resize ratios {ratios}; "
              f"{args.batch_size} x {args.grad_accum} per rank and step, {per_step * d.world_size} per step in all")
     val_labels = validation_labels(args, pairs) if d.is_main and args.validation_every else []
 
     amp = common.autocast(d.device, amp_dtype)
     batches = iter(loader)
-    loss_sum, loss_n, t0, step0 = torch.zeros((), device=d.device), 0, time.time(), step
+    meter = common.Meter(step)
     label_counts = torch.zeros(256, dtype=torch.int64, device=d.device)
     descs = []
     while step < args.max_steps:
@@ -247,22 +229,18 @@ def main(args):
                 with amp:
                     loss = controlnet_loss(model, sd.unet, z0, noise, t, context, hint)
                 scaler.scale(loss / args.grad_accum).backward()
-            loss_sum += loss.detach()
-            loss_n += 1
+            meter.add(loss=loss)
         grad_norm = common.optimizer_step(opt, scaler, controlnet.parameters(), args.max_grad_norm)
         if ema is not None:
             common.update_ema(ema, controlnet, args.ema_decay)
         step += 1
 
         if step % args.log_every == 0 or step == args.max_steps:
-            loss_avg = common.all_reduce_mean(loss_sum / loss_n, d)
-            all_descs = common.gather_objects(list(descs), d)
-            dt = time.time() - t0
-            metrics = {"loss": loss_avg, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
-                       "samples_per_s": (step - step0) * per_step * d.world_size / max(dt, 1e-9),
-                       "samples": all_descs}
+            metrics = meter.means(d) | {"grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+                                        "samples_per_s": meter.samples_per_s(step, per_step * d.world_size),
+                                        "samples": common.gather_objects(list(descs), d)}
             common.log_metrics(log, out, step, metrics, d, tb)
-            loss_sum, loss_n, t0, step0 = torch.zeros((), device=d.device), 0, time.time(), step
+            meter.restart(step)
 
         if args.validation_every and (step % args.validation_every == 0 or step == args.max_steps) and d.is_main:
             grid, prompts = validate(sd, prior, ema if ema is not None else controlnet, val_labels, args, amp)
@@ -295,10 +273,7 @@ def main(args):
         log.info(f"exported {p} (native)")
         p = save_controlnet(out / "controlnet", final, "diffusers", dtype=dtype, overwrite=True)
         log.info(f"exported {p} (diffusers ControlNetModel folder)")
-    common.barrier()
-    log.info("done")
-    if tb is not None:
-        tb.close()
+    common.finish_run(log, tb)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -311,12 +286,13 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--controlnet", help="initial ControlNet weights (default: a copy of U^S's encoder half)")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="dataset root or .jsonl dataset file")
-    g.add_argument("--layout", choices=LAYOUTS, default="auto")
-    g.add_argument("--split", default="train", help="Cityscapes split")
-    g.add_argument("--output-dir", required=True)
+    g.add_argument("--layout", choices=LAYOUTS, default="auto",
+                   help="a layout of segmentation.datasets with trainId labels; auto: gta, cityscapes or jsonl by "
+                        "what --data holds")
+    g.add_argument("--split", default="train", help="split of the split-based layouts (cityscapes, mapillary, ...)")
     g.add_argument("--resolution", type=int, default=512)
     g.add_argument("--crop", choices=("rcs", "random", "center"), default="rcs",
-                   help="rcs: rare-class sampling (§5.2); center: the original's default without RCS")
+                   help="rcs: rare-class sampling; center: the original's default without RCS")
     g.add_argument("--rcs-temperature", type=float, default=0.01)
     g.add_argument("--rcs-min-pixels", type=int, default=3000, help="files eligible for class c: > this many pixels of c")
     g.add_argument("--rcs-tries", type=int, default=1, help="crop placements per item (1: the original, no check)")
@@ -326,30 +302,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="random rescale ratios (default: 1.0; Cityscapes: 0.5 0.75 1 1.25 1.5)")
     g.add_argument("--proportion-empty-prompts", type=float, default=0.0, help="caption dropout probability")
     g.add_argument("--cache-latents", metavar="DIR", help="cache VAE moments in DIR (only with --crop center)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=2, help="micro-batch per GPU")
-    g.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
-    g.add_argument("--max-steps", type=int, default=100000)
-    g.add_argument("--lr", type=float, default=1e-5)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--weight-decay", type=float, default=1e-2)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--mixed-precision", choices=common.PRECISIONS, default="auto",
-                   help="autocast dtype (frozen models cast to it); auto = bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="for the ControlNet and the frozen U-Net")
-    g.add_argument("--ema", action="store_true")
-    g.add_argument("--ema-decay", type=float, default=0.9999)
-    g.add_argument("--no-tf32", dest="tf32", action="store_false")
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--num-workers", type=int, default=4)
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--ckpt-every", type=int, default=2000)
-    g.add_argument("--keep-last", type=int, default=3)
-    g.add_argument("--resume", help="'auto' (latest in OUTPUT/checkpoints, if any) or a checkpoint path")
+    common.add_diffusion_optimisation(p, batch_size=2, grad_accum=4, max_steps=100000, lr=1e-5)
+    g = common.add_run_arguments(p, num_workers=4, log_every=10, ckpt_every=2000, keep_last=3)
     g.add_argument("--validation-every", type=int, default=1000, help="0: no validation")
     g.add_argument("--validation-labels", nargs="+", help="trainId label PNGs or a .jsonl validation file")
     g.add_argument("--num-validation", type=int, default=4, help="training labels used when none are given")

@@ -1,7 +1,7 @@
 """Train a segmentor on source data (GTA) mixed with DGInStyle-generated data; evaluate on DG benchmarks.
 
-The recipe of DGInStyle-SegModel (reference §11.1-11.2), with the generated data really used
-(the original's builder silently drops it, §11.2 / decision 9):
+The recipe of DGInStyle-SegModel (its experiments.py and configs), with the generated data really
+used (the original's builder.py silently drops it):
   - model: DAFormer (MiT-B5 + separable-ASPP head) by default, ``--model segformer_mitb5`` etc.;
     ``--pretrained mit_b5.pth`` loads the official ImageNet MiT weights strictly;
     ``--model hrda_daformer_mitb5`` is HRDA (exp 61): the model's training forward takes a
@@ -59,145 +59,24 @@ segmentor with its config; for segmentation.evaluate / adherence).
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from segmentation.datasets import (IndexStream, MixedDataset, RCSConfig, SegDataset, TrainSource, parse_ratio,
                                    parse_spec)
 from segmentation.evaluate import evaluate_dataset, is_hr_model
-from segmentation.labels import IGNORE
+from segmentation.feature_distance import THING_CLASSES, FeatureDistance
 from segmentation.metrics import summarize
 from segmentation.models import PRESETS, build_segmentor, save_segmentor
-from segmentation.models.shade import (attach_style_hallucination, farthest_point_sample, stage1_statistics,
-                                       style_consistency_loss)
+from segmentation.models.shade import attach_style_hallucination, compute_basis, style_consistency_loss
+from segmentation.optim import lr_factor, param_groups
 from segmentation.transforms import TrainPipeline
 from train import common
-
-# mmcv DefaultOptimizerConstructor custom_keys of the DAFormer / SegFormer configs, matched as
-# substrings of the parameter name, longest key first (ties alphabetical), first match wins.
-CUSTOM_KEYS = {"head": {"lr_mult": 10.0}, "pos_block": {"decay_mult": 0.0}, "norm": {"decay_mult": 0.0}}
-# Cityscapes trainIds of DAFormer's thing classes (imnet_feature_dist_classes): traffic light, traffic
-# sign, person, rider, car, truck, bus, train, motorcycle, bicycle.
-THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
-
-
-def downscale_label_ratio(label: torch.Tensor, scale: int, min_ratio: float, num_classes: int,
-                          ignore_index: int = IGNORE) -> torch.Tensor:
-    """(B, H, W) or (B, 1, H, W) integer labels -> (B, H // scale, W // scale) long: per
-    scale x scale cell the most frequent class, if it covers at least ``min_ratio`` of the cell,
-    else ``ignore_index``. Void (``ignore_index``, or any value outside 0..num_classes-1) is
-    counted as a class of its own, so a mostly-void cell is void. Rows / columns beyond a whole
-    cell are dropped. Ties go to the lower class id. DAFormer's ``downscale_label_ratio``
-    (one-hot average pooling), with the one-hot counts accumulated per cell instead of
-    materialising a (B, C + 1, H, W) tensor."""
-    if label.dim() == 4:
-        if label.shape[1] != 1:
-            raise ValueError(f"expected (B, H, W) or (B, 1, H, W) labels, got {tuple(label.shape)}")
-        label = label[:, 0]
-    if label.dim() != 3:
-        raise ValueError(f"expected (B, H, W) or (B, 1, H, W) labels, got {tuple(label.shape)}")
-    scale = int(scale)
-    if scale < 1:
-        raise ValueError(f"scale must be >= 1, got {scale}")
-    b, h, w = label.shape[0], label.shape[1] // scale, label.shape[2] // scale
-    lab = label[:, :h * scale, :w * scale].long()
-    lab = torch.where((lab >= 0) & (lab < num_classes), lab, num_classes)  # void -> class num_classes
-    cells = lab.reshape(b, h, scale, w, scale).permute(0, 1, 3, 2, 4).reshape(b, h, w, scale * scale)
-    counts = torch.zeros(b, h, w, num_classes + 1, device=label.device)
-    counts.scatter_add_(-1, cells, torch.ones_like(cells, dtype=counts.dtype))
-    ratio, out = (counts / (scale * scale)).max(-1)
-    out[out == num_classes] = ignore_index
-    out[ratio < min_ratio] = ignore_index
-    return out
-
-
-def feature_distance(feat: torch.Tensor, ref: torch.Tensor, label: torch.Tensor | None = None,
-                     classes=THING_CLASSES, min_ratio: float = 0.75, num_classes: int = 19) -> torch.Tensor:
-    """DAFormer's masked ImageNet feature distance (``calc_feat_dist``), in fp32: the mean over the
-    feature cells of ``||feat - ref||_2`` (over channels). With a ``label`` (B, H, W) only the cells
-    whose ratio-downscaled label (`downscale_label_ratio`, scale = label width // feature width)
-    is one of ``classes`` count; none of them gives 0 (DAFormer's mean would be NaN), with zero
-    gradients. ``ref`` is treated as a constant."""
-    if feat.shape != ref.shape:
-        raise ValueError(f"feature shapes differ: {tuple(feat.shape)} vs {tuple(ref.shape)}")
-    dist = torch.linalg.vector_norm(feat.float() - ref.detach().float(), dim=1)  # (B, h, w)
-    if label is None:
-        return dist.mean()
-    if label.dim() == 4:
-        label = label[:, 0]
-    (fh, fw), scale = dist.shape[-2:], max(label.shape[-1] // dist.shape[-1], 1)
-    # Fit the label to exactly fh x fw cells (void padding / cropping) when the sizes are not
-    # multiples of the feature stride; for the usual 512 crops this changes nothing.
-    ph, pw = fh * scale - label.shape[-2], fw * scale - label.shape[-1]
-    if ph or pw:
-        label = F.pad(label, (0, max(pw, 0), 0, max(ph, 0)), value=IGNORE)[:, :fh * scale, :fw * scale]
-    small = downscale_label_ratio(label, scale, min_ratio, num_classes)
-    mask = torch.isin(small, torch.as_tensor(tuple(classes), device=small.device, dtype=small.dtype))
-    mask = mask.to(dist.dtype)
-    return (dist * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-class FeatureDistance:
-    """The ImageNet feature-distance regulariser: a frozen copy of ``backbone`` as it is now (make it
-    right after the pretrained weights are loaded), compared with the features the training forward
-    returns, so the trained model needs no second pass."""
-
-    def __init__(self, backbone: torch.nn.Module, classes=THING_CLASSES, min_ratio: float = 0.75,
-                 num_classes: int = 19):
-        self.frozen = copy.deepcopy(backbone).eval().requires_grad_(False)
-        self.classes, self.min_ratio, self.num_classes = tuple(int(c) for c in classes), float(min_ratio), num_classes
-
-    def reference(self, image: torch.Tensor) -> torch.Tensor:
-        """The frozen backbone's deepest features of ``image`` (eval mode, no grad)."""
-        self.frozen.eval()
-        with torch.no_grad():
-            return self.frozen(image)[-1]
-
-    def __call__(self, feat: torch.Tensor, ref: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """FD between the trained backbone's deepest features ``feat`` (of the image whose frozen
-        features are ``ref``) on the thing cells of ``label``."""
-        return feature_distance(feat, ref, label, self.classes, self.min_ratio, self.num_classes)
-
-
-def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, head_lr_mult: float = 10.0) -> list[dict]:
-    """One optimizer group per (lr_mult, decay_mult) with mmcv's matching rule."""
-    keys = dict(CUSTOM_KEYS, head={"lr_mult": head_lr_mult})
-    order = sorted(sorted(keys), key=len, reverse=True)
-    groups: dict[tuple[float, float], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lr_mult, decay_mult = 1.0, 1.0
-        for k in order:
-            if k in name:
-                lr_mult, decay_mult = keys[k].get("lr_mult", 1.0), keys[k].get("decay_mult", 1.0)
-                break
-        g = groups.setdefault((lr_mult, decay_mult), {"params": [], "names": [], "lr_mult": lr_mult,
-                                                      "lr": lr * lr_mult, "weight_decay": weight_decay * decay_mult})
-        g["params"].append(p)
-        g["names"].append(name)
-    return [{k: v for k, v in g.items() if k != "names"} | {"param_names": g["names"]} for g in groups.values()]
-
-
-def lr_factor(it: int, max_iters: int, warmup_iters: int = 1500, warmup_ratio: float = 1e-6,
-              power: float = 1.0, min_lr_ratio: float = 0.0) -> float:
-    """lr / base_lr before iteration ``it`` (0-based): poly decay, linear warmup (mmcv semantics:
-    warmup_lr = regular_lr * (1 - (1 - it / warmup) * (1 - warmup_ratio)))."""
-    regular = (1 - min_lr_ratio) * (1 - it / max_iters) ** power + min_lr_ratio
-    if it < warmup_iters:
-        return regular * (1 - (1 - it / warmup_iters) * (1 - warmup_ratio))
-    return regular
-
 
 def build_sources(specs, pipeline: TrainPipeline, rcs: RCSConfig | None, default_layout: str | None,
                   split: str | None, log) -> list[TrainSource]:
@@ -210,80 +89,10 @@ def build_sources(specs, pipeline: TrainPipeline, rcs: RCSConfig | None, default
     return out
 
 
-class StyleImages(torch.utils.data.Dataset):
-    """Source images for a SHADE basis pass: file ``picks[j]`` = (source, index) through that
-    source's training pipeline (geometric + photometric), item j's randomness a function of
-    (seed, step, j) only; labels are not needed."""
-
-    def __init__(self, sources, picks, seed: int, step: int):
-        self.sources, self.picks, self.seed, self.step = sources, picks, int(seed), int(step)
-
-    def __len__(self):
-        return len(self.picks)
-
-    def __getitem__(self, j: int) -> torch.Tensor:
-        s, i = self.picks[j]
-        rng = np.random.default_rng([self.seed, 0x5AADE, self.step, int(j)])
-        src = self.sources[s]
-        image, label = src.dataset.load(i)
-        image, label = src.pipeline.geometric(image, label, rng)
-        return src.pipeline.finish(image, label, rng)[0]
-
-
-def style_inputs(model, image: torch.Tensor) -> list[torch.Tensor]:
-    """The inputs whose stage-1 styles describe ``image``: the image itself, or for HRDA the image at
-    its context scale and at full resolution (the two inputs its training forward gives the backbone)."""
-    if getattr(model.cfg, "hrda", None) is None:
-        return [image]
-    out = []
-    for s in sorted(model.cfg.hrda.scales):
-        out.append(image if s == 1 else F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=False))
-    return out
-
-
-@torch.no_grad()
-def shade_basis(model, sources, step: int, args, d, amp) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(basis means, basis stds, number of styles pooled): the stage-1 styles of the source images
-    (all, or a seeded draw of ``args.shade_images`` for this step, split over the ranks, gathered to every rank in rank
-    order) reduced by farthest-point sampling (first point seeded by (seed, step)) to
-    ``args.shade_basis`` styles, identical on every rank. A collective: all ranks call it together."""
-    files = [(s, i) for s, src in enumerate(sources) for i in range(len(src))]
-    pick_rng = np.random.default_rng([args.seed, 0x5AADE, step])
-    n = len(files) if args.shade_images is None else min(args.shade_images, len(files))
-    picks = [files[k] for k in pick_rng.choice(len(files), size=n, replace=False)]
-    mine = picks[d.rank::d.world_size]
-    loader = DataLoader(StyleImages(sources, mine, args.seed, step), batch_size=args.batch_size,
-                        num_workers=args.num_workers, generator=torch.Generator())
-    net = common.unwrap(model)
-    was_training = net.training
-    net.eval()
-    stats = []
-    try:
-        for image in loader:
-            image = image.to(d.device, non_blocking=True)
-            with amp:
-                for x in style_inputs(net, image):
-                    stats.append(stage1_statistics(net.backbone, x).float().cpu())
-    finally:
-        net.train(was_training)
-    c = net.backbone.out_channels[0]
-    mine_stats = torch.cat(stats) if stats else torch.zeros(0, 2 * c)
-    points = torch.cat(common.gather_objects(mine_stats, d))
-    g = torch.Generator().manual_seed(int(np.random.default_rng([args.seed, 0x5AADE, step, 1]).integers(2 ** 62)))
-    idx = farthest_point_sample(points, args.shade_basis, generator=g)
-    basis = points[idx].reshape(args.shade_basis, 2, c)
-    return basis[:, 0].contiguous(), basis[:, 1].contiguous(), points.shape[0]
-
-
 def main(args):
-    d = common.setup_distributed(args.device)
-    common.seed_everything(args.seed, d)
+    d, log, tb, amp_dtype = common.start_run(args)
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
-    log = common.create_logger(out, d)
-    tb = common.open_tensorboard(out, d)
-    amp_dtype = common.compute_dtype(args.mixed_precision, d.device)
-    log.info(f"rank {d.rank}/{d.world_size} on {d.device}, compute dtype {amp_dtype}; args: {json.dumps(vars(args))}")
     if args.tiny:
         log.warning("--tiny: a randomly initialised tiny segmentor, for tests and smoke runs only")
     if d.device.type == "cuda":
@@ -337,12 +146,8 @@ def main(args):
     ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.distributed else model
 
     step = 0
-    resume = common.resolve_resume(args.resume, ckpt_dir)
-    if resume is not None:
-        state = common.load_checkpoint(resume)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+    state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt, scaler=scaler)
+    if state is not None:
         step = int(state["step"])
         if fd is not None:
             if "fd_backbone" in state:
@@ -357,8 +162,6 @@ def main(args):
             log.info("SHADE basis from the checkpoint")
         elif shade is not None:
             log.warning("the checkpoint has no SHADE basis: computing one at the resumed step")
-        common.restore_rng(state, d, logger=log)
-        log.info(f"resumed from {resume} at step {step}")
         del state
 
     # Data: item k of rank r is a function of (seed, r, k), so resuming at step s reads items
@@ -409,7 +212,9 @@ def main(args):
 
     def update_shade_basis(step: int) -> None:
         tic = time.time()
-        mean, std, n = shade_basis(model, sources, step, args, d, amp)
+        mean, std, n = compute_basis(common.unwrap(model), sources, args.shade_basis, seed=args.seed, step=step,
+                                     max_images=args.shade_images, batch_size=args.batch_size,
+                                     num_workers=args.num_workers, device=d.device, autocast=amp)
         shade.set_basis(mean.to(d.device), std.to(d.device))
         log.info(f"step {step}: SHADE basis of {args.shade_basis} styles from {n} stage-1 styles "
                  f"({time.time() - tic:.1f} s)")
@@ -422,8 +227,7 @@ def main(args):
         + (["loss_fd"] if fd is not None else []) + (["loss_shade"] if shade is not None else [])
     if model_cfg.hrda is not None:
         terms += ["loss_fused"] + [f"loss_{k}" for k in ("hr", "lr") if getattr(model_cfg.hrda, f"{k}_loss_weight") > 0]
-    zero = lambda: torch.zeros(len(terms), device=d.device)  # noqa: E731
-    loss_sum, loss_n, gen_n, t0, step0 = zero(), 0, 0, time.time(), step
+    meter, gen_n = common.Meter(step), 0  # gen_n: generated samples among this rank's since the last log line
     for batch in loader:
         factor = lr_factor(step, args.max_iters, args.warmup_iters, args.warmup_ratio, args.poly_power)
         for g in opt.param_groups:
@@ -448,46 +252,40 @@ def main(args):
         scaler.scale(loss).backward()
         common.optimizer_step(opt, scaler, None)
         step += 1
-        loss_sum += torch.stack([res[k].float() for k in terms]).detach()
-        loss_n += 1
+        meter.add(**{k: res[k] for k in terms})
         gen_n += int((batch["group"] == 1).sum())
 
         if step % args.log_every == 0 or step == args.max_iters:
-            metrics = {k: common.all_reduce_mean(v, d) for k, v in zip(terms, loss_sum / loss_n)}
-            gen_share = common.all_reduce_mean(gen_n / (loss_n * args.batch_size), d)
-            dt = time.time() - t0
-            metrics |= {"lr": opt.param_groups[0]["lr"], "generated_share": gen_share,
-                        "samples_per_s": (step - step0) * args.batch_size * d.world_size / max(dt, 1e-9)}
+            metrics = meter.means(d)
+            metrics |= {"lr": opt.param_groups[0]["lr"],
+                        "generated_share": common.all_reduce_mean(gen_n / (meter.n * args.batch_size), d),
+                        "samples_per_s": meter.samples_per_s(step, args.batch_size * d.world_size)}
             common.log_metrics(log, out, step, metrics, d, tb)
-            loss_sum, loss_n, gen_n, t0, step0 = zero(), 0, 0, time.time(), step
+            meter.restart(step)
+            gen_n = 0
 
-        pause = time.time()  # evaluation, SHADE basis passes and checkpoints do not count in samples/s
-        if shade is not None and step % args.shade_interval == 0:  # SegModel's hook: after every interval
-            update_shade_basis(step)
-        if evals and args.eval_every and (step % args.eval_every == 0 or step == args.max_iters):
-            common.write_metrics(out, step, run_eval(step), d, tb)
-
-        if step % args.ckpt_every == 0 or step == args.max_iters:
-            state = {"model": common.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                     "scaler": scaler.state_dict(), "model_config": asdict(common.unwrap(model).cfg),
-                     "config": vars(args)}
-            if fd is not None and not args.pretrained:  # with --pretrained, a resume rebuilds it from the file
-                state["fd_backbone"] = fd.frozen.state_dict()
-            if shade is not None:  # the basis of the next steps (exact resume without a new pass)
-                state["shade_basis"] = shade.basis()
-            path = common.save_checkpoint(ckpt_dir, step, state, d, keep_last=args.keep_last)
-            log.info(f"saved {path}")
-        t0 += time.time() - pause
+        with meter.paused():  # evaluation, SHADE basis passes and checkpoints do not count in samples/s
+            if shade is not None and step % args.shade_interval == 0:  # SegModel's hook: after every interval
+                update_shade_basis(step)
+            if evals and args.eval_every and (step % args.eval_every == 0 or step == args.max_iters):
+                common.write_metrics(out, step, run_eval(step), d, tb)
+            if step % args.ckpt_every == 0 or step == args.max_iters:
+                state = {"model": common.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                         "scaler": scaler.state_dict(), "model_config": asdict(common.unwrap(model).cfg),
+                         "config": vars(args)}
+                if fd is not None and not args.pretrained:  # with --pretrained, a resume rebuilds it from the file
+                    state["fd_backbone"] = fd.frozen.state_dict()
+                if shade is not None:  # the basis of the next steps (exact resume without a new pass)
+                    state["shade_basis"] = shade.basis()
+                path = common.save_checkpoint(ckpt_dir, step, state, d, keep_last=args.keep_last)
+                log.info(f"saved {path}")
         if step >= args.max_iters:
             break
 
     if d.is_main:
         path = save_segmentor(common.unwrap(model), out / "model.safetensors")
         log.info(f"exported {path}")
-    common.barrier()
-    log.info("done")
-    if tb is not None:
-        tb.close()
+    common.finish_run(log, tb)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -558,15 +356,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-hr", action=argparse.BooleanOptionalAction, default=None,
                    help="double the layouts' test scales (the 1024 configs; default: on for HRDA models)")
     g.add_argument("--eval-limit", type=int, default=None, help="first N images per dataset")
-    g = p.add_argument_group("run")
-    g.add_argument("--output-dir", required=True)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--num-workers", type=int, default=2)
-    g.add_argument("--log-every", type=int, default=50)
-    g.add_argument("--ckpt-every", type=int, default=4000)
-    g.add_argument("--keep-last", type=int, default=1)
-    g.add_argument("--resume", help="'auto' (latest in OUTPUT/checkpoints, if any) or a checkpoint path")
+    common.add_run_arguments(p, num_workers=2, log_every=50, ckpt_every=4000, keep_last=1)
     return p
 
 

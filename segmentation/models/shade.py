@@ -15,6 +15,9 @@ SegModel (the HRDA / DAFormer code base) uses it with MiT backbones.
   standard deviations of the stage-1 output, model in eval mode), reduced to K styles by
   ``farthest_point_sample`` (first point drawn uniformly at random, then each time the point
   farthest, in squared Euclidean distance, from those chosen).
+- ``compute_basis``: one basis pass over the source images of a training run (a seeded draw of
+  them per pass, split over the ranks and gathered, the training pipeline's augmentations), as
+  DGInStyle's SegModel runs it before the first step and after every interval of steps.
 - ``style_consistency_loss``: softmax of the clean and hallucinated logits (the decode head's
   logits, before any resize; for HRDA the fused ones), the mixture m = clamp((p + q) / 2, 1e-7, 1),
   loss = (KL(p || m) + KL(q || m)) / 2 with ``F.kl_div(log m, p, reduction="batchmean")``, i.e. the
@@ -22,12 +25,18 @@ SegModel (the HRDA / DAFormer code base) uses it with MiT backbones.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["StyleHallucination", "attach_style_hallucination", "get_style_hallucination", "stage1_features",
-           "stage1_statistics", "farthest_point_sample", "style_consistency_loss"]
+           "stage1_statistics", "farthest_point_sample", "StyleImages", "style_inputs", "compute_basis",
+           "style_consistency_loss"]
 
 
 class StyleHallucination(nn.Module):
@@ -149,3 +158,86 @@ def style_consistency_loss(logits: torch.Tensor) -> torch.Tensor:
     q = prob[b:].permute(0, 2, 3, 1).reshape(-1, c)
     log_m = torch.clamp((p + q) / 2.0, 1e-7, 1).log()
     return (F.kl_div(log_m, q, reduction="batchmean") + F.kl_div(log_m, p, reduction="batchmean")) / 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# A basis pass over the source images
+# ---------------------------------------------------------------------------------------------
+_SHADE_STREAM = 0x5AADE  # seeds the basis passes apart from the training data's draws
+
+
+class StyleImages(Dataset):
+    """Source images for a basis pass: item j is file ``picks[j]`` = (source, index) through that
+    source's training pipeline (geometric + photometric; ``segmentation.datasets.TrainSource``), its
+    randomness a function of (seed, step, j) only; labels are not needed."""
+
+    def __init__(self, sources, picks, seed: int, step: int):
+        self.sources, self.picks, self.seed, self.step = sources, picks, int(seed), int(step)
+
+    def __len__(self):
+        return len(self.picks)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        s, i = self.picks[j]
+        rng = np.random.default_rng([self.seed, _SHADE_STREAM, self.step, int(j)])
+        src = self.sources[s]
+        image, label = src.dataset.load(i)
+        image, label = src.pipeline.geometric(image, label, rng)
+        return src.pipeline.finish(image, label, rng)[0]
+
+
+def style_inputs(model: nn.Module, image: torch.Tensor) -> list[torch.Tensor]:
+    """The inputs whose stage-1 styles describe ``image``: the image itself, or for HRDA the image at
+    its context scale and at full resolution (the two inputs its training forward gives the backbone)."""
+    if getattr(model.cfg, "hrda", None) is None:
+        return [image]
+    out = []
+    for s in sorted(model.cfg.hrda.scales):
+        out.append(image if s == 1 else F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=False))
+    return out
+
+
+def _gather(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, concatenated in rank order (a collective under torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return rows
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, rows)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def compute_basis(model: nn.Module, sources, num_styles: int, *, seed: int, step: int,
+                  max_images: int | None = None, batch_size: int = 2, num_workers: int = 0,
+                  device: torch.device | str = "cpu", autocast=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(basis means, basis stds, number of styles pooled) for the pass at training ``step``.
+
+    The stage-1 styles of the ``sources``' images (all, or a draw of ``max_images`` seeded by
+    (seed, step)), this rank taking every world_size-th of them, run through ``model`` (a segmentor,
+    not its DDP wrapper) in eval mode under ``autocast``, gathered to every rank in rank order and
+    reduced by farthest-point sampling (first point seeded by (seed, step)) to ``num_styles``
+    styles, identical on every rank. A collective under torch.distributed: all ranks call it together."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    files = [(s, i) for s, src in enumerate(sources) for i in range(len(src))]
+    pick_rng = np.random.default_rng([seed, _SHADE_STREAM, step])
+    n = len(files) if max_images is None else min(max_images, len(files))
+    picks = [files[k] for k in pick_rng.choice(len(files), size=n, replace=False)]
+    loader = DataLoader(StyleImages(sources, picks[rank::world], seed, step), batch_size=batch_size,
+                        num_workers=num_workers, generator=torch.Generator())
+    was_training = model.training
+    model.eval()
+    stats = []
+    try:
+        for image in loader:
+            image = image.to(device, non_blocking=True)
+            with autocast or nullcontext():
+                for x in style_inputs(model, image):
+                    stats.append(stage1_statistics(model.backbone, x).float().cpu())
+    finally:
+        model.train(was_training)
+    c = model.backbone.out_channels[0]
+    points = _gather(torch.cat(stats) if stats else torch.zeros(0, 2 * c))
+    g = torch.Generator().manual_seed(int(np.random.default_rng([seed, _SHADE_STREAM, step, 1]).integers(2 ** 62)))
+    idx = farthest_point_sample(points, num_styles, generator=g)
+    basis = points[idx].reshape(num_styles, 2, c)
+    return basis[:, 0].contiguous(), basis[:, 1].contiguous(), points.shape[0]
