@@ -1,7 +1,8 @@
 """Architecture configs for the SD-1.5 networks.
 
-One frozen dataclass per network, with an ``SD15`` preset and a ``tiny()`` preset
-for tests. Derived sizes (head dims, time-embedding width) are properties, so
+One frozen dataclass per network, with an ``SD15`` preset, a ``tiny()`` preset
+for tests and a ``mini()`` preset: the miniature world's networks, small enough to train
+from scratch on a CPU (``preset(kind, name)`` looks them up by name). Derived sizes (head dims, time-embedding width) are properties, so
 they are never passed in twice. A checkpoint that carries its own architecture
 (a diffusers ``config.json`` or our safetensors metadata) is turned into one of
 these by ``ldm.checkpoint``; presets are only for files that carry none.
@@ -81,6 +82,12 @@ class UNetConfig(_ConfigMixin):
         return cls(channels=(32, 64, 64), attention_levels=(True, True, False), num_heads=(2, 4, 4),
                    context_dim=32, norm_groups=8)
 
+    @classmethod
+    def mini(cls) -> "UNetConfig":
+        # 16x16 latents (64 px images): attention at 8x8 and 4x4 only, one ResBlock per level.
+        return cls(channels=(32, 48, 64), num_res_blocks=1, attention_levels=(False, True, True), num_heads=(2, 4, 4),
+                   context_dim=16, norm_groups=8)
+
 
 @dataclass(frozen=True)
 class AutoencoderConfig(_ConfigMixin):
@@ -106,6 +113,11 @@ class AutoencoderConfig(_ConfigMixin):
     def tiny(cls) -> "AutoencoderConfig":
         # Keeps SD's 8x downsampling so pipelines built on it see the usual latent sizes.
         return cls(channels=(32, 32, 64, 64), num_res_blocks=1, norm_groups=8)
+
+    @classmethod
+    def mini(cls) -> "AutoencoderConfig":
+        # 4x downsampling: 64 px images <-> 16x16x4 latents. The scale is measured after training.
+        return cls(channels=(16, 32, 64), num_res_blocks=1, norm_groups=8)
 
 
 @dataclass(frozen=True)
@@ -134,7 +146,26 @@ class CLIPTextConfig(_ConfigMixin):
         # Full vocabulary so the real tokenizer's ids are valid inputs.
         return cls(width=32, layers=2, heads=4, mlp_width=64)
 
+    @classmethod
+    def mini(cls) -> "CLIPTextConfig":
+        # SD-1.5's tokenizer and vocabulary (its 49408 x width embedding is most of the weights), a narrow
+        # two-layer tower.
+        return cls(width=16, layers=2, heads=2, mlp_width=64)
+
 
 SD15_UNET = UNetConfig()
 SD15_VAE = AutoencoderConfig()
 SD15_CLIP = CLIPTextConfig()
+
+CONFIGS = {"unet": UNetConfig, "vae": AutoencoderConfig, "text_encoder": CLIPTextConfig}
+PRESET_NAMES = ("sd15", "tiny", "mini")
+
+
+def preset(kind: str, name: str):
+    """The `name` preset ("sd15", "tiny", "mini") of a component kind ("unet", "vae", "text_encoder")."""
+    if kind not in CONFIGS:
+        raise ValueError(f"unknown component {kind!r}; expected one of {', '.join(CONFIGS)}")
+    if name not in PRESET_NAMES:
+        raise ValueError(f"unknown {kind} preset {name!r}; expected one of {', '.join(PRESET_NAMES)}")
+    cls = CONFIGS[kind]
+    return cls() if name == "sd15" else getattr(cls, name)()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ldm.clip import CLIPTextModel
-from ldm.config import AutoencoderConfig, CLIPTextConfig, UNetConfig
+from ldm.config import preset as config_preset
 from ldm.tokenizer import Tokenizer
 from ldm.unet import UNetModel
 from ldm.vae import AutoencoderKL
@@ -38,14 +38,12 @@ class StableDiffusion(nn.Module):
     @classmethod
     def random(cls, preset: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
                device="cpu") -> "StableDiffusion":
-        """Randomly initialised parts (for tests and smoke runs: the images are noise)."""
-        if preset not in ("tiny", "sd15"):
-            raise ValueError(f"preset must be 'tiny' or 'sd15', got {preset!r}")
-        make = (lambda c: c.tiny()) if preset == "tiny" else (lambda c: c())
+        """Randomly initialised parts of a preset ("tiny", "mini", "sd15"; for tests and smoke runs: the
+        images are noise)."""
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            parts = (UNetModel(make(UNetConfig)), AutoencoderKL(make(AutoencoderConfig)),
-                     CLIPTextModel(make(CLIPTextConfig)))
+            parts = (UNetModel(config_preset("unet", preset)), AutoencoderKL(config_preset("vae", preset)),
+                     CLIPTextModel(config_preset("text_encoder", preset)))
         return cls(*parts).to(device=device, dtype=dtype).eval()
 
     @property

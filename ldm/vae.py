@@ -199,6 +199,13 @@ class AutoencoderKL(nn.Module):
             out = self._decode_fp32(z).to(z.dtype)
         return out
 
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """(reconstruction, posterior) of images x, decoding a posterior sample (or the mean), as CompVis'
+        AutoencoderKL.forward; what training calls, so that DDP sees one forward."""
+        post = self.encode(x)
+        return self.decode(post.sample(generator) if sample_posterior else post.mode()), post
+
     def _decode_fp32(self, z: torch.Tensor) -> torch.Tensor:
         pq = self.post_quant_conv
         z = F.conv2d(z.float(), pq.weight.float(), pq.bias.float())
