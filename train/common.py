@@ -576,7 +576,7 @@ def restore_rng(ckpt: Mapping, d: Dist, generators: Mapping[str, torch.Generator
 
 
 def resume_checkpoint(resume: str | None, checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, d: Dist,
-                      logger: logging.Logger, *, model: nn.Module, optimizer, scaler,
+                      logger: logging.Logger, *, model: nn.Module, optimizer, scaler=None,
                       ema: nn.Module | None = None) -> dict | None:
     """``--resume``: the checkpoint to continue from (`resolve_resume`), or None for a fresh start.
 
@@ -590,7 +590,8 @@ def resume_checkpoint(resume: str | None, checkpoint_dir: str | os.PathLike, out
     state = load_checkpoint(path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    if scaler is not None:
+        scaler.load_state_dict(state["scaler"])
     if ema is not None:
         ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
     restore_rng(state, d, logger=logger)

@@ -29,6 +29,7 @@ draw a new view each time, so the datasets refuse a cache there.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,37 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     if not files:
         raise DatasetError(f"{root}: no *.png / *.jpg images found (recursively)")
     return files
+
+
+METADATA_FILE = "metadata.jsonl"
+
+
+def find_captioned_images(root: str | os.PathLike, caption_column: str = "text") -> tuple[list[Path], list[str]]:
+    """(files, captions) of an image folder with captions, as diffusers' text-to-image training reads one:
+    ``ROOT/metadata.jsonl`` with one JSON object per line holding ``file_name`` (relative to ROOT) and the
+    caption under `caption_column`. Every listed file must exist; other keys are ignored."""
+    root = Path(root)
+    meta = root / METADATA_FILE
+    if not meta.is_file():
+        raise DatasetError(f"{root}: no {METADATA_FILE} (lines {{\"file_name\": ..., \"{caption_column}\": ...}}); "
+                           f"without captions, train with --prompt")
+    files, captions = [], []
+    for n, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name, text = row["file_name"], row[caption_column]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DatasetError(f"{meta}:{n}: needs \"file_name\" and \"{caption_column}\" ({e})") from e
+        path = root / name
+        if not path.is_file():
+            raise DatasetError(f"{meta}:{n}: {path} does not exist")
+        files.append(path)
+        captions.append(str(text))
+    if not files:
+        raise DatasetError(f"{meta}: lists no images")
+    return files, captions
 
 
 def detect_layout(root: str | os.PathLike) -> str:
@@ -325,14 +357,17 @@ def shard_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, 
 # ---------------------------------------------------------------------------------------
 
 class ImageDataset(_Cached, Dataset):
-    """Images for U^S fine-tuning (DGInStyle's DreamBooth data): rescale by a random ratio from `scales` (bilinear),
-    pad by reflection if smaller than `resolution`, then a random (or centre) square crop.
-    Items: pixel_values (3, R, R) in [-1, 1], caption (the instance prompt, "" for DGInStyle),
-    seed (int64, for the diffusion noise), desc ("file@ratio,x1,y1", for logs)."""
+    """Images for U-Net training (DGInStyle's DreamBooth data, or captioned images for a text-to-image
+    prior) and for the autoencoder: rescale by a random ratio from `scales` (bilinear), pad by reflection
+    if smaller than `resolution`, then a random (or centre) square crop; with `flip`, a horizontal flip
+    with probability 1/2. Items: pixel_values (3, R, R) in [-1, 1], caption (`captions[i]` when given,
+    else the instance prompt `caption`, "" for DGInStyle; replaced by "" with probability
+    `proportion_empty`), seed (int64, for the diffusion noise), desc ("file@ratio,x1,y1", for logs)."""
 
     def __init__(self, files: Sequence[Path], resolution: int = 512, scales: Sequence[float] = DREAMBOOTH_SCALES,
                  crop: str = "random", caption: str = "", seed: int = 0, rank: int = 0,
-                 cache: LatentCache | None = None):
+                 cache: LatentCache | None = None, captions: Sequence[str] | None = None,
+                 proportion_empty: float = 0.0, flip: bool = False):
         if crop not in ("random", "center"):
             raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
         if not files:
@@ -340,7 +375,15 @@ class ImageDataset(_Cached, Dataset):
         self.files, self.resolution, self.scales = list(files), int(resolution), tuple(float(s) for s in scales)
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"scales must be positive, got {scales}")
+        if captions is not None and len(captions) != len(self.files):
+            raise ValueError(f"{len(captions)} captions for {len(self.files)} images")
+        if not 0.0 <= proportion_empty <= 1.0:
+            raise ValueError(f"proportion_empty must be in [0, 1], got {proportion_empty}")
         self.crop, self.caption, self.seed, self.rank = crop, caption, int(seed), int(rank)
+        self.captions = None if captions is None else list(captions)
+        self.proportion_empty, self.flip = float(proportion_empty), bool(flip)
+        if cache is not None and flip:
+            raise ValueError("latent caching needs a deterministic view: no flips")
         if cache is not None and not self.deterministic:
             raise ValueError("latent caching needs a deterministic view: one scale and crop='center' "
                              f"(got scales={self.scales}, crop={crop!r})")
@@ -381,7 +424,7 @@ class ImageDataset(_Cached, Dataset):
     def __getitem__(self, key) -> dict:
         epoch, index = _key(key, self.epoch)
         rng = item_rng(self.seed, self.rank, epoch, index)
-        item = {"caption": self.caption}
+        item = {"caption": self.caption if self.captions is None else self.captions[index]}
         if self.cache is not None:
             item["moments"] = self._cached(index)
             ratio, (x1, y1) = self.scales[0], (-1, -1)
@@ -389,6 +432,11 @@ class ImageDataset(_Cached, Dataset):
             crop, ratio, (x1, y1) = self._view(index, rng)
             item["pixel_values"] = to_tensor(crop)
         item["seed"] = int(rng.integers(2**63 - 1))
+        # Drawn after everything above, and only when enabled, so the draws of other items stay as they were.
+        if self.flip and rng.random() < 0.5 and "pixel_values" in item:
+            item["pixel_values"] = item["pixel_values"].flip(-1)
+        if self.proportion_empty and rng.random() < self.proportion_empty:
+            item["caption"] = ""
         item["desc"] = f"{self.files[index].name}@{ratio:g},{x1},{y1}"
         return item
 
