@@ -66,6 +66,9 @@ MIT_CONFIGS: dict[str, MiTConfig] = {
     # Not an official size: a few thousand parameters for CPU smoke tests.
     "mit_tiny": MiTConfig(embed_dims=(16, 24, 32, 48), num_heads=(1, 1, 2, 2), depths=(1, 1, 1, 1),
                           drop_path_rate=0.0),
+    # Not an official size either: the miniature world's segmenters (trained from scratch on a CPU).
+    "mit_mini": MiTConfig(embed_dims=(24, 48, 64, 96), num_heads=(1, 2, 2, 3), depths=(1, 1, 2, 1),
+                          drop_path_rate=0.0),
 }
 # Keys of the official files that the backbone does not have (the ImageNet classifier).
 CLASSIFIER_KEYS = ("head.weight", "head.bias")

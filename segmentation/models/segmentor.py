@@ -77,7 +77,7 @@ class HRDAConfig:
 
 @dataclass(frozen=True)
 class SegmentorConfig:
-    backbone: str = "mit_b5"  # mit_b0..mit_b5, mit_tiny, resnet18, resnet34, resnet_tiny
+    backbone: str = "mit_b5"  # mit_b0..mit_b5, mit_tiny, mit_mini, resnet18, resnet34, resnet_tiny
     head: str = "daformer"  # daformer | segformer | deeplabv3plus
     num_classes: int = 19
     embed_dim: int = 256  # per-level embedding width (DAFormer 256, SegFormer 768 / 256 for B0-B1)
@@ -116,6 +116,8 @@ PRESETS: dict[str, SegmentorConfig] = {
     "deeplabv3plus_r18": SegmentorConfig("resnet18", "deeplabv3plus", dilations=(6, 12, 18)),
     # exp 61: HRDA (context 0.5, detail crop 512, hr loss 0.1, class-wise attention) + DAFormer
     "hrda_daformer_mitb5": SegmentorConfig("mit_b5", "daformer", hrda=HRDAConfig()),
+    # the miniature world's segmenter: MiT + DAFormer head at a width for 64-128 px scenes
+    "mini": SegmentorConfig("mit_mini", "daformer", embed_dim=48, channels=48, drop_path_rate=0.0),
     # CPU smoke-test sizes
     "tiny": SegmentorConfig("mit_tiny", "daformer", embed_dim=32, channels=32, drop_path_rate=0.0),
     "tiny_hrda": SegmentorConfig("mit_tiny", "daformer", embed_dim=32, channels=32, drop_path_rate=0.0,

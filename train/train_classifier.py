@@ -1,0 +1,152 @@
+"""Train an image classifier (segmentation.models.classifier: MiT backbone, pooled linear head) on
+an image folder with one subfolder per class (``ROOT/<class>/**/*.png``, torchvision's ImageFolder
+layout); the class names are the subfolder names, sorted, and travel in the exported file.
+
+The miniature world trains its style classifier with it: the style of an image, from random crops
+(no colour augmentation: colour is what a style is about). Cross-entropy, AdamW with a cosine
+schedule after a linear warm-up, random --resolution crops and horizontal flips; --val ROOT (same
+layout) reports top-1 accuracy per class.
+
+    python -m train.train_classifier --data world/styles/train --val world/styles/val \
+        --output-dir runs/style_classifier --resolution 64 --max-steps 1500
+    torchrun --standalone --nproc_per_node=N -m train.train_classifier ...same arguments...
+Resume (exact: same world size): add --resume auto or --resume PATH.
+
+Outputs in --output-dir: log.txt, metrics.jsonl, checkpoints/step_*.pt, val.json (accuracy per class)
+and at the end classifier.safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ldm.atomic import write_text
+from segmentation.models.classifier import ClassifierConfig, ImageClassifier, save_classifier
+from train import common
+from train.data import ImageDataset, find_images, shard_loader
+
+
+def class_folders(root: str | Path) -> tuple[list[str], list[Path], list[int]]:
+    """(class names, files, labels) of an ImageFolder-layout root."""
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise SystemExit(f"{root}: needs two or more class subfolders, found {classes}")
+    files, labels = [], []
+    for k, c in enumerate(classes):
+        found = find_images(root / c)
+        files += found
+        labels += [k] * len(found)
+    return classes, files, labels
+
+
+@torch.no_grad()
+def accuracy(model, files, labels, classes, resolution: int, device) -> dict:
+    """Top-1 accuracy overall and per class, on centre crops."""
+    data = ImageDataset(files, resolution, (1.0,), "center")
+    was = model.training
+    model.eval()
+    correct = torch.zeros(len(classes))
+    total = torch.zeros(len(classes))
+    for i in range(0, len(files), 64):
+        x = torch.stack([data[(0, j)]["pixel_values"] for j in range(i, min(i + 64, len(files)))]).to(device)
+        pred = model(x).argmax(-1).cpu()
+        y = torch.tensor(labels[i:i + 64])
+        correct += torch.bincount(y[pred == y], minlength=len(classes)).float()
+        total += torch.bincount(y, minlength=len(classes)).float()
+    model.train(was)
+    per = {c: float(correct[k] / total[k]) if total[k] else None for k, c in enumerate(classes)}
+    return {"accuracy": float(correct.sum() / total.sum()), "per_class": per}
+
+
+def main(args):
+    d, log, tb, amp_dtype = common.start_run(args)
+    out = Path(args.output_dir)
+    ckpt_dir = out / "checkpoints"
+    classes, files, labels = class_folders(args.data)
+    model = ImageClassifier(ClassifierConfig(tuple(classes), args.backbone)).to(d.device).train()
+    ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.distributed else model
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    log.info(f"{len(files)} images of {len(classes)} classes ({', '.join(classes)}); "
+             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    step, position = 0, 0
+    state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt)
+    if state is not None:
+        step, position = state["step"], state["sampler"]["position"]
+        del state
+    # The label rides in the caption field of the image dataset (one caption per file).
+    dataset = ImageDataset(files, args.resolution, tuple(args.scales), "random", seed=args.seed, rank=d.rank,
+                           captions=[str(k) for k in labels], flip=True)
+    batches = iter(shard_loader(dataset, args.batch_size, d.rank, d.world_size, args.seed, position,
+                                args.num_workers, pin_memory=d.device.type == "cuda"))
+    amp = common.autocast(d.device, amp_dtype)
+    meter = common.Meter(step)
+    while step < args.max_steps:
+        frac = step / args.max_steps
+        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) * 0.5 * (1 + math.cos(math.pi * frac))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = next(batches)
+        position += args.batch_size
+        x = batch["pixel_values"].to(d.device)
+        y = torch.tensor([int(c) for c in batch["caption"]], device=d.device)
+        with amp:
+            logits = ddp(x)
+            loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        meter.add(loss=loss, acc=(logits.argmax(-1) == y).float().mean())
+        if step % args.log_every == 0 or step == args.max_steps:
+            metrics = meter.means(d) | {"lr": lr, "samples_per_s": meter.samples_per_s(step, args.batch_size * d.world_size)}
+            common.log_metrics(log, out, step, metrics, d, tb)
+            meter.restart(step)
+        if step % args.ckpt_every == 0 or step == args.max_steps:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": vars(args),
+                     "sampler": {"position": position, "world_size": d.world_size}}
+            log.info(f"saved {common.save_checkpoint(ckpt_dir, step, state, d, keep_last=args.keep_last)}")
+            state = None
+    if d.is_main:
+        if args.val:
+            val_classes, vfiles, vlabels = class_folders(args.val)
+            if val_classes != classes:
+                raise SystemExit(f"{args.val}: classes {val_classes} differ from the training classes {classes}")
+            result = accuracy(model, vfiles, vlabels, classes, args.resolution, d.device)
+            write_text(out / "val.json", json.dumps(result, indent=1) + "\n")
+            log.info(f"validation top-1 accuracy {result['accuracy']:.4f}")
+        log.info(f"exported {save_classifier(model.to('cpu').eval(), out / 'classifier.safetensors')}")
+    common.finish_run(log, tb)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.train_classifier", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--data", required=True, help="ROOT/<class>/... images")
+    g.add_argument("--val", help="a validation root of the same layout")
+    g.add_argument("--backbone", default="mit_tiny")
+    g.add_argument("--resolution", type=int, default=64)
+    g.add_argument("--scales", type=float, nargs="+", default=[1.0], help="random rescale ratios before the crop")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--max-steps", type=int, default=1500)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--warmup-steps", type=int, default=50)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--mixed-precision", choices=common.PRECISIONS, default="auto")
+    common.add_run_arguments(p, num_workers=2, log_every=50, ckpt_every=500, keep_last=2)
+    return p
+
+
+if __name__ == "__main__":
+    try:
+        main(get_parser().parse_args())
+    finally:
+        common.cleanup_distributed()
