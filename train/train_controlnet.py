@@ -56,6 +56,18 @@ from train.data import (CITYSCAPES_RATIOS, LAYOUTS, ControlNetDataset, LatentCac
                         discover_pairs, fill_latent_cache, pad_to, pair_class_stats, shard_loader, vae_fingerprint)
 
 
+def hint_blocks(widths, latent_factor: int) -> tuple[int, ...]:
+    """The hint encoder's widths: `widths` if given (checked against the VAE's downsampling), else
+    DGInStyle's (16, 32, 96, 256) cut to log2(latent_factor) + 1 entries."""
+    stages = int(latent_factor).bit_length() - 1
+    if widths is None:
+        widths = (16, 32, 96, 256, 256, 256)[:stages + 1]
+    if len(widths) != stages + 1:
+        raise SystemExit(f"--hint-block-channels {list(widths)}: the VAE downsamples {latent_factor}x, so the hint "
+                         f"encoder needs {stages} stride-2 stages, i.e. {stages + 1} widths")
+    return tuple(int(w) for w in widths)
+
+
 def load_base(args) -> StableDiffusion:
     """U^S with its VAE and text encoder, fp32 on CPU."""
     if args.tiny:
@@ -154,7 +166,8 @@ def main(args):
                              f"hints; label training feeds {NUM_CHANNELS} (19 classes + void)")
         log.info(f"ControlNet initialised from {args.controlnet}")
     else:
-        controlnet = ControlNet.from_unet(sd.unet, hint_channels=NUM_CHANNELS)
+        controlnet = ControlNet.from_unet(sd.unet, hint_channels=NUM_CHANNELS,
+                                          hint_block_channels=hint_blocks(args.hint_block_channels, sd.latent_factor))
         log.info("ControlNet initialised from U^S's encoder half (zero convs zero)")
     controlnet = common.requires_grad(controlnet.to(d.device, torch.float32).train(), True)
     controlnet.gradient_checkpointing = args.gradient_checkpointing
@@ -284,6 +297,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--tiny", action="store_true", help="random tiny models instead of --base (tests, smoke runs)")
     g.add_argument("--prior", help="U^P for the Style Swap validation (any layout ldm.checkpoint reads)")
     g.add_argument("--controlnet", help="initial ControlNet weights (default: a copy of U^S's encoder half)")
+    g.add_argument("--hint-block-channels", type=int, nargs="+",
+                   help="widths of a new ControlNet's hint encoder, one stride-2 stage per width after the first "
+                        "(default: DGInStyle's 16 32 96 256 for SD's 8x VAE, its first k+1 for a 2^k x VAE)")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="dataset root or .jsonl dataset file")
     g.add_argument("--layout", choices=LAYOUTS, default="auto",
