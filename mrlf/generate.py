@@ -32,6 +32,7 @@ from PIL import Image
 
 from ldm.atomic import atomic_file, clean_stale
 from ldm.checkpoint import DTYPES
+from mrlf.bundle import SHIPPED, BundleError, load_bundle, shipped_bundle
 from mrlf.jobs import build_jobs, read_gen_file
 from mrlf.pipeline import DATASET, DEMO, MRLFSettings, Pipeline, SamplingSettings
 from mrlf.prompts import PromptConfig, make_prompt
@@ -58,7 +59,7 @@ def make_jobs(args) -> list[dict]:
     if args.label_maps:
         return [{"class": None, "class_name": None, "file": str(p)} for p in args.label_maps]
     folder = Path(args.labels or EXAMPLES)
-    cache = False if args.labels is None else True  # never write a cache into the installed examples
+    cache = args.labels is not None and not args.labels_shipped  # never write a cache into the installed package
     stats = class_stats(folder, pattern=args.pattern, cache=cache)
     return build_jobs(stats, args.num_samples, seed=args.seed, crop_size=args.size)
 
@@ -152,7 +153,7 @@ def load_models(args, device, dtype):
     from controlnet import ControlNet
     from ldm.sd import StableDiffusion
 
-    if args.base is None:
+    if args.base is None:  # --random-tiny
         print("=" * 78 + "\nWARNING: no --base checkpoint: using a TINY RANDOMLY INITIALISED model.\n"
               "The images will be NOISE. This run only exercises the pipeline end to end.\n"
               "Pass --base (SD-1.5) and --controlnet (DGInStyle ControlNet) for real data.\n" + "=" * 78,
@@ -167,6 +168,10 @@ def load_models(args, device, dtype):
         return sd, cn.to(device, dtype).eval()
     from controlnet.checkpoint import load_controlnet
 
+    if args.bundle:
+        print(f"models: the bundle in {args.bundle}" + (" (the miniature world shipped with this package: a "
+              "small world trained from scratch, not SD-1.5; pass --base/--controlnet for real data)"
+              if Path(args.bundle) == SHIPPED else ""), file=sys.stderr)
     sd = StableDiffusion.from_checkpoint(args.base, dtype=dtype, device=device)
     if args.style_source is not None:
         from mrlf.style import blend_unet_
@@ -193,14 +198,19 @@ def settings_from_args(args) -> tuple[SamplingSettings, MRLFSettings, PromptConf
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m mrlf.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("inputs (default: the shipped synthetic examples)")
+    src = p.add_argument_group("inputs (default: the bundle's label maps)")
     src.add_argument("--labels", help="folder of *_labelTrainIds.png; RCS picks (class, file) jobs")
     src.add_argument("--pattern", default="*_labelTrainIds.png", help="label file pattern in --labels")
-    src.add_argument("-n", "--num-samples", type=int, default=4, help="samples drawn from --labels")
+    src.add_argument("-n", "--num-samples", type=int, help="samples drawn from --labels (default 4)")
     src.add_argument("--jobs", help="gen-file JSON: [{class, class_name, file_name}, ...]")
     src.add_argument("--label-maps", nargs="+", help="single label maps (centre crop)")
     m = p.add_argument_group("models")
-    m.add_argument("--base", help="U^P: SD-1.5 file, folder or local HF cache id (default: tiny random model)")
+    m.add_argument("--base", help="U^P: SD-1.5 file, folder or local HF cache id (default: the bundle's prior)")
+    m.add_argument("--bundle", help="a model bundle folder (bundle.json: prior, ControlNet, U^S, label maps and "
+                                    "generation defaults); default without --base: the miniature world shipped in "
+                                    "this package")
+    m.add_argument("--random-tiny", action="store_true",
+                   help="a tiny randomly initialised model instead (a smoke run: the images are noise)")
     m.add_argument("--controlnet", help="ControlNet checkpoint (file or diffusers folder)")
     m.add_argument("--style-source", help="U^S checkpoint for the style knob (U-Net weights interpolated)")
     m.add_argument("--style", type=float, default=0.0, help="0 = DGInStyle's swap (U^P), 1 = no swap (U^S)")
@@ -216,7 +226,7 @@ def parse_args(argv=None):
     s.add_argument("--size", type=int, default=None, help="crop / base size in pixels (default 512; 256 with the tiny model)")
     s.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="ddim (the original), euler, dpmpp_2m")
     s.add_argument("--steps", type=int, default=None, help="sampler steps (default 20; 10 with the tiny model)")
-    s.add_argument("--guidance", type=float, default=7.5)
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
     s.add_argument("--control-scale", type=float, default=1.0)
     s.add_argument("--scale-factor", type=int, help="MRLF factor (1 = plain controlled generation)")
     s.add_argument("--window", type=int, help="latent view size of the tiled pass")
@@ -226,7 +236,7 @@ def parse_args(argv=None):
     s.add_argument("--posterior", choices=["sample", "mean"])
     s.add_argument("--blend", choices=["uniform", "tent", "gaussian"])
     s.add_argument("--view-batch", type=int, help="views per network call (default 8)")
-    s.add_argument("--weather-prob", type=float, default=0.5)
+    s.add_argument("--weather-prob", type=float, help="share of prompts with a weather word (default 0.5)")
     s.add_argument("--weather-words", nargs="+")
     s.add_argument("--negative-prompt", default="")
     o = p.add_argument_group("output")
@@ -235,6 +245,14 @@ def parse_args(argv=None):
     o.add_argument("--only", type=int, nargs="+", help="generate only these sample indices")
     o.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    args.labels_shipped = False
+    if args.random_tiny and (args.base or args.bundle):
+        p.error("--random-tiny cannot be combined with --base or --bundle")
+    if args.bundle or not (args.base or args.random_tiny):
+        apply_bundle(args, p)
+    for name, default in (("guidance", 7.5), ("weather_prob", 0.5), ("num_samples", 4)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.controlnet and not args.base:
         p.error("--controlnet needs --base")
     if args.style_source is None and args.style != 0.0:
@@ -257,6 +275,29 @@ def parse_args(argv=None):
         args.window = args.window or min(64, args.size // 8)
         args.threshold = args.threshold if args.threshold is not None else (args.size ** 2) // 13
     return args
+
+
+def apply_bundle(args, parser) -> None:
+    """Fill the models, label maps and unset generation options from a bundle (--bundle, else the
+    shipped one); without a shipped bundle fall back to --random-tiny."""
+    try:
+        bundle = load_bundle(args.bundle) if args.bundle else shipped_bundle()
+    except BundleError as e:
+        parser.error(str(e))
+    if bundle is None:
+        args.random_tiny = True
+        return
+    if args.base:
+        parser.error("--bundle gives the models; do not pass --base too")
+    args.base, args.controlnet = str(bundle["prior"]), args.controlnet or str(bundle["controlnet"])
+    if "source_unet" in bundle.files and args.style_source is None:
+        args.style_source = str(bundle["source_unet"])
+    if not (args.labels or args.jobs or args.label_maps) and "labels" in bundle.files:
+        args.labels, args.labels_shipped = str(bundle["labels"]), bundle.root == SHIPPED
+    for key, value in bundle.generation.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, tuple(value) if isinstance(value, list) else value)
+    args.bundle = str(bundle.root)
 
 
 def main(argv=None) -> int:
@@ -284,7 +325,7 @@ def main(argv=None) -> int:
     sd, cn = load_models(args, device, dtype)
     pipe = Pipeline(sd, cn, cuda_graphs=args.cuda_graphs)
     settings = {"sampling": asdict(sampling), "mrlf": asdict(fusion), "size": args.size, "faithful": args.faithful,
-                "prompt": asdict(prompt_cfg), "base": args.base, "controlnet": args.controlnet,
+                "prompt": asdict(prompt_cfg), "base": args.base, "bundle": args.bundle, "controlnet": args.controlnet,
                 "style_source": args.style_source, "style": args.style, "dtype": str(dtype), "device": device.type}
     progress = None if args.no_progress else Progress(len(todo), f"rank {rank} " if world > 1 else "")
     for i in todo:
