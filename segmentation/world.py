@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ldm.atomic import atomic_file, write_text
 from segmentation.labels import CLASS_NAMES, TRAIN_ID_SUFFIX, save_label
 from segmentation.synthetic import (BICYCLE, BUILDING, BUS, CAR, FENCE, MOTORCYCLE, PERSON, POLE, RIDER, ROAD,
                                     SIDEWALK, SKY, TERRAIN, TRAFFIC_LIGHT, TRAFFIC_SIGN, TRAIN, TRUCK, VEGETATION,
@@ -93,17 +94,17 @@ class Style:
     lights: float = 0.0  # strength of lit windows, lamps and traffic lights (night, dusk)
     rain: float = 0.0  # streak density
     snow: float = 0.0  # how white the ground and foliage get; also the flake density
-    grain: float = 0.02
+    grain: float = 0.0  # per-pixel sensor noise (night, overexposure)
 
 
-SOURCE = Style("source", "game", "source", palette=SOURCE_PALETTE, jitter=0.0, texture=0.35, grain=0.0)
+SOURCE = Style("source", "game", "source", palette=SOURCE_PALETTE, jitter=0.0, texture=0.35)
 
 PRIOR_STYLES = (
     Style("sunny", "sunny", "prior", saturation=1.25, gain=1.08, gamma=0.95, sky_top=(0.25, 0.5, 0.95)),
     Style("overcast", "overcast", "prior", saturation=0.45, gain=0.95, sky_top=(0.74, 0.75, 0.77),
           overrides={SKY: _rgb(200, 202, 206)}),
     Style("fog", "foggy", "prior", saturation=0.7, fog=14.0, fog_colour=(0.78, 0.79, 0.8)),
-    Style("night", "night", "prior", gain=0.16, saturation=0.6, tint=(0.85, 0.9, 1.25), lights=1.0,
+    Style("night", "night", "prior", gain=0.16, saturation=0.6, tint=(0.85, 0.9, 1.25), lights=1.0, grain=0.015,
           sky_top=(0.02, 0.02, 0.06), overrides={SKY: _rgb(30, 34, 62)}),
     Style("rain", "rainy", "prior", gain=0.6, saturation=0.55, tint=(0.92, 0.96, 1.05), rain=1.0,
           sky_top=(0.42, 0.44, 0.48), overrides={SKY: _rgb(130, 134, 140), ROAD: _rgb(58, 58, 64)}),
@@ -306,6 +307,8 @@ class WorldSpec:
     source: int = 2000  # labelled source-style scenes (GTA's role)
     prior: int = 4000  # captioned prior-style scenes (the web's role)
     eval: int = 100  # labelled scenes per evaluation style
+    oracle: int = 1300  # labelled scenes in every style (the oracle segmenter's training set)
+    styles: int = 200  # base x base crops per style for the style classifier (and a quarter as many to validate)
     seed: int = 0
 
 
@@ -320,13 +323,13 @@ def _scene(spec: WorldSpec, part: str, i: int, layout: Layout, two_scales: bool)
     return street_scene(spec.base * f, 2 * spec.base * f, rng, layout=layout, full=True), rng
 
 
-_PARTS = ("source", "prior", "eval")
+_PARTS = ("source", "prior", "eval", "oracle", "styles", "gate")
+CLASSIFIED = (SOURCE, *PRIOR_STYLES)  # what the style classifier tells apart
 
 
 def _save_png(image: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
 
 
 def write_source(root: Path, spec: WorldSpec) -> None:
@@ -359,9 +362,7 @@ def write_prior(root: Path, spec: WorldSpec) -> None:
         if not (root / name).exists():
             _save_png(render(sc, style, rng), root / name)
         rows.append({"file_name": name, "text": caption(sc.seg, style, rng), "style": style.name})
-    tmp = meta.with_name(f".{meta.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, meta)
+    write_text(meta, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_eval(root: Path, style: Style, spec: WorldSpec) -> None:
@@ -380,8 +381,43 @@ def write_eval(root: Path, style: Style, spec: WorldSpec) -> None:
         save_label(sc.seg, label_path)
 
 
+def write_labelled(root: Path, styles, n: int, spec: WorldSpec, part: str = "oracle") -> None:
+    """GTA-like, the given styles in turn, both layouts and scales: an oracle segmenter's training set
+    (every style), or the gate's (the prior styles)."""
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        label_path = root / "labels" / f"{i:06d}{TRAIN_ID_SUFFIX}"
+        if label_path.exists():
+            continue
+        layout = TARGET_LAYOUT if (i // len(styles)) % 2 else Layout()
+        sc, rng = _scene(spec, part, i, layout, two_scales=True)
+        _save_png(render(sc, styles[i % len(styles)], rng), root / "images" / f"{i:06d}.png")
+        save_label(sc.seg, label_path)
+
+
+def write_styles(root: Path, spec: WorldSpec) -> None:
+    """The style classifier's data in the ImageFolder layout: ``train/<style>/*.png`` and
+    ``val/<style>/*.png``, base x base crops of scenes at both scales and layouts."""
+    n_val = max(spec.styles // 4, 1)
+    for k, style in enumerate(CLASSIFIED):
+        for split, n, offset in (("train", spec.styles, 0), ("val", n_val, spec.styles)):
+            folder = root / split / style.name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(offset, offset + n):
+                path = folder / f"{i:06d}.png"
+                if path.exists():
+                    continue
+                j = i * len(CLASSIFIED) + k
+                sc, rng = _scene(spec, "styles", j, TARGET_LAYOUT if j % 3 == 0 else Layout(), two_scales=True)
+                img = render(sc, style, rng)
+                y = int(rng.integers(0, img.shape[0] - spec.base + 1))
+                x = int(rng.integers(0, img.shape[1] - spec.base + 1))
+                _save_png(img[y:y + spec.base, x:x + spec.base], path)
+
+
 def write_world(root: str | os.PathLike, spec: WorldSpec = WorldSpec()) -> Path:
-    """source/, prior/ and eval/<style>/ for every non-source style; resumable (finished files are kept)."""
+    """source/, prior/, eval/<style>/ (every style), oracle/ and styles/; resumable (finished files are kept)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     info = root / "world.json"
@@ -390,11 +426,13 @@ def write_world(root: str | os.PathLike, spec: WorldSpec = WorldSpec()) -> Path:
         if old != asdict(spec):
             raise ValueError(f"{root}: holds a world made with {old}, not {asdict(spec)}; use another folder")
     else:
-        info.write_text(json.dumps(asdict(spec), indent=1) + "\n")
+        write_text(info, json.dumps(asdict(spec), indent=1) + "\n")
     write_source(root / "source", spec)
     write_prior(root / "prior", spec)
     for style in (*PRIOR_STYLES, *UNSEEN_STYLES, SOURCE):
         write_eval(root / "eval" / style.name, style, spec)
+    write_labelled(root / "oracle", (SOURCE, *PRIOR_STYLES, *UNSEEN_STYLES), spec.oracle, spec)
+    write_styles(root / "styles", spec)
     return root
 
 
@@ -404,10 +442,11 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
     d = WorldSpec()
-    for name in ("base", "source", "prior", "eval", "seed"):
+    names = ("base", "source", "prior", "eval", "oracle", "styles", "seed")
+    for name in names:
         p.add_argument(f"--{name}", type=int, default=getattr(d, name))
     a = p.parse_args(argv)
-    write_world(a.out, WorldSpec(a.base, a.source, a.prior, a.eval, a.seed))
+    write_world(a.out, WorldSpec(**{n: getattr(a, n) for n in names}))
     print(a.out)
 
 

@@ -1,0 +1,334 @@
+"""The miniature world: render it, train the whole DGInStyle chain on it from scratch with the
+project's own training scripts, and package the result as a model bundle.
+
+    python -m train.mini_world --out runs/mini                # the recipe (see BENCHMARKS.md for its time)
+    python -m train.mini_world --out runs/mini --install      # ... and make it the shipped default (mrlf/world/)
+    python -m train.mini_world --out runs/mini_x4 --scale 4 --device cuda   # four times the data and steps, on a GPU
+    python -m train.mini_world --out runs/mini --nproc 2      # every training stage under torchrun
+    python -m train.mini_world gate --out runs/gate           # the renderer's gate: segmenters on renders alone
+
+Stages, each a run of the CLI a user would run on real data (its command is printed and kept in
+OUT/logs/<stage>.cmd), each resumable (a stage whose outputs exist is skipped; a killed training
+stage continues from its last checkpoint with --resume auto):
+
+ 1. render      segmentation.world: source (GTA-like), prior (captioned images), eval/<style>
+                (Cityscapes-like), oracle (every style, labelled) and styles (classifier data)
+ 2. vae         train.train_vae: the KL autoencoder, on source and prior images
+ 3. prior       train.finetune_unet: U^P, a text-to-image U-Net trained from scratch with its text
+                encoder on the captioned prior corpus
+ 4. unet_s      train.finetune_unet: U^S, U^P fine-tuned on the source renders with the empty prompt
+                (DGInStyle's DreamBooth step)
+ 5. controlnet  train.train_controlnet: the label ControlNet on the frozen U^S, rare-class sampled,
+                validated on U^S and swapped onto U^P
+ 6. oracle      train.train_segmentation: a segmenter on labelled renders of every style (measures
+                how well generated images follow their labels)
+ 7. classifier  train.train_classifier: the style classifier (measures which style an image is in)
+ 8. bundle      fp16 copies of the networks, a few label maps and bundle.json (generation defaults)
+
+Timings per stage go to OUT/recipe.json. --install copies OUT/bundle over mrlf/world/, the bundle
+``python -m mrlf.generate`` uses without --base.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldm import checkpoint as ckpt_io
+from ldm.atomic import atomic_dir, write_text
+from mrlf.bundle import BUNDLE_FILE, SHIPPED, load_bundle
+from segmentation.labels import TRAIN_ID_SUFFIX
+from segmentation.world import PRIOR_STYLES, WorldSpec, write_world
+
+STAGES = ("render", "vae", "prior", "unet_s", "controlnet", "oracle", "classifier", "bundle")
+# Prompts of the prior's sample grids: a style word each, as generation prompts carry them.
+SAMPLE_PROMPTS = [f"A city street scene with road sidewalk building vegetation sky car, in {s.word} weather."
+                  for s in PRIOR_STYLES[:4]]
+BUNDLE_LABELS = 8  # label maps shipped with the bundle
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Steps and batch sizes of every stage at scale 1 (2 CPU cores)."""
+
+    world: WorldSpec = WorldSpec()
+    vae_steps: int = 3000
+    vae_batch: int = 32
+    vae_crop: int = 32  # the autoencoder is convolutional: small crops train it four times faster
+    prior_steps: int = 3000
+    prior_batch: int = 32
+    unet_s_steps: int = 400
+    controlnet_steps: int = 1500
+    controlnet_batch: int = 16
+    oracle_steps: int = 2000
+    oracle_batch: int = 16
+    classifier_steps: int = 600
+    text_encoder: str = "train"  # "train" (jointly with U^P) or "frozen" (random)
+
+    def scaled(self, s: float) -> "Recipe":
+        n = lambda v: max(1, int(round(v * s)))  # noqa: E731
+        w = self.world
+        world = replace(w, source=n(w.source), prior=n(w.prior), oracle=n(w.oracle), styles=n(w.styles))
+        return replace(self, world=world, vae_steps=n(self.vae_steps), prior_steps=n(self.prior_steps),
+                       unet_s_steps=n(self.unet_s_steps), controlnet_steps=n(self.controlnet_steps),
+                       oracle_steps=n(self.oracle_steps), classifier_steps=n(self.classifier_steps))
+
+
+# A recipe small enough for a smoke run (tests): every stage runs, a few steps each.
+SMOKE = Recipe(world=WorldSpec(source=24, prior=40, eval=4, oracle=26, styles=4), vae_steps=6, vae_batch=4,
+               prior_steps=6, prior_batch=4, unet_s_steps=4, controlnet_steps=6, controlnet_batch=4,
+               oracle_steps=6, oracle_batch=4, classifier_steps=6)
+
+
+class Runner:
+    """Runs one stage's CLI as a child process (or under torchrun), with its log kept in OUT/logs/."""
+
+    def __init__(self, out: Path, args):
+        self.out, self.args = out, args
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, stage: str, module: str, argv: list[str], training: bool = True) -> None:
+        """Run ``python -m module argv`` (training scripts: on --device, resuming, under torchrun with --nproc)."""
+        a = self.args
+        argv = [str(x) for x in argv] + ["--device", a.device] + (["--resume", "auto"] if training else [])
+        if a.nproc > 1 and module.startswith("train."):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
+                   "-m", module, *argv]
+        else:
+            cmd = [sys.executable, "-m", module, *argv]
+        write_text(self.out / "logs" / f"{stage}.cmd", " ".join(cmd) + "\n")
+        print(f"  $ {' '.join(cmd[1:])}", flush=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.out / "logs" / f"{stage}.log", "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+            for line in proc.stdout:
+                log.write(line)
+                if not a.quiet:
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.flush()
+            if proc.wait():
+                raise SystemExit(f"stage {stage} failed (exit {proc.returncode}); its log: {self.out / 'logs' / (stage + '.log')}")
+
+
+def train_stages(out: Path, r: Recipe, run: Runner, args) -> dict:
+    """Every stage in order; returns {stage: seconds} of those that ran."""
+    w = out / "world"
+    times = {}
+
+    def stage(name, done: Path, fn):
+        k = STAGES.index(name) + 1
+        if done.exists():
+            print(f"[{k}/{len(STAGES)}] {name}: done ({done})", flush=True)
+            return
+        print(f"[{k}/{len(STAGES)}] {name} ...", flush=True)
+        tic = time.perf_counter()
+        fn()
+        times[name] = round(time.perf_counter() - tic, 1)
+        print(f"[{k}/{len(STAGES)}] {name}: {times[name]:.0f} s", flush=True)
+
+    spec = r.world
+    stage("render", w / "world.json", lambda: write_world(w, spec))
+    stage("vae", out / "vae" / "vae.safetensors", lambda: run("vae", "train.train_vae", [
+        "--data", w / "source" / "images", w / "prior" / "images", "--config", "mini",
+        "--resolution", r.vae_crop, "--batch-size", r.vae_batch, "--max-steps", r.vae_steps, "--lr", "1e-3",
+        "--warmup-steps", 100, "--ema", "--ema-decay", "0.99", "--sample-every", max(r.vae_steps // 4, 1),
+        "--output-dir", out / "vae", "--num-workers", 0]))
+    te = (["--text-encoder-config", "mini", "--train-text-encoder"] if r.text_encoder == "train"
+          else ["--text-encoder-config", "mini"])
+    stage("prior", out / "prior" / "pipeline.safetensors", lambda: run("prior", "train.finetune_unet", [
+        "--vae", out / "vae" / "vae.safetensors", "--unet-config", "mini", *te, "--data", w / "prior",
+        "--resolution", spec.base, "--scales", 1.0, "--proportion-empty-prompts", 0.1, "--random-flip",
+        "--batch-size", r.prior_batch, "--grad-accum", 1, "--max-steps", r.prior_steps, "--lr", "1e-3",
+        "--lr-scheduler", "cosine", "--lr-warmup-steps", 100, "--weight-decay", 0.0, "--ema", "--ema-decay", 0.999,
+        "--sample-every", max(r.prior_steps // 3, 1), "--sample-prompt", *SAMPLE_PROMPTS, "--num-samples", 4,
+        "--sample-steps", 20, "--log-every", 50, "--ckpt-every", 500, "--output-dir", out / "prior",
+        "--num-workers", 0]))
+    stage("unet_s", out / "unet_s" / "pipeline.safetensors", lambda: run("unet_s", "train.finetune_unet", [
+        "--base", out / "prior" / "pipeline.safetensors", "--data", w / "source" / "images", "--prompt", "",
+        "--resolution", spec.base, "--scales", 1.0, "--random-flip", "--batch-size", r.prior_batch,
+        "--grad-accum", 1, "--max-steps", r.unet_s_steps, "--lr", "1e-4", "--weight-decay", 0.0,
+        "--sample-every", 0, "--log-every", 50, "--ckpt-every", 200, "--output-dir", out / "unet_s",
+        "--num-workers", 0]))
+    stage("controlnet", out / "controlnet" / "controlnet.safetensors", lambda: run("controlnet", "train.train_controlnet", [
+        "--base", out / "unet_s" / "pipeline.safetensors", "--prior", out / "prior" / "pipeline.safetensors",
+        "--data", w / "source", "--resolution", spec.base, "--crop", "rcs", "--rcs-min-pixels", 20,
+        "--proportion-empty-prompts", 0.1, "--batch-size", r.controlnet_batch, "--grad-accum", 1,
+        "--max-steps", r.controlnet_steps, "--lr", "1e-3", "--weight-decay", 0.0,
+        "--validation-every", max(r.controlnet_steps // 3, 1), "--validation-steps", 20,
+        "--log-every", 50, "--ckpt-every", 500, "--output-dir", out / "controlnet", "--num-workers", 0]))
+    stage("oracle", out / "oracle" / "model.safetensors", lambda: run("oracle", "train.train_segmentation", [
+        "--model", "mini", "--source", f"gta:{w / 'oracle'}", "--source-scale", 2 * spec.base * 2, 2 * spec.base,
+        "--crop", 2 * spec.base, "--batch-size", r.oracle_batch, "--max-iters", r.oracle_steps, "--lr", "6e-4",
+        "--warmup-iters", max(r.oracle_steps // 20, 1), "--eval", *[f"cityscapes:{w / 'eval' / s.name}"
+                                                                    for s in PRIOR_STYLES[:2]],
+        "--eval-every", r.oracle_steps, "--eval-crop", 2 * spec.base, "--eval-stride", spec.base,
+        "--output-dir", out / "oracle", "--num-workers", 0]))
+    stage("classifier", out / "classifier" / "classifier.safetensors", lambda: run("classifier", "train.train_classifier", [
+        "--data", w / "styles" / "train", "--val", w / "styles" / "val", "--resolution", spec.base,
+        "--max-steps", r.classifier_steps, "--output-dir", out / "classifier", "--num-workers", 0]))
+    stage("bundle", out / "bundle" / BUNDLE_FILE, lambda: make_bundle(out, r))
+    return times
+
+
+def make_bundle(out: Path, r: Recipe) -> Path:
+    """OUT/bundle: fp16 copies of the networks (loaded and re-saved by the ordinary loaders, so what
+    ships is what loads), a few source label maps and bundle.json."""
+    from controlnet.checkpoint import load_controlnet, save_controlnet
+    from segmentation.models import load_segmentor, save_segmentor
+    from segmentation.models.classifier import load_classifier, save_classifier
+
+    half = torch.float16
+    spec = r.world
+    with atomic_dir(out / "bundle") as tmp:
+        parts = ckpt_io.load_components(out / "prior" / "pipeline.safetensors")
+        ckpt_io.save_native(tmp / "prior.safetensors", parts, dtype=half)
+        ckpt_io.save_native(tmp / "unet_s.safetensors", ckpt_io.load_unet(out / "unet_s" / "unet.safetensors"), dtype=half)
+        save_controlnet(tmp / "controlnet.safetensors", load_controlnet(out / "controlnet" / "controlnet.safetensors"),
+                        dtype=half)
+        save_segmentor(load_segmentor(out / "oracle" / "model.safetensors"), tmp / "oracle.safetensors", dtype=half)
+        save_classifier(load_classifier(out / "classifier" / "classifier.safetensors"),
+                        tmp / "style_classifier.safetensors", dtype=half)
+        (tmp / "labels").mkdir()
+        labels = sorted((out / "world" / "source" / "labels").glob("*" + TRAIN_ID_SUFFIX))
+        for src in labels[:2 * BUNDLE_LABELS:2]:  # base-size scenes (the odd ones are painted at twice the size)
+            shutil.copy(src, tmp / "labels" / src.name)
+        recipe = json.loads((out / "recipe.json").read_text()) if (out / "recipe.json").exists() else {}
+        bundle = {
+            "format": "dginstyle-bundle/1",
+            "description": "The miniature world: every network trained from scratch on procedural street scenes "
+                           "(python -m train.mini_world). Not SD-1.5.",
+            "prior": "prior.safetensors", "source_unet": "unet_s.safetensors", "controlnet": "controlnet.safetensors",
+            "oracle": "oracle.safetensors", "style_classifier": "style_classifier.safetensors", "labels": "labels",
+            "generation": {"size": spec.base, "steps": 20, "window": spec.base // 4, "stride": spec.base // 8,
+                           "threshold": spec.base * spec.base // 8, "view_batch": 9, "weather_prob": 1.0,
+                           "weather_words": [s.word for s in PRIOR_STYLES], "num_samples": 8},
+            "recipe": {"spec": asdict(r), "seconds": recipe.get("seconds", {})},
+        }
+        write_text(tmp / BUNDLE_FILE, json.dumps(bundle, indent=1) + "\n")
+    load_bundle(out / "bundle")  # what was written reads back
+    return out / "bundle"
+
+
+def install(bundle: Path) -> None:
+    """Copy a bundle over the shipped one (mrlf/world/)."""
+    load_bundle(bundle)
+    size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
+    with atomic_dir(SHIPPED) as tmp:
+        shutil.copytree(bundle, tmp, dirs_exist_ok=True)
+    print(f"installed {bundle} -> {SHIPPED} ({size / 2**20:.1f} MiB)")
+
+
+# ----------------------------------------------------------------------------------------
+# The renderer's gate, measured before any diffusion model is trained
+# ----------------------------------------------------------------------------------------
+
+def segmenter_args(spec: WorldSpec, steps: int, batch: int) -> list:
+    """train_segmentation options of the world's downstream recipe: the 'mini' MiT + DAFormer at the
+    base scale (scenes resized to base x 2 base), base-size crops, AdamW from scratch."""
+    return ["--model", "mini", "--source-scale", 2 * spec.base, spec.base, "--crop", spec.base,
+            "--batch-size", batch, "--max-iters", steps, "--lr", "6e-4", "--warmup-iters", max(steps // 20, 1),
+            "--eval-every", 10 ** 9, "--num-workers", 0]
+
+
+def evaluate_args(checkpoint: Path, world: Path, spec: WorldSpec, styles, out: Path) -> list:
+    return ["--checkpoint", checkpoint, "--dataset", *[f"cityscapes:{world / 'eval' / s.name}" for s in styles],
+            "--test-scale", 2 * spec.base, spec.base, "--mode", "whole", "--out", out]
+
+
+def read_eval(path: Path, styles) -> dict[str, float]:
+    """{style: mIoU} from a segmentation.evaluate JSON whose datasets are eval/<style> in `styles` order."""
+    res = json.loads(path.read_text())["results"]
+    return {s.name: float(v["mIoU"]) for s, v in zip(styles, res.values())}
+
+
+def run_gate(args) -> int:
+    """Two small segmenters on renders alone: source-only, and on labelled renders of every prior style.
+    The gate: source-only on the prior styles <= 0.5 x its in-domain mIoU, and the prior-trained one >= 2 x
+    the source-only one there."""
+    from segmentation.world import SOURCE, UNSEEN_STYLES, write_labelled
+
+    out = Path(args.out)
+    r = Recipe().scaled(args.scale)
+    spec = r.world
+    run = Runner(out, args)
+    write_world(out / "world", spec)
+    write_labelled(out / "prior_labelled", PRIOR_STYLES, spec.source, spec, part="gate")
+    styles = (SOURCE, *PRIOR_STYLES, *UNSEEN_STYLES)
+    scores = {}
+    for name, data in (("source_only", out / "world" / "source"), ("prior_labelled", out / "prior_labelled")):
+        if not (out / name / "model.safetensors").exists():
+            run(name, "train.train_segmentation", ["--source", f"gta:{data}", "--output-dir", out / name,
+                                                   *segmenter_args(spec, r.oracle_steps, r.oracle_batch)])
+        if not (out / name / "eval.json").exists():
+            run(f"{name}_eval", "segmentation.evaluate",
+                evaluate_args(out / name / "model.safetensors", out / "world", spec, styles, out / name / "eval.json"),
+                training=False)
+        scores[name] = read_eval(out / name / "eval.json", styles)
+    src, pri = scores["source_only"], scores["prior_labelled"]
+    prior_mean = lambda d: float(np.mean([d[s.name] for s in PRIOR_STYLES]))  # noqa: E731
+    gate = {"source_only_in_domain": src["source"], "source_only_prior": prior_mean(src),
+            "prior_labelled_prior": prior_mean(pri), "per_style": scores}
+    gate["ratio_transfer"] = gate["source_only_prior"] / max(gate["source_only_in_domain"], 1e-9)
+    gate["ratio_prior"] = gate["prior_labelled_prior"] / max(gate["source_only_prior"], 1e-9)
+    gate["passed"] = gate["ratio_transfer"] <= 0.5 and gate["ratio_prior"] >= 2.0
+    write_text(out / "gate.json", json.dumps(gate, indent=1) + "\n")
+    print(f"{'style':<12} {'source-only':>12} {'prior-labelled':>15}")
+    for s in styles:
+        print(f"{s.name:<12} {100 * src[s.name]:12.1f} {100 * pri[s.name]:15.1f}")
+    print(f"source-only: in-domain {100 * gate['source_only_in_domain']:.1f}, prior styles "
+          f"{100 * gate['source_only_prior']:.1f} (ratio {gate['ratio_transfer']:.2f}, gate <= 0.5); prior-labelled "
+          f"on the prior styles {100 * gate['prior_labelled_prior']:.1f} ({gate['ratio_prior']:.2f} x source-only, "
+          f"gate >= 2): {'PASSED' if gate['passed'] else 'FAILED'}")
+    return 0 if gate["passed"] else 1
+
+
+def run_recipe(args) -> int:
+    out = Path(args.out)
+    r = (SMOKE if args.smoke else Recipe(text_encoder=args.text_encoder)).scaled(args.scale)
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "recipe.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    spec = asdict(r)
+    if state.get("recipe") not in (None, spec):
+        raise SystemExit(f"{out}: holds a run of another recipe ({state_file}); use another --out")
+    tic = time.perf_counter()
+    times = train_stages(out, r, Runner(out, args), args)
+    state = {"recipe": spec, "seconds": {**state.get("seconds", {}), **times},
+             "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "device": args.device}}
+    write_text(state_file, json.dumps(state, indent=1) + "\n")
+    print(f"recipe done in {time.perf_counter() - tic:.0f} s (this run); per stage: {state['seconds']}")
+    if args.install:
+        install(out / "bundle")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.mini_world", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("command", nargs="?", default="train", choices=("train", "gate"))
+    p.add_argument("--out", required=True, help="output folder (resumable)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply data sizes and steps (default 1: 2 CPU cores)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--nproc", type=int, default=1, help="processes per training stage (torchrun)")
+    p.add_argument("--text-encoder", choices=("train", "frozen"), default="train",
+                   help="train the text encoder with U^P, or keep it random and frozen")
+    p.add_argument("--install", action="store_true", help="copy the bundle over mrlf/world/ at the end")
+    p.add_argument("--smoke", action="store_true", help="a few steps per stage (tests)")
+    p.add_argument("--quiet", action="store_true", help="stage output to OUT/logs only")
+    args = p.parse_args(argv)
+    if args.command == "gate":
+        return run_gate(args)
+    return run_recipe(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
