@@ -56,14 +56,17 @@ def sniff(path: Path) -> str:
         head = f.read(9)
     if len(head) < 9:
         raise CheckpointError(f"{path}: empty or truncated file ({len(head)} bytes)")
-    if head[:4] == b"PK\x03\x04" or head[0] == 0x80:  # torch.save zip archive, or legacy pickle
+    if head[:4] == b"PK\x03\x04":  # torch.save zip archive
         return "torch"
+    # safetensors before the legacy pickle's 0x80: a header length whose low byte is 0x80 starts so too
     n, size = int.from_bytes(head[:8], "little"), path.stat().st_size
     if head[8:9] == b"{":
         if n + 8 > size:
             raise CheckpointError(f"{path}: truncated safetensors file (its header alone needs {n + 8} bytes, "
                                   f"the file has {size})")
         return "safetensors"
+    if head[0] == 0x80:  # legacy (pre-zip) torch pickle
+        return "torch"
     raise CheckpointError(f"{path}: not a safetensors or torch checkpoint (unrecognised header bytes {head[:8]!r})")
 
 
