@@ -209,6 +209,9 @@ def main(args):
     eval_hr = is_hr_model(model) if args.eval_hr is None else args.eval_hr
 
     def run_eval(step: int) -> dict:
+        if d.distributed:  # each rank's last forward moved its BatchNorm statistics: evaluate rank 0's on
+            for buf in common.unwrap(model).buffers():  # every rank (mmseg's DistEvalHook, broadcast_bn_buffer)
+                torch.distributed.broadcast(buf, 0)
         metrics = {}
         for spec, layout, path in evals:
             scale = layout.test_scale
