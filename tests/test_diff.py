@@ -3,6 +3,7 @@ features against a direct step-by-step computation, the fusion at SD-1.5 size, t
 head-only checkpoints with their reference to the frozen weights, and the training script."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -363,15 +364,28 @@ def test_checkpoint_holds_the_head_and_a_reference(sd_file, tmp_path):
 
 
 def test_evaluate_runs_on_a_diff_checkpoint(sd_file, tmp_path):
-    root = write_scenes(tmp_path / "data", 2, size=64)
-    model = build_segmentor(segmentor_config(sd_file))
-    path = save_segmentor(model, tmp_path / "diff.safetensors")
+    """segmentation.evaluate on a DIFF file, also after its frozen weights moved (--diff-unet)."""
     from segmentation.evaluate import main as evaluate_main
-    assert evaluate_main(["--checkpoint", str(path), "--dataset", f"folder:{root}", "--mode", "slide", "--crop", "64",
-                          "--stride", "32", "--device", "cpu", "--out", str(tmp_path / "eval.json")]) == 0
-    result = json.loads((tmp_path / "eval.json").read_text())["results"]["folder"]
+
+    root = write_scenes(tmp_path / "data", 2, size=64)
+    weights = tmp_path / "old" / "sd.safetensors"
+    weights.parent.mkdir()
+    shutil.copy(sd_file, weights)
+    model = build_segmentor(segmentor_config(weights))
+    path = save_segmentor(model, tmp_path / "diff.safetensors")
     direct = mean_iou(evaluate_dataset(load_segmentor(path), SegDataset(root, "folder"), crop=64, stride=32))
-    assert result["mIoU"] == pytest.approx(direct)
+    run = ["--checkpoint", str(path), "--dataset", f"folder:{root}", "--mode", "slide", "--crop", "64", "--stride", "32",
+           "--device", "cpu", "--out", str(tmp_path / "eval.json")]
+    assert evaluate_main(run) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["results"]["folder"]["mIoU"] == pytest.approx(direct)
+    moved = weights.rename(tmp_path / "sd_moved.safetensors")
+    with pytest.raises(CheckpointError, match="no such file"):
+        evaluate_main(run)
+    assert evaluate_main(run + ["--diff-unet", str(moved)]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["results"]["folder"]["mIoU"] == pytest.approx(direct)
+    with pytest.raises(SystemExit, match="not a DIFF checkpoint"):
+        evaluate_main(run + ["--checkpoint", str(save_segmentor(build_segmentor("tiny"), tmp_path / "mit.safetensors")),
+                             "--diff-unet", str(moved)])
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -423,3 +437,17 @@ def test_two_process_gloo_run(sd_file, tmp_path):
     assert all(torch.equal(v, ck["model"][k]) for k, v in model.state_dict().items())
     single = mean_iou(evaluate_dataset(model, SegDataset(src, "folder"), mode="whole"))
     assert rows[-1]["mIoU/folder"] == pytest.approx(single, abs=1e-6)
+
+
+def test_bench_extraction_rows(tmp_path):
+    """bench/diff.py: the extraction rows on the tiny preset (the training row runs the script as above)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_diff", ROOT / "bench" / "diff.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    table = bench.main(["--no-train", "--model", "diff_tiny", "--size", "32", "--batch", "1", "--repeats", "1",
+                        "--warmup-calls", "0", "--images", "1", "--workdir", str(tmp_path / "work")])
+    rates = [float(line.split(" | ")[2].split()[0]) for line in table.splitlines() if "images/s" in line]
+    assert len(rates) == 3 and all(r > 0 for r in rates), table
+    assert "batch 3 (2 class prompts)" in table
