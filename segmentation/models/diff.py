@@ -34,7 +34,7 @@ pass (prompt = negative prompt = "") they count the one entry twice, and in the 
 the class prompts' cross-attention adds to them.
 
 Where this differs from the original code (Yux1angJi/DIFF), and why:
-  - no stride-64 branch: the original aggregates the coarsest level (strides 64) and discards it;
+  - no stride-64 branch: the original aggregates the coarsest level (stride 64) and discards it;
   - the inversion stops after the last feature step (t = 91): the steps after it change no feature;
   - a prompt equal to the negative prompt is run once (the original runs both identical entries);
   - one posterior sample per image is shared by the two passes of a training step;
@@ -173,7 +173,7 @@ class DiffusionFeatures:
     def latents(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] -> fp32 latents: a posterior sample (noise drawn on the CPU, as
         ``samplers.randn``) or the mean, times the VAE's scaling factor."""
-        with torch.autocast(images.device.type, enabled=False):
+        with torch.autocast(self.device.type, enabled=False):
             posterior = self.vae.encode(images.to(self.device, self.dtype))
         z = posterior.mean.float()
         if self.cfg.posterior == "sample":
@@ -344,11 +344,8 @@ class DIFFFusion(nn.Module):
         self.aggregation = nn.ModuleList(Bottleneck(c, p, p // 4, cfg.aggregation_groups)
                                          for c, p in zip(channels, cfg.projection_dims))
         self.finecoder = Finecoder(cfg.projection_dims, cfg.fine_dim, cfg.finecoder_groups)
+        self.out_channels = (cfg.fine_dim, *cfg.projection_dims)  # strides 4, 8, 16, 32
         self.apply(_init_conv)
-
-    @property
-    def out_channels(self) -> tuple[int, ...]:
-        return (self.finecoder.up[2].block.conv1.out_channels, *(gn.num_channels for gn in self.finecoder.gn))
 
     def forward(self, feats):
         return self.finecoder([agg(f) for agg, f in zip(self.aggregation, feats)])
@@ -408,10 +405,11 @@ class DIFFSegmentor(Segmentor):
         if cfg.diff is None:
             raise ValueError("DIFFSegmentor needs a config with diff set")
         self.backbone = DIFFBackbone(cfg.diff, diffusion)
-        # the reference to the frozen weights: where they are and what they are
-        paths = {k: str(Path(p).resolve()) if Path(p).exists() else p for k, p in weight_sources(cfg.diff).items()}
-        paths = {k: ("" if k != "unet" and p == paths["unet"] else p) for k, p in paths.items()}
-        self.cfg = replace(cfg, diff=replace(cfg.diff, **paths, fingerprint=self.backbone.diffusion.fingerprint))
+        # the reference to the frozen weights: where they are (local paths made absolute; "" for the
+        # U-Net's) and what they are
+        where = {k: str(Path(p).resolve()) if Path(p).exists() else p for k, p in weight_sources(cfg.diff).items()}
+        where |= {k: "" for k in ("vae", "text_encoder") if where[k] == where["unet"]}
+        self.cfg = replace(cfg, diff=replace(cfg.diff, **where, fingerprint=self.backbone.diffusion.fingerprint))
         self.decode_head = build_head(cfg, self.backbone.out_channels)
 
     def _pad(self, x: torch.Tensor, label: torch.Tensor | None = None):
