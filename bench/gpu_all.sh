@@ -10,11 +10,12 @@
 #   mrlf      MRLF at the dataset settings (full SD-1.5 + ControlNet, 81 views, 20 steps), eager and graphed
 #   steps     U-Net and ControlNet+U-Net steps per attention / fused-kernel configuration, eager and graphed
 #   training  bench/training.py: the three training scripts' throughput and peak memory, segmentation inference
+#   diff      bench/diff.py: DIFF on SD-1.5 sizes, feature extraction and IPKL training
 # Tables are appended to RESULTS.md; a stage that fails or runs out of time is reported and the next one runs.
 set -u
 out=${1:?usage: bench/gpu_all.sh RESULTS.md [stage ...]}
 shift
-stages=${*:-tests models mrlf steps training}
+stages=${*:-tests models mrlf steps training diff}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
@@ -39,6 +40,7 @@ for stage in $stages; do
             --steps 20 --view-batch 16 --write "$out" ;;
     steps) run 300 steps python3 bench/kernels.py --skip attention groupnorm geglu --write "$out" ;;
     training) run 420 training python3 bench/training.py --device cuda --dtype bf16 --write "$out" ;;
-    *) echo "unknown stage $stage (tests models mrlf steps training)"; exit 2 ;;
+    diff) run 300 diff python3 bench/diff.py --preset sd15 --device cuda --dtype bf16 --write "$out" ;;
+    *) echo "unknown stage $stage (tests models mrlf steps training diff)"; exit 2 ;;
   esac
 done

@@ -11,12 +11,14 @@ The part every model family shares; the SD components and the ControlNet use it 
     unexpected and mis-shaped keys; a module built on the meta device (`build_empty`) gets the
     file's tensors assigned, cast one by one, so host memory is not doubled;
   - `save_tensors`: host copies, then safetensors with string metadata or a torch file,
-    written atomically (`ldm.atomic`).
+    written atomically (`ldm.atomic`);
+  - `fingerprint`: a hash naming a set of weights, for files that refer to weights they do not hold.
 """
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -54,14 +56,17 @@ def sniff(path: Path) -> str:
         head = f.read(9)
     if len(head) < 9:
         raise CheckpointError(f"{path}: empty or truncated file ({len(head)} bytes)")
-    if head[:4] == b"PK\x03\x04" or head[0] == 0x80:  # torch.save zip archive, or legacy pickle
+    if head[:4] == b"PK\x03\x04":  # torch.save zip archive
         return "torch"
+    # safetensors before the legacy pickle's 0x80: a header length whose low byte is 0x80 starts so too
     n, size = int.from_bytes(head[:8], "little"), path.stat().st_size
     if head[8:9] == b"{":
         if n + 8 > size:
             raise CheckpointError(f"{path}: truncated safetensors file (its header alone needs {n + 8} bytes, "
                                   f"the file has {size})")
         return "safetensors"
+    if head[0] == 0x80:  # legacy (pre-zip) torch pickle
+        return "torch"
     raise CheckpointError(f"{path}: not a safetensors or torch checkpoint (unrecognised header bytes {head[:8]!r})")
 
 
@@ -214,6 +219,25 @@ def build_empty(model: Callable[..., nn.Module], *args, device: str | torch.devi
     its initialisers are skipped, ready for `load_into`."""
     with torch.device(device), (_SkipInit() if torch.device(device).type == "meta" else contextlib.nullcontext()):
         return model(*args)
+
+
+# ---------------------------------------------------------------------------------------
+# Identity
+# ---------------------------------------------------------------------------------------
+
+def fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """"sha256:<hex>" over the names, dtypes, shapes and bytes of the tensors, in name order.
+
+    It names the weights, not the file: the same tensors read from a CompVis file, a diffusers
+    folder or our safetensors (under our names) give the same fingerprint; a cast (fp32 -> fp16)
+    or any changed value gives another. Reading every byte costs about a second per GB.
+    """
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return "sha256:" + h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------

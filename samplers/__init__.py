@@ -12,8 +12,10 @@ from .ddim import (
     ddim_levels,
     ddim_sample,
     ddim_sigma,
+    ddim_invert_step,
     ddim_step,
     ddim_step_with_x0,
+    eps_from_v,
     img2img_start,
     img2img_timesteps,
     noised,
@@ -21,6 +23,7 @@ from .ddim import (
     prev_timestep,
     randn,
     step_alphas,
+    windowed_eta,
 )
 from .guidance import Split, cfg, cfg_combine, guided_eps
 from .registry import SAMPLERS, Sampler, get_sampler
@@ -42,6 +45,9 @@ __all__ = [
     "ddim_sigma",
     "ddim_step",
     "ddim_step_with_x0",
+    "ddim_invert_step",
+    "eps_from_v",
+    "windowed_eta",
     "img2img_start",
     "img2img_timesteps",
     "predict_x0",

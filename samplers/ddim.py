@@ -86,6 +86,13 @@ def predict_x0(x: torch.Tensor, eps: torch.Tensor, a_t) -> torch.Tensor:
     return ((x - (1 - a_t) ** 0.5 * eps) / a_t**0.5).to(x.dtype)
 
 
+def eps_from_v(x: torch.Tensor, v: torch.Tensor, a_t) -> torch.Tensor:
+    """ε of a v-prediction model (Salimans & Ho 2022; SD-2.x 768 models): v = √ᾱ_t·ε - √(1-ᾱ_t)·x0
+    and x = √ᾱ_t·x0 + √(1-ᾱ_t)·ε give ε = √ᾱ_t·v + √(1-ᾱ_t)·x."""
+    a_t = _coef(a_t, x)
+    return (a_t**0.5 * v + (1 - a_t) ** 0.5 * x).to(v.dtype)
+
+
 def ddim_sigma(a_t, a_prev, eta: float = 0.0):
     """σ_t(η) = η·√((1-ᾱ_prev)/(1-ᾱ_t)·(1-ᾱ_t/ᾱ_prev)), the std of the fresh noise (eq. 16)."""
     variance = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)
@@ -148,6 +155,48 @@ def step_alphas(schedule: Schedule, t: int, num_inference_steps: int) -> tuple[t
     """
     t_prev = prev_timestep(t, num_inference_steps, schedule.num_train_timesteps)
     return schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
+
+
+def windowed_eta(t, eta: float, window: tuple[int, int] | None = None) -> float:
+    """η at timestep t: ``eta`` inside the open window lo < t < hi, 0 outside it (no window: everywhere).
+
+    DIFF's inversion adds fresh noise (η = 1) only for 10 < t < 250 and is deterministic elsewhere.
+    """
+    if window is None:
+        return eta
+    lo, hi = window
+    return eta if lo < float(t) < hi else 0.0
+
+
+def ddim_invert_step(
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    a_t,
+    a_next,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One DDIM step from t to a noisier t' (inversion: ᾱ_{t'} < ᾱ_t), with x0 predicted from (x, ε):
+
+        x_{t'} = √ᾱ_{t'}·x0 + σ·noise + √max(1 - ᾱ_{t'} - σ², 1e-10)·ε,
+        σ = η·√((1 - r)·(1 - ᾱ_{t'}) / (1 - ᾱ_t)),  r = min(ᾱ_t, ᾱ_{t'}) / max(ᾱ_t, ᾱ_{t'}).
+
+    r is the ratio of the smaller ᾱ to the larger, so σ is eq. 16's σ in either direction: for a
+    denoising pair (ᾱ_{t'} > ᾱ_t) this is ``ddim_step``. Going up, σ² may exceed 1 - ᾱ_{t'} (where
+    ᾱ_{t'} < ᾱ_t²), hence the floor, as in the DIFF / shape-guided-diffusion inversion this follows.
+    η = 0 is the deterministic DDIM inversion. eta > 0 needs ``noise`` (unit normal, x's shape).
+    a_t, a_next: floats, 0-d tensors or per-sample (B,) tensors (``Schedule.alpha_bar``).
+    """
+    a_t, a_next = _coef(a_t, x), _coef(a_next, x)
+    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    r = torch.minimum(a_t, a_next) / torch.maximum(a_t, a_next)
+    std = eta * ((1 - r) * (1 - a_next) / (1 - a_t)) ** 0.5
+    out = a_next**0.5 * x0 + (1 - a_next - std**2).clamp_min(1e-10) ** 0.5 * eps
+    if eta > 0:
+        if noise is None:
+            raise ValueError("eta > 0 needs a noise tensor (draw it with samplers.randn)")
+        out = out + std * noise.to(device=x.device, dtype=x.dtype)
+    return out.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------

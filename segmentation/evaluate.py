@@ -3,7 +3,7 @@
     python -m segmentation.evaluate --checkpoint CKPT \\
         --dataset cityscapes:data/cityscapes bdd100k:data/bdd100k mapillary:data/mapillary \\
                   acdc:data/acdc dark_zurich:data/dark_zurich \\
-        [--mode slide --crop 512 --stride 256] [--hr | --no-hr] [--out results.json]
+        [--mode slide --crop 512 --stride 256] [--hr | --no-hr] [--out results.json] [--diff-unet PATH]
     torchrun --standalone --nproc_per_node=4 -m segmentation.evaluate ...same arguments...
 
 Any subset of the five benchmarks (or any layout of segmentation.datasets: ``gta``, ``folder``,
@@ -169,6 +169,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m segmentation.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True, help="segmentor file: a training checkpoint or an export")
     ap.add_argument("--config", default=None, help="preset name, for files that carry no config")
+    ap.add_argument("--diff-unet", default=None, metavar="PATH",
+                    help="DIFF checkpoints: where the frozen diffusion weights are now, if they moved (their "
+                         "fingerprint is still checked)")
     ap.add_argument("--dataset", nargs="+", required=True, metavar="LAYOUT:PATH",
                     help=f"datasets to evaluate; benchmarks: {', '.join(BENCHMARKS)}")
     ap.add_argument("--split", default=None, help="split (default: each layout's validation split)")
@@ -198,7 +201,15 @@ def main(argv=None) -> int:
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     log = print if rank == 0 else (lambda *a, **k: None)
-    model = load_segmentor(args.checkpoint, args.config, device=device)
+    config = args.config
+    if args.diff_unet:  # the file's config, its reference to the frozen weights moved
+        from .models.segmentor import read_segmentor_file
+
+        config = read_segmentor_file(Path(args.checkpoint))[1]
+        if not config or not config.get("diff"):
+            raise SystemExit(f"--diff-unet: {args.checkpoint} is not a DIFF checkpoint")
+        config["diff"]["unet"] = args.diff_unet
+    model = load_segmentor(args.checkpoint, config, device=device)
     args.crop = default_window(model)[0] if args.crop is None else args.crop
     args.stride = default_window(model)[1] if args.stride is None else args.stride
     args.hr = is_hr_model(model) if args.hr is None else args.hr

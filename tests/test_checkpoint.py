@@ -462,6 +462,26 @@ def test_corrupt_files_raise_one_clear_error(tiny, tmp_path, damage):
         assert str(path) in str(e.value)
 
 
+def test_sniff_tells_safetensors_from_a_legacy_pickle_by_more_than_the_first_byte(tmp_path):
+    """A safetensors header length whose low byte is 0x80 starts the file like a legacy torch pickle;
+    the file is still read as safetensors, metadata included."""
+    tensors = {"x": torch.arange(4.0)}
+    for k in range(256):
+        path = tmp_path / f"pad{k}.safetensors"
+        save_file(tensors, str(path), metadata={"pad": "x" * k})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length with low byte 0x80")
+    assert weights.sniff(path) == "safetensors"
+    sd, meta = weights.read_state_dict(path)
+    assert meta == {"pad": "x" * k} and torch.equal(sd["x"], tensors["x"])
+    legacy = tmp_path / "legacy.pt"
+    torch.save(tensors, legacy, _use_new_zipfile_serialization=False)
+    assert legacy.read_bytes()[0] == 0x80 and weights.sniff(legacy) == "torch"
+    assert torch.equal(weights.read_state_dict(legacy)[0]["x"], tensors["x"])
+
+
 def test_sd2_shaped_unet_fails_clearly(tmp_path):
     # tiny scale, real values: an SD-2-style U-Net (linear proj, other context width and heads)
     sd2_tiny = UNetConfig.tiny().replace(context_dim=64, use_linear_projection=True, num_heads=(1, 2, 2))

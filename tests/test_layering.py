@@ -11,7 +11,7 @@ ALLOWED = {
     "ldm": set(),
     "samplers": set(),
     "controlnet": {"ldm"},
-    "segmentation": {"ldm"},
+    "segmentation": {"ldm", "samplers"},  # samplers: the DDIM inversion of DIFF's diffusion features
     "mrlf": {"ldm", "controlnet", "samplers", "segmentation"},
     "train": {"ldm", "controlnet", "samplers", "segmentation", "mrlf"},
 }

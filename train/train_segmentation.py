@@ -23,6 +23,10 @@ used (the original's builder.py silently drops it):
     bottleneck cells whose ratio-downscaled label is a thing class of the L2 distance between the
     trained backbone's deepest features and those of a frozen copy of the initial (ImageNet) backbone
     (for HRDA those of the context input, the 0.5-scaled crop: its ``feature_scale``, as in HRDA);
+  - DIFF (``--model diff_sd15``, ``diff_mini``; ``segmentation.models.diff``): a frozen diffusion U-Net
+    (``--diff-unet``) as the backbone; the model's training forward is implicit posterior knowledge
+    learning, loss = CE(class-prompted pass) + CE(unconditional pass) + 1.0 x MSE of their logits;
+    the exported file holds the trained parts and a reference (path + fingerprint) to the frozen weights;
   - optional SHADE (``--shade``; exp 61 trains with it): style hallucination on the MiT stage-1
     output (64 basis styles mixed with Dirichlet(0.0156) weights; ``segmentation.models.shade``), the
     batch becomes [clean; hallucinated] through backbone and head with the labels duplicated (CE and
@@ -44,6 +48,9 @@ resized to 1024x1024, RCS with min crop ratio 2.0, feature distance):
         --source gta:data/gta --generated data/dginstyle_gen --crop 1024 --source-scale 2560 1440 \
         --gen-scale 1024 1024 --rcs --rcs-min-crop-ratio 2.0 --fd-lambda 0.005 --shade \
         --eval cityscapes:data/cityscapes --output-dir runs/hrda
+DIFF on SD-1.5 (crops of 512, batch 1 per GPU as the original):
+    python -m train.train_segmentation --model diff_sd15 --diff-unet stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --source gta:data/gta --rcs --batch-size 1 --eval cityscapes:data/cityscapes --output-dir runs/diff
 Resume (exact for the same world size): add ``--resume auto`` (latest checkpoint) or ``--resume PATH``.
 Smoke run on CPU with a tiny random model:
     python -m train.train_segmentation --tiny --source folder:some/folder --crop 64 \\
@@ -51,7 +58,8 @@ Smoke run on CPU with a tiny random model:
 
 Outputs in --output-dir: log.txt, metrics.jsonl (loss, lr, share of generated samples, mIoUs;
 with --fd-lambda also loss_ce and loss_fd = lambda * FD; with --shade loss_ce and loss_shade = lambda *
-style consistency; for HRDA also the unweighted loss_fused and loss_hr), checkpoints/step_*.pt (model,
+style consistency; for HRDA also the unweighted loss_fused and loss_hr; for DIFF loss_uncond, loss_cond and
+loss_consistency), checkpoints/step_*.pt (model,
 optimizer, scaler, model_config, config, RNG states; with --fd-lambda and no --pretrained also
 fd_backbone, the frozen reference, which a resume cannot rebuild otherwise; with --shade shade_basis) and, at the end, model.safetensors (the
 segmentor with its config; for segmentation.evaluate / adherence).
@@ -60,7 +68,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -73,6 +81,7 @@ from segmentation.evaluate import evaluate_dataset, is_hr_model
 from segmentation.feature_distance import THING_CLASSES, FeatureDistance
 from segmentation.metrics import summarize
 from segmentation.models import PRESETS, build_segmentor, save_segmentor
+from segmentation.models.segmentor import tiny_preset
 from segmentation.models.shade import attach_style_hallucination, compute_basis, style_consistency_loss
 from segmentation.optim import lr_factor, param_groups
 from segmentation.transforms import TrainPipeline
@@ -99,8 +108,14 @@ def main(args):
         torch.backends.cudnn.benchmark = True
 
     # Model and optimizer.
-    preset = args.model if not args.tiny else ("tiny_hrda" if PRESETS[args.model].hrda is not None else "tiny")
+    preset = args.model if not args.tiny else tiny_preset(args.model)
     model_cfg = PRESETS[preset]
+    if model_cfg.diff is not None:  # the frozen diffusion weights (and IPKL settings) from the command line
+        if args.pretrained or args.fd_lambda > 0 or args.shade:
+            raise SystemExit("--pretrained, --fd-lambda and --shade act on MiT backbones, not on DIFF")
+        given = dict(unet=args.diff_unet, vae=args.diff_vae, text_encoder=args.diff_text_encoder,
+                     prediction_type=args.diff_prediction, ipkl=args.diff_ipkl, ipkl_classes=args.diff_classes)
+        model_cfg = replace(model_cfg, diff=replace(model_cfg.diff, **{k: v for k, v in given.items() if v is not None}))
     model = build_segmentor(model_cfg)
     if args.pretrained:
         model.load_backbone(args.pretrained)
@@ -194,6 +209,9 @@ def main(args):
     eval_hr = is_hr_model(model) if args.eval_hr is None else args.eval_hr
 
     def run_eval(step: int) -> dict:
+        if d.distributed:  # each rank's last forward moved its BatchNorm statistics: evaluate rank 0's on
+            for buf in common.unwrap(model).buffers():  # every rank (mmseg's DistEvalHook, broadcast_bn_buffer)
+                torch.distributed.broadcast(buf, 0)
         metrics = {}
         for spec, layout, path in evals:
             scale = layout.test_scale
@@ -227,6 +245,8 @@ def main(args):
         + (["loss_fd"] if fd is not None else []) + (["loss_shade"] if shade is not None else [])
     if model_cfg.hrda is not None:
         terms += ["loss_fused"] + [f"loss_{k}" for k in ("hr", "lr") if getattr(model_cfg.hrda, f"{k}_loss_weight") > 0]
+    if model_cfg.diff is not None:  # the model's IPKL loss: CE of both passes and the weighted consistency MSE
+        terms += ["loss_uncond"] + (["loss_cond", "loss_consistency"] if model_cfg.diff.ipkl else [])
     meter, gen_n = common.Meter(step), 0  # gen_n: generated samples among this rank's since the last log line
     for batch in loader:
         factor = lr_factor(step, args.max_iters, args.warmup_iters, args.warmup_ratio, args.poly_power)
@@ -295,6 +315,16 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--tiny", action="store_true", help="the 'tiny' preset (random, for smoke tests)")
     g.add_argument("--pretrained", help="official ImageNet MiT weights (mit_b5.pth), loaded strictly")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs")
+    g = p.add_argument_group("DIFF (--model diff_*): the frozen diffusion model; unset: the preset's")
+    g.add_argument("--diff-unet", help="U-Net weights (file, folder or local model id); also the VAE's and text "
+                                       "encoder's unless given")
+    g.add_argument("--diff-vae", help="VAE weights")
+    g.add_argument("--diff-text-encoder", help="text encoder weights (the prompts are encoded once)")
+    g.add_argument("--diff-prediction", choices=("epsilon", "v_prediction"), help="what the U-Net predicts")
+    g.add_argument("--diff-ipkl", action=argparse.BooleanOptionalAction, default=None,
+                   help="implicit posterior knowledge learning: the class-prompted pass and the consistency loss")
+    g.add_argument("--diff-classes", type=int, nargs="+", default=None, metavar="ID",
+                   help="trainIds with a class prompt in the conditional pass")
     g = p.add_argument_group("data")
     g.add_argument("--source", nargs="+", required=True, metavar="LAYOUT:PATH",
                    help="source datasets, e.g. gta:data/gta (layouts: segmentation.datasets.LAYOUTS)")

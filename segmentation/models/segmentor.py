@@ -5,7 +5,8 @@ read ``backbone.block1.0.attn.q.weight`` and ``decode_head.fuse_layer...``); ``f
 returns logits at the input size (bilinear, align_corners=False), ``forward(x, label)`` (or
 ``forward_train``) the training losses. The whole model is described by a ``SegmentorConfig``,
 stored in every file we write, so loading never depends on a file name. A config with ``hrda``
-set describes an HRDA multi-resolution segmentor (``segmentation.models.hrda``, a subclass);
+set describes an HRDA multi-resolution segmentor (``segmentation.models.hrda``, a subclass), one
+with ``diff`` a DIFF segmentor on a frozen diffusion U-Net (``segmentation.models.diff``);
 ``build_segmentor`` / ``load_segmentor`` (``segmentation.models.build``) pick the class a config needs.
 """
 from __future__ import annotations
@@ -75,9 +76,85 @@ class HRDAConfig:
         return cls(**d)
 
 
+# DIFF's DDIM inversion grid (0, 1, ..., 23, then sparser up to 160) and the timesteps whose U-Net
+# features it reads, in the order their channels are concatenated (steps 33, 29, 25, 22, 18, 14, 11,
+# 7 and 3 of the grid).
+DIFF_TIMESTEPS = (*range(24), 26, 30, 34, 40, 45, 52, 60, 69, 80, 91, 105, 121, 139, 160)
+DIFF_FEATURE_TIMESTEPS = (91, 52, 30, 22, 18, 14, 11, 7, 3)
+DIFF_IPKL_CLASSES = (1, 3, 12, 14, 16)  # sidewalk, wall, rider, truck, train: the classes the original prompts
+
+
+@dataclass(frozen=True)
+class DIFFConfig:
+    """DIFF (Ji et al. 2024, arXiv 2406.00777): a frozen diffusion U-Net as the backbone.
+
+    The image's latent is pushed along a DDIM inversion over ``timesteps``; at ``feature_timesteps``
+    the U-Net decoder's features of its three finest levels (strides 8, 16, 32) are read, fused per
+    stride and upsampled to a stride 4..32 pyramid for the decode head (``segmentation.models.diff``).
+    Training adds the conditional pass of implicit posterior knowledge learning (IPKL).
+
+    The frozen weights are referred to, not stored: ``unet`` (``vae`` and ``text_encoder`` default
+    to the same path: a file, folder or local Hugging Face model id holding them) and
+    ``fingerprint`` (``ldm.weights.fingerprint`` of the three), filled in when the model is first
+    built and checked whenever it is built again.
+
+    ``prediction_type`` is the U-Net's ("v_prediction" for SD-2.x 768 models; converted to ε for
+    the inversion). It is set here because U-Net weight files do not say it: diffusers keeps it
+    in the scheduler's config, CompVis in the inference YAML.
+    """
+    unet: str = ""
+    vae: str = ""  # "": the U-Net's path
+    text_encoder: str = ""  # "": the U-Net's path
+    fingerprint: str = ""  # "": not known yet (a new model)
+    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
+    dtype: str = "auto"  # of the frozen networks: auto = fp16 on CUDA (as the original), fp32 elsewhere
+    posterior: str = "sample"  # the VAE latent: a posterior "sample" (the original) or its "mean"
+    timesteps: tuple[int, ...] = DIFF_TIMESTEPS  # the inversion grid, increasing
+    feature_timesteps: tuple[int, ...] = DIFF_FEATURE_TIMESTEPS  # where features are read (grid points)
+    eta: float = 1.0  # fresh noise of the inversion steps from t with eta_window[0] < t < eta_window[1]
+    eta_window: tuple[int, int] = (10, 250)
+    guidance: float = 5.0  # classifier-free guidance of the class prompts
+    prompt: str = ""
+    negative_prompt: str = ""
+    class_prompt: str = "a high quality photo of a city street, {name}"  # {name}: the class name
+    ipkl: bool = True  # train with the conditional pass and the consistency loss (else plain CE)
+    ipkl_classes: tuple[int, ...] = DIFF_IPKL_CLASSES  # trainIds with a class prompt
+    consistency_weight: float = 1.0  # of the MSE between the two passes' logits
+    projection_dims: tuple[int, int, int] = (512, 1024, 2048)  # fused widths at strides 8, 16, 32
+    fine_dim: int = 256  # the finecoder's stride-4 width
+    aggregation_groups: int = 16  # GroupNorm groups of the per-stride bottleneck blocks
+    finecoder_groups: int = 32  # and of the finecoder
+    eval_seed: int = 0  # eval-mode forwards draw their noise from a generator seeded with this
+
+    def __post_init__(self):
+        for name in ("timesteps", "feature_timesteps", "eta_window", "ipkl_classes", "projection_dims"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        ts = self.timesteps
+        if len(ts) < 2 or list(ts) != sorted(set(ts)) or ts[0] < 0 or ts[-1] >= 1000:
+            raise ValueError(f"DIFF timesteps must increase strictly within [0, 1000), got {ts}")
+        if not self.feature_timesteps or len(set(self.feature_timesteps)) != len(self.feature_timesteps) \
+                or not set(self.feature_timesteps) <= set(ts[:-1]):
+            raise ValueError(f"feature_timesteps {self.feature_timesteps} must be distinct points of the grid "
+                             f"where a step starts ({ts[:-1]})")
+        choices = {"prediction_type": ("epsilon", "v_prediction"), "dtype": ("auto", "fp32", "fp16", "bf16"),
+                   "posterior": ("sample", "mean")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DIFF {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if len(self.eta_window) != 2 or len(self.projection_dims) != 3:
+            raise ValueError("DIFF eta_window takes (low, high), projection_dims one width per stride 8, 16, 32")
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "DIFFConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown DIFFConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
 @dataclass(frozen=True)
 class SegmentorConfig:
-    backbone: str = "mit_b5"  # mit_b0..mit_b5, mit_tiny, mit_mini, resnet18, resnet34, resnet_tiny
+    backbone: str = "mit_b5"  # mit_b0..mit_b5, mit_tiny, mit_mini, resnet18, resnet34, resnet_tiny, diff
     head: str = "daformer"  # daformer | segformer | deeplabv3plus
     num_classes: int = 19
     embed_dim: int = 256  # per-level embedding width (DAFormer 256, SegFormer 768 / 256 for B0-B1)
@@ -86,18 +163,27 @@ class SegmentorConfig:
     dropout: float = 0.1
     drop_path_rate: float = 0.1
     hrda: HRDAConfig | None = None  # set: an HRDA multi-resolution segmentor around this model
+    diff: DIFFConfig | None = None  # set (with backbone "diff"): the frozen diffusion backbone
 
     def __post_init__(self):
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}; expected one of {HEADS}")
-        if self.backbone not in MIT_CONFIGS and self.backbone not in RESNET_DEPTHS:
+        if self.backbone not in MIT_CONFIGS and self.backbone not in RESNET_DEPTHS and self.backbone != "diff":
             raise ValueError(f"unknown backbone {self.backbone!r}; expected one of "
-                             f"{sorted(MIT_CONFIGS) + sorted(RESNET_DEPTHS)}")
+                             f"{sorted(MIT_CONFIGS) + sorted(RESNET_DEPTHS) + ['diff']}")
         object.__setattr__(self, "dilations", tuple(int(d) for d in self.dilations))
-        if isinstance(self.hrda, Mapping):
-            object.__setattr__(self, "hrda", HRDAConfig.from_dict(self.hrda))
-        elif self.hrda is not None and not isinstance(self.hrda, HRDAConfig):
-            raise TypeError(f"hrda must be an HRDAConfig, a dict or None, not {type(self.hrda).__name__}")
+        for name, kind in (("hrda", HRDAConfig), ("diff", DIFFConfig)):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, kind.from_dict(value))
+            elif value is not None and not isinstance(value, kind):
+                raise TypeError(f"{name} must be a {kind.__name__}, a dict or None, not {type(value).__name__}")
+        if (self.backbone == "diff") != (self.diff is not None):
+            raise ValueError("the diff backbone and the diff settings go together: backbone='diff' with diff=DIFFConfig(...)")
+        if self.diff is not None and self.hrda is not None:
+            raise ValueError("DIFF inside HRDA is not implemented")
+        if self.diff is not None and not all(0 <= c < self.num_classes for c in self.diff.ipkl_classes):
+            raise ValueError(f"ipkl_classes {self.diff.ipkl_classes} are not classes of a {self.num_classes}-class model")
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "SegmentorConfig":
@@ -125,7 +211,24 @@ PRESETS: dict[str, SegmentorConfig] = {
                                                  test_crop=64, test_stride=32)),
     "tiny_segformer": SegmentorConfig("mit_tiny", "segformer", embed_dim=32, drop_path_rate=0.0),
     "tiny_deeplab": SegmentorConfig("resnet_tiny", "deeplabv3plus", channels=32, dilations=(2, 4, 6)),
+    # DIFF on SD-1.5 (the original uses SD-2.1): the DAFormer head on the fused stride 4..32 pyramid
+    "diff_sd15": SegmentorConfig("diff", "daformer", diff=DIFFConfig(unet="stable-diffusion-v1-5/stable-diffusion-v1-5")),
+    # DIFF's inversion and IPKL with a quarter of its fusion widths, for small U-Nets (the miniature
+    # world's prior): give the weights with --diff-unet
+    "diff_mini": SegmentorConfig("diff", "daformer", embed_dim=128, channels=128,
+                                 diff=DIFFConfig(projection_dims=(128, 256, 512), fine_dim=64)),
+    # CPU smoke tests (any U-Net, e.g. ldm's tiny one): 7 inversion steps, features at 3 of them
+    "diff_tiny": SegmentorConfig("diff", "daformer", embed_dim=32, channels=32,
+                                 diff=DIFFConfig(timesteps=(0, 3, 7, 11, 18, 30, 52, 91), feature_timesteps=(52, 18, 7),
+                                                 projection_dims=(32, 32, 64), fine_dim=16, aggregation_groups=4,
+                                                 finecoder_groups=8)),
 }
+
+
+def tiny_preset(name: str) -> str:
+    """The CPU smoke-test preset of the same kind as preset ``name`` (plain, HRDA or DIFF)."""
+    cfg = PRESETS[name]
+    return "tiny_hrda" if cfg.hrda is not None else "diff_tiny" if cfg.diff is not None else "tiny"
 
 
 def build_backbone(cfg: SegmentorConfig) -> nn.Module:
@@ -154,8 +257,8 @@ class Segmentor(nn.Module):
     def __init__(self, cfg: SegmentorConfig | str = "daformer_mitb5"):
         super().__init__()
         cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
-        if cfg.hrda is not None:
-            raise ValueError("an HRDA config: build it with build_segmentor(cfg) or HRDASegmentor(cfg)")
+        if cfg.hrda is not None or cfg.diff is not None:
+            raise ValueError("an HRDA or DIFF config: build it with build_segmentor(cfg)")
         self.cfg = cfg
         self.backbone = build_backbone(cfg)
         self.decode_head = build_head(cfg, self.backbone.out_channels)
