@@ -1,14 +1,21 @@
 """segmentation.uda against hand computations: the EMA teacher's ramp, the pseudo-label weight,
 ClassMix masks and mixing, the strong augmentation, MIC's block masks; the weighted training loss."""
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
+from segmentation.datasets import (DatasetError, MixedDataset, SegDataset, TargetSource, TrainSource, UDADataset,
+                                   find_images, parse_image_spec)
 from segmentation.models import build_segmentor
+from segmentation.transforms import TrainPipeline
 from segmentation.uda import (EMATeacher, StrongAugmentation, blur_kernel_size, block_mask, class_mix_masks,
                               color_jitter, ema_alpha, gaussian_blur, masked_consistency_input, mix, pseudo_labels)
+from tests.test_seg_train import write_scenes
 
 
 def test_ema_alpha_ramp():
@@ -176,3 +183,51 @@ def test_weighted_training_loss(preset):
         inside = losses(w)
         assert torch.allclose(inside["loss_hr"], plain["loss_hr"])
         assert inside["loss_fused"] < plain["loss_fused"]
+
+
+# --------------------------------------------------------------------------------------------
+# Target data
+# --------------------------------------------------------------------------------------------
+def _write_images(folder, names, size=(40, 56)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / name)
+
+
+def test_find_images_of_folders_manifests_and_layouts(tmp_path):
+    _write_images(tmp_path / "plain" / "b", ["2.jpg", "1.png"])
+    _write_images(tmp_path / "plain", ["0.png"])
+    (tmp_path / "plain" / "notes.txt").write_text("not an image")
+    assert [p.relative_to(tmp_path / "plain").as_posix() for p in find_images(tmp_path / "plain")] == \
+        ["0.png", "b/1.png", "b/2.jpg"]
+    # an unlabelled generation output: the manifest's images, in its order (a regenerated sample's last line wins)
+    out = tmp_path / "didex"
+    _write_images(out / "images", ["x.png", "y.png"])
+    _write_images(out / "vis", ["x.png"])
+    lines = [{"id": "y", "image": "images/y.png"}, {"id": "x", "image": "images/x.png"}]
+    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert [p.name for p in find_images(out)] == ["y.png", "x.png"]
+    layout, path = parse_image_spec(f"gta:{tmp_path / 'plain'}")
+    assert layout.name == "gta" and parse_image_spec(str(out)) == (None, out)
+    # a layout's image folder, no labels needed
+    _write_images(tmp_path / "gta" / "images", ["00001.png", "00000.png"])
+    assert [p.name for p in find_images(tmp_path / "gta", "gta")] == ["00000.png", "00001.png"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images"):
+        find_images(tmp_path / "empty")
+
+
+def test_uda_dataset_pairs_the_mixture_with_target_draws(tmp_path):
+    src = write_scenes(tmp_path / "src", 3, size=48)
+    _write_images(tmp_path / "tgt", ["a.png", "b.png", "c.png"], size=(40, 72))
+    pipe = TrainPipeline(scale=None, crop=32, photometric=False)
+    mixed = MixedDataset([[TrainSource(SegDataset(src, "folder"), pipe)]], seed=3, rank=1)
+    ds = UDADataset(mixed, [TargetSource(find_images(tmp_path / "tgt"), pipe)])
+    a, b = ds[5], ds[5]
+    assert torch.equal(a["image"], mixed[5]["image"]) and torch.equal(a["label"], mixed[5]["label"])
+    assert torch.equal(a["target_image"], b["target_image"]) and a["target_image"].shape == (3, 32, 32)
+    assert not torch.equal(ds[6]["target_image"], a["target_image"])
+    rng = np.random.default_rng([3, 1, 5, 1])  # the target stream of item 5, by hand
+    i = int(rng.integers(3))
+    assert a["target_index"] == i
