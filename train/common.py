@@ -1,8 +1,10 @@
 """What every torchrun training script here shares: DDP setup, seeding, rank-0 logging, the
 command-line groups they have in common, checkpoints with every RNG state and exact resume, loss
-meters, EMA, gradient-accumulation sync control. Nothing more: no Trainer class, no callbacks;
-each script (train/finetune_unet.py, train/train_controlnet.py, train/train_segmentation.py) is
-one flat loop that calls these helpers, in the style of DiT's and nanoGPT's train.py.
+meters, EMA, gradient-accumulation sync control, and the set-up the two segmentation scripts share
+(argument groups, model, optimizer, data, evaluation, checkpoint entries). Nothing more: no Trainer
+class, no callbacks; each script (train/finetune_unet.py, train/train_controlnet.py,
+train/train_segmentation.py, train/train_uda.py) is one flat loop that calls these helpers, in the
+style of DiT's and nanoGPT's train.py.
 
 Typical use, top to bottom::
 
