@@ -188,7 +188,8 @@ def main(args):
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m train.train_uda", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common.add_segmentation_arguments(p)
     g = p.add_argument_group("target domain (unlabelled)")
     g.add_argument("--target", nargs="+", required=True, metavar="[LAYOUT:]PATH",
