@@ -343,9 +343,10 @@ def find_images(root: str | os.PathLike, layout: str | Layout | None = None, spl
         return [Path(r["image_path"]) for r in read_dataset_file(root)]
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist")
-    if lay is None or lay.name == "dginstyle":
-        if (root / "manifest.jsonl").is_file() or lay is not None:
-            return [Path(r["image_path"]) for r in read_manifest(root, labels=False)]
+    generated = lay.name == "dginstyle" if lay is not None else (root / "manifest.jsonl").is_file()
+    if generated:
+        return [Path(r["image_path"]) for r in read_manifest(root, labels=False)]
+    if lay is None:
         found = sorted(p for p in root.rglob("*")
                        if p.suffix.lower() in _IMG and not p.name.startswith(".") and p.is_file())
         if not found:
