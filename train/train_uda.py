@@ -106,8 +106,9 @@ def main(args):
     loader = common.segmentation_loader(UDADataset(labelled, build_targets(args, log)), args, d, step)
 
     amp = common.autocast(d.device, amp_dtype)
+    mic = args.mic_lambda > 0
     terms = ["loss", "loss_src", "loss_mix", "pseudo_weight"] + (["loss_fd"] if fd is not None else []) \
-        + (["loss_masked"] if args.mic_lambda > 0 else [])
+        + (["loss_masked"] if mic else [])
     meter, gen_n = common.Meter(step), 0
     for batch in loader:
         common.set_poly_lr(opt, args, step)
@@ -116,7 +117,6 @@ def main(args):
         label = batch["label"].to(d.device, non_blocking=True)
         target = batch["target_image"].to(d.device, non_blocking=True)
         b, _, h, w = image.shape
-        mic = args.mic_lambda > 0
 
         # 1. source (+ feature distance); gradients stay local until the last backward pass
         with common.no_sync(ddp, sync=False):
