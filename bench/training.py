@@ -1,14 +1,15 @@
-"""Training throughput and peak memory of the three training scripts, plus segmentation inference speed.
+"""Training throughput and peak memory of the training scripts, plus segmentation inference speed.
 
     python bench/training.py --device cuda --dtype bf16                    # SD-1.5 sizes, 512², batch 4
     python bench/training.py --device cuda --dtype bf16 --write BENCHMARKS.md
     python bench/training.py --preset tiny --device cpu --dtype fp32       # smoke run, < 1 min on 2 idle cores
+    python bench/training.py --preset tiny --device cpu --dtype fp32 --only segmentation uda   # UDA vs source-only
 
 Everything is built in a temporary folder and nothing is downloaded: random weights of the preset's
 sizes written as one CompVis file (ldm.checkpoint.save_compvis; our configs ride in its metadata, so
 the tiny sizes reload too), and procedurally drawn street scenes (segmentation.synthetic) as a GTA
-layout (images/*.png, colourised labels with noise + labels/*_labelTrainIds.png) that all three
-scripts read. Each script then runs as its own process (`python -m train.<script>`, as a user would
+layout (images/*.png, colourised labels with noise + labels/*_labelTrainIds.png) that every script
+reads (train_uda: as its labelled source, and its images as the unlabelled target). Each script then runs as its own process (`python -m train.<script>`, as a user would
 start it) for --warmup + --steps optimizer steps with grad-accum 1, no sampling / validation / export;
 --dtype is their --mixed-precision (autocast, fp32 master weights); the ControlNet starts as the script's
 default copy of U^S's encoder half, the segmentor from random weights (no mit_b5.pth needed for speed).
@@ -18,7 +19,9 @@ previous row a (train/*.py reset their clock at every log row), so that window t
 (b - a) * samples_per_step / samples_per_s seconds. The reported rate is the samples of the windows
 after the warm-up divided by the sum of their times; --log-every is gcd(warmup, steps), so a window
 boundary falls exactly on the end of the warm-up. Peak memory is the script's own `max_mem_gb`
-(torch.cuda.max_memory_allocated over the whole run, weights and optimizer state included; CUDA only).
+(torch.cuda.max_memory_allocated over the whole run, weights and optimizer state included) on CUDA,
+and the peak resident set size of the script's process (ru_maxrss: interpreter and libraries
+included) on CPU.
 The final checkpoint is written after the last row and does not count.
 Segmentation inference runs in this process: the segmentor's forward on a batch of crops and the
 sliding-window inference of segmentation.evaluate on a Cityscapes-test-scale image (2S x S), under
@@ -40,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -54,12 +58,15 @@ from ldm import checkpoint as ckpt_io  # noqa: E402
 from ldm.sd import StableDiffusion  # noqa: E402
 from segmentation.evaluate import predict_logits  # noqa: E402
 from segmentation.labels import TRAIN_ID_SUFFIX, colorize, save_label  # noqa: E402
+from segmentation.models import PRESETS as SEG_PRESETS  # noqa: E402
 from segmentation.models import build_segmentor  # noqa: E402
 from segmentation.synthetic import street_scene  # noqa: E402
 
 # sd15: the recipe's networks (SD-1.5 U-Net / ControlNet, DAFormer MiT-B5). tiny: CPU smoke sizes.
 PRESETS = {"sd15": dict(size=512, seg_model="daformer_mitb5"), "tiny": dict(size=64, seg_model="tiny")}
-SCRIPTS = {"unet": "finetune_unet", "controlnet": "train_controlnet", "segmentation": "train_segmentation"}
+SCRIPTS = {"unet": "finetune_unet", "controlnet": "train_controlnet", "segmentation": "train_segmentation",
+           "uda": "train_uda"}
+SEGMENTATION = ("segmentation", "uda")  # the scripts of the segmentation recipe (batch --seg-batch)
 WHAT = {"unet": ("U-Net fine-tuning (U^S), ε-MSE", "VAE encode in the step"),
         "controlnet": ("label ControlNet on frozen U^S, ε-MSE", "VAE + CLIP encode in the step; diffusers' "
                        "published ControlNet training: ≈38 GB at batch 4")}
@@ -94,13 +101,16 @@ def make_workspace(work: Path, preset: str, size: int, n_images: int, seed: int 
 def script_args(key: str, a, base: Path, data: Path, out: Path, max_steps: int, log_every: int) -> list[str]:
     """The script's own options: the recipe's defaults except what a benchmark must pin down."""
     common = ["--output-dir", str(out), "--device", a.device, "--mixed-precision", a.dtype,
-              "--max-iters" if key == "segmentation" else "--max-steps", str(max_steps),
+              "--max-iters" if key in SEGMENTATION else "--max-steps", str(max_steps),
               "--log-every", str(log_every), "--ckpt-every", str(max_steps), "--keep-last", "1",
               "--num-workers", str(a.workers)]
-    if key == "segmentation":
+    if key in SEGMENTATION:
         s = a.size  # the recipe's resize-to-fit 1280 x 720 before the 512 crop, scaled with --size
-        return common + ["--model", a.seg_model, "--source", f"gta:{data}", "--crop", str(s),
-                         "--source-scale", str(1280 * s // 512), str(720 * s // 512), "--batch-size", str(a.seg_batch)]
+        scale = [str(1280 * s // 512), str(720 * s // 512)]
+        seg = common + ["--model", a.seg_model, "--source", f"gta:{data}", "--crop", str(s), "--source-scale", *scale,
+                        "--batch-size", str(a.seg_batch)]
+        # self-training with MIC's defaults; the target: the same images, unlabelled, at the same scale
+        return seg + (["--target", str(data / "images"), "--target-scale", *scale] if key == "uda" else [])
     diff = ["--base", str(base), "--resolution", str(a.size), "--batch-size", str(a.batch), "--grad-accum", "1",
             "--no-export"] + (["--gradient-checkpointing"] if a.gradient_checkpointing else [])
     if key == "unet":
@@ -112,8 +122,9 @@ def script_args(key: str, a, base: Path, data: Path, out: Path, max_steps: int, 
                             "--rcs-min-pixels", str(rcs_px)]
 
 
-def run_script(key: str, args: list[str], out: Path, timeout: float) -> list[dict]:
-    """Run `python -m train.<script> args` from the repository root; return its metrics.jsonl rows."""
+def run_script(key: str, args: list[str], out: Path, timeout: float) -> tuple[list[dict], float]:
+    """Run `python -m train.<script> args` from the repository root; return its metrics.jsonl rows and
+    the peak resident set size of its process in GiB."""
     module = f"train.{SCRIPTS[key]}"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -124,12 +135,12 @@ def run_script(key: str, args: list[str], out: Path, timeout: float) -> list[dic
         # own process group: on a timeout the DataLoader workers go down with the script
         p = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=f,
                              stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            rc = None
+        timer = threading.Timer(timeout, os.killpg, (p.pid, signal.SIGKILL))
+        timer.start()
+        _, status, usage = os.wait4(p.pid, 0)  # the resource usage of this child alone
+        timed_out = not timer.is_alive()
+        timer.cancel()
+        rc = None if timed_out else os.waitstatus_to_exitcode(status)
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
     if rc != 0:
         why = f"timed out after {timeout:.0f} s" if rc is None else f"exited with status {rc}"
@@ -138,7 +149,8 @@ def run_script(key: str, args: list[str], out: Path, timeout: float) -> list[dic
     path = out / "metrics.jsonl"
     if not path.is_file():
         raise BenchError(f"{module}: wrote no {path}; last lines of its output:\n{tail}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rss_gib = usage.ru_maxrss * 1024 / 2**30  # Linux reports kibibytes
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()], rss_gib
 
 
 def steady_rate(rows: list[dict], warmup: int, per_step: int, source: str, need_mem: bool) -> dict:
@@ -229,6 +241,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--size", type=int, help="crop side (default: 512 for sd15, 64 for tiny)")
     p.add_argument("--batch", type=int, default=4, help="micro-batch of the diffusion scripts")
     p.add_argument("--seg-batch", type=int, default=2, help="segmentation training batch (the recipe's 2)")
+    p.add_argument("--seg-model", choices=sorted(SEG_PRESETS), help="segmentor preset (default: the preset's)")
     p.add_argument("--infer-batch", type=int, default=4, help="crops per segmentation forward")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps after the warm-up")
     p.add_argument("--warmup", type=int, default=10, help="steps not timed (CUDA/cuDNN set-up, allocator)")
@@ -243,7 +256,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--write", help="append the table to this markdown file")
     a = p.parse_args(argv)
     a.size = a.size or PRESETS[a.preset]["size"]
-    a.seg_model = PRESETS[a.preset]["seg_model"]
+    a.seg_model = a.seg_model or PRESETS[a.preset]["seg_model"]
     a.workers = a.workers if a.workers is not None else (4 if a.device.startswith("cuda") else 0)
     cuda = a.device.startswith("cuda")
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="bench_training_"))
@@ -256,18 +269,24 @@ def main(argv: list[str] | None = None) -> str:
         for key in a.only:
             out = work / f"run_{key}"
             shutil.rmtree(out, ignore_errors=True)  # a fresh run: metrics.jsonl must not hold older rows
-            metrics = run_script(key, script_args(key, a, base, data, out, total, log_every), out, a.timeout)
+            metrics, rss = run_script(key, script_args(key, a, base, data, out, total, log_every), out, a.timeout)
             shutil.rmtree(out / "checkpoints", ignore_errors=True)  # GBs of optimizer state, not needed
-            per_step = a.seg_batch if key == "segmentation" else a.batch
+            per_step = a.seg_batch if key in SEGMENTATION else a.batch
             r = steady_rate(metrics, a.warmup, per_step, f"train/{SCRIPTS[key]}.py ({out / 'metrics.jsonl'})", cuda)
             rate = f"{r['samples_per_s']:.2f} samples/s ({r['it_per_s']:.2f} it/s)"
+            peak = r["peak_gib"] if cuda else rss
             if key == "segmentation":
                 rows.append((f"train/{SCRIPTS[key]}.py", f"{a.seg_model} training, {a.size}² crops, batch {per_step}",
-                             rate, r["peak_gib"], f"{span}; CE loss, AdamW, poly lr"))
+                             rate, peak, f"{span}; CE loss, AdamW, poly lr"))
                 rows += seg_inference(a)
+            elif key == "uda":
+                rows.append((f"train/{SCRIPTS[key]}.py", f"{a.seg_model} self-training (MIC), {a.size}² source + "
+                             f"target crops, batch {per_step}", rate, peak,
+                             f"{span}; EMA teacher, ClassMix, masked consistency: 3 forward-backward passes + "
+                             "1 teacher forward per step"))
             else:
                 what, note = WHAT[key]
-                rows.append((f"train/{SCRIPTS[key]}.py", f"{what}, {a.size}², batch {per_step}", rate, r["peak_gib"],
+                rows.append((f"train/{SCRIPTS[key]}.py", f"{what}, {a.size}², batch {per_step}", rate, peak,
                              f"{span}; {note}"))
             for row in rows[-3 if key == "segmentation" else -1:]:  # partial results survive a later failure
                 print("[bench] " + " | ".join(map(str, row)), file=sys.stderr, flush=True)
@@ -285,10 +304,12 @@ def main(argv: list[str] | None = None) -> str:
              f"street scenes; grad-accum 1, {'with' if a.gradient_checkpointing else 'no'} gradient checkpointing. "
              f"Training rates: samples of {span} over the sum of the scripts' logged window times (metrics.jsonl "
              f"`samples_per_s`, logged every {log_every} step(s)), after {a.warmup} warm-up step(s). "
-             "Peak memory: `max_mem_gb` of the script (torch.cuda.max_memory_allocated, whole run) or of the "
-             "timed inference calls; CUDA only.\n\n"
-             "| script | what | samples or iterations per s | peak memory GiB | notes |\n|---|---|---|---|---|\n")
-    table += "".join(f"| {s} | {w} | {r} | {'n/a' if m is None else f'{m:.1f}'} | {n} |\n" for s, w, r, m, n in rows)
+             + ("Peak memory: `max_mem_gb` of the script (torch.cuda.max_memory_allocated, whole run) or of the "
+                "timed inference calls.\n\n" if cuda else
+                "Peak memory: the peak resident set size of the script's process (ru_maxrss; interpreter, "
+                "libraries and data included); n/a for the inference calls, which run in this process.\n\n")
+             + "| script | what | samples or iterations per s | peak memory GiB | notes |\n|---|---|---|---|---|\n")
+    table += "".join(f"| {s} | {w} | {r} | {'n/a' if m is None else f'{m:.2f}'} | {n} |\n" for s, w, r, m, n in rows)
     print(table)
     if a.write:
         with open(a.write, "a") as f:

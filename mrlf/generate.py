@@ -124,10 +124,12 @@ class Output:
                 continue  # a torn last line from a killed run: that sample is redone
         return ids
 
-    def write(self, sid: str, image: Image.Image, label: np.ndarray, record: dict) -> None:
+    def write(self, sid: str, image: Image.Image, label: np.ndarray | None, record: dict) -> None:
+        """The sample's files, then its manifest line; an unlabelled sample (label None) has no label or vis."""
         _atomic_png(image, self.root / "images" / f"{sid}.png")
-        save_label(label, self.root / "labels" / f"{sid}{TRAIN_ID_SUFFIX}")
-        _atomic_png(vis_grid(image, label), self.root / "vis" / f"{sid}.png")
+        if label is not None:
+            save_label(label, self.root / "labels" / f"{sid}{TRAIN_ID_SUFFIX}")
+            _atomic_png(vis_grid(image, label), self.root / "vis" / f"{sid}.png")
         line = (json.dumps(record, sort_keys=True) + "\n").encode()
         fd = os.open(self.manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -298,16 +300,20 @@ def apply_bundle(args, parser) -> None:
         if getattr(args, key, None) is None:
             setattr(args, key, tuple(value) if isinstance(value, list) else value)
     args.bundle = str(bundle.root)
+def device_and_dtype(device: str, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """--device (auto: CUDA when available; under torchrun the rank's GPU LOCAL_RANK) and --dtype
+    (default fp16 on CUDA, fp32 on CPU)."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dev.index or 0)))
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev, DTYPES[dtype] if dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", device.index or 0)))
-        device = torch.device("cuda", torch.cuda.current_device())
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    device, dtype = device_and_dtype(args.device, args.dtype)
     if args.cuda_graphs and device.type != "cuda":
         raise SystemExit(f"error: --cuda-graphs needs a CUDA device, got {device}")
     sampling, fusion, prompt_cfg = settings_from_args(args)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -50,8 +50,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .labels import (LUTS, NUM_CLASSES, TRAIN_ID_SUFFIX, LabelError, read_png_indices, to_train_ids, train_id_path,
-                     validate_label)
+from .labels import (IGNORE, LUTS, NUM_CLASSES, TRAIN_ID_SUFFIX, LabelError, read_png_indices, to_train_ids,
+                     train_id_path, validate_label)
 from .rcs import DEFAULT_MIN_PIXELS, DEFAULT_TEMPERATURE, ClassStats, RareClassSampler, class_stats
 from .transforms import TestPipeline, TrainPipeline, resize_label
 
@@ -172,12 +172,14 @@ def convert_command(source: str, folder: str | os.PathLike, recursive: bool = Fa
     return f"python -m segmentation.labels convert --source {source} {folder}" + (" --recursive" if recursive else "")
 
 
-def read_manifest(root: str | os.PathLike) -> list[dict]:
+def read_manifest(root: str | os.PathLike, labels: bool = True) -> list[dict]:
     """The records of a DGInStyle output folder's ``manifest.jsonl`` (mrlf.generate), one per
     sample id (a regenerated sample's later line wins), with ``image_path`` and ``label_path``
     added (absolute). Lines that are not complete records (torn by a killed run; mrlf.generate
     skips them too and redoes the sample) are skipped with a warning; a listed file that is
-    missing, or a manifest without any record, raises ``DatasetError``."""
+    missing, or a manifest without any record, raises ``DatasetError``. ``labels=False`` reads
+    unlabelled output too (mrlf.didex's pseudo-target images): a record then needs only its image,
+    and ``label_path`` is added where it has a label."""
     root = Path(root)
     manifest = root / "manifest.jsonl"
     if not manifest.is_file():
@@ -188,7 +190,9 @@ def read_manifest(root: str | os.PathLike) -> list[dict]:
     for n, rec in _json_lines(manifest):
         try:
             key = str(rec["id"])
-            rec["image_path"], rec["label_path"] = str(root / rec["image"]), str(root / rec["label"])
+            rec["image_path"] = str(root / rec["image"])
+            if labels or "label" in rec:
+                rec["label_path"] = str(root / rec["label"])
         except (KeyError, TypeError):
             bad.append(n)  # a line torn by a killed run (mrlf.generate redoes that sample on resume)
             continue
@@ -196,7 +200,8 @@ def read_manifest(root: str | os.PathLike) -> list[dict]:
         records[key] = rec
     if bad:
         warnings.warn(f"{manifest}: skipping {len(bad)} incomplete line(s) (line {', '.join(map(str, bad[:5]))})")
-    missing = [p for r in records.values() for p in (r["image_path"], r["label_path"]) if not Path(p).is_file()]
+    missing = [r[k] for r in records.values() for k in ("image_path", "label_path")
+               if k in r and not Path(r[k]).is_file()]
     if missing:
         raise DatasetError(f"{manifest}: {len(missing)} file(s) listed but missing: {_few(missing)}")
     if not records:
@@ -264,6 +269,32 @@ def _without_label(lay: Layout, ann_dir: Path, images: dict[str, Path]) -> str:
     return f"{msg}: " + "; ".join(parts)
 
 
+def _layout_folders(root: Path, lay: Layout, split: str | None, labels: bool) -> tuple[Path, Path, str | None]:
+    """(image folder, label folder, split) of a layout under ``root``; the folders must exist (the
+    label folder only when ``labels``)."""
+    split = split if split is not None else lay.default_split
+    split = lay.split_aliases.get(split, split)
+    need_split = "{split}" in lay.img_dir or lay.split_component
+    if need_split and split is None:
+        raise DatasetError(f"layout {lay.name} needs a split")
+    img_dir = root / lay.img_dir.format(split=split)
+    ann_dir = root / lay.ann_dir.format(split=split)
+    for what, d in (("image", img_dir), ("label", ann_dir))[: 2 if labels else 1]:
+        if not d.is_dir():
+            raise DatasetError(f"{lay.name} layout: the {what} folder {d} does not exist "
+                               f"(expected {lay.img_dir!r} / {lay.ann_dir!r} under {root}, split {split!r})")
+    return img_dir, ann_dir, split
+
+
+def _scan_images(img_dir: Path, lay: Layout, split: str | None) -> dict[str, Path]:
+    comp = split if lay.split_component else None
+    images = _scan(img_dir, lay.img_suffixes, lay.recursive, comp, None)
+    if not images:
+        raise DatasetError(f"{img_dir}: no images ending in {' / '.join(lay.img_suffixes)}"
+                           + (f" under a '{split}' folder" if comp else ""))
+    return images
+
+
 def find_pairs(root: str | os.PathLike, layout: str | Layout, split: str | None = None,
                strict: bool = True) -> list[tuple[Path, Path]]:
     """Sorted (image, label) path pairs of a dataset folder in ``layout`` (for ``dginstyle`` and
@@ -280,23 +311,10 @@ def find_pairs(root: str | os.PathLike, layout: str | Layout, split: str | None 
         raise DatasetError(f"dataset root {root} does not exist (layout {lay.name})")
     if lay.name == "dginstyle":
         return [(Path(r["image_path"]), Path(r["label_path"])) for r in read_manifest(root)]
-    split = split if split is not None else lay.default_split
-    split = lay.split_aliases.get(split, split)
-    need_split = "{split}" in lay.img_dir or lay.split_component
-    if need_split and split is None:
-        raise DatasetError(f"layout {lay.name} needs a split")
-    img_dir = root / lay.img_dir.format(split=split)
-    ann_dir = root / lay.ann_dir.format(split=split)
-    for what, d in (("image", img_dir), ("label", ann_dir)):
-        if not d.is_dir():
-            raise DatasetError(f"{lay.name} layout: the {what} folder {d} does not exist "
-                               f"(expected {lay.img_dir!r} / {lay.ann_dir!r} under {root}, split {split!r})")
+    img_dir, ann_dir, split = _layout_folders(root, lay, split, labels=True)
     comp = split if lay.split_component else None
-    images = _scan(img_dir, lay.img_suffixes, lay.recursive, comp, None)
+    images = _scan_images(img_dir, lay, split)
     labels = _scan(ann_dir, lay.seg_suffixes, lay.recursive, comp, lay.exclude_suffix)
-    if not images:
-        raise DatasetError(f"{img_dir}: no images ending in {' / '.join(lay.img_suffixes)}"
-                           + (f" under a '{split}' folder" if comp else ""))
     no_label = sorted(set(images) - set(labels))
     no_image = sorted(set(labels) - set(images))
     if no_label or no_image:
@@ -311,11 +329,46 @@ def find_pairs(root: str | os.PathLike, layout: str | Layout, split: str | None 
     return [(images[k], labels[k]) for k in sorted(set(images) & set(labels))]
 
 
-def parse_spec(spec: str, default_layout: str | None = None) -> tuple[Layout, Path]:
-    """``"layout:PATH"`` (or a bare PATH with ``default_layout``) -> (Layout, Path)."""
+def find_images(root: str | os.PathLike, layout: str | Layout | None = None, split: str | None = None) -> list[Path]:
+    """Image paths of an unlabelled set (a domain-adaptation target); no label is read or needed.
+
+    Without a layout: a folder with a ``manifest.jsonl`` (the output of mrlf.generate or
+    mrlf.didex) gives its records' images in manifest order, any other folder every .png / .jpg /
+    .jpeg file below it (recursively, sorted; point it at the image folder). With a layout: the
+    images of its image folder and split (e.g. ``cityscapes`` train, Dark Zurich's unlabelled
+    ``rgb_anon``)."""
+    root = Path(root)
+    lay = None if layout is None else get_layout(layout)
+    if lay is not None and lay.name == "jsonl":
+        return [Path(r["image_path"]) for r in read_dataset_file(root)]
+    if not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist")
+    generated = lay.name == "dginstyle" if lay is not None else (root / "manifest.jsonl").is_file()
+    if generated:
+        return [Path(r["image_path"]) for r in read_manifest(root, labels=False)]
+    if lay is None:
+        found = sorted(p for p in root.rglob("*")
+                       if p.suffix.lower() in _IMG and not p.name.startswith(".") and p.is_file())
+        if not found:
+            raise DatasetError(f"{root}: no images (.png, .jpg, .jpeg) in this folder or below it")
+        return found
+    img_dir, _, split = _layout_folders(root, lay, split, labels=False)
+    return [p for _, p in sorted(_scan_images(img_dir, lay, split).items())]
+
+
+def parse_image_spec(spec: str) -> tuple[Layout | None, Path]:
+    """``"layout:PATH"`` -> (Layout, Path); a bare PATH -> (None, Path)."""
     name, sep, path = spec.partition(":")
     if sep and name.lower().replace("-", "_") in {*LAYOUTS, *_ALIASES}:
         return get_layout(name), Path(path)
+    return None, Path(spec)
+
+
+def parse_spec(spec: str, default_layout: str | None = None) -> tuple[Layout, Path]:
+    """``"layout:PATH"`` (or a bare PATH with ``default_layout``) -> (Layout, Path)."""
+    layout, path = parse_image_spec(spec)
+    if layout is not None:
+        return layout, path
     if default_layout is None:
         raise DatasetError(f"dataset spec {spec!r} must be LAYOUT:PATH with LAYOUT one of {', '.join(LAYOUTS)}")
     return get_layout(default_layout), Path(spec)
@@ -377,6 +430,38 @@ class SegDataset(Dataset):
 # --------------------------------------------------------------------------------------------
 # Training sources and the mixture
 # --------------------------------------------------------------------------------------------
+def pair_class_stats(ds: SegDataset, cache: str | os.PathLike | bool = True,
+                     purpose: str = "class statistics") -> tuple[ClassStats, np.ndarray]:
+    """Per-class pixel counts of a dataset's labels (``segmentation.rcs.class_stats``, cached per
+    label folder) and, for each row of the statistics, the index of its pair in ``ds.pairs``.
+    Needs trainId labels (``DatasetError`` for a raw-id layout, with the conversion command)."""
+    if ds.layout.converter is not None:
+        raise DatasetError(f"{purpose} needs trainId labels; convert {ds.root} first "
+                           f"(python -m segmentation.labels convert --source {ds.layout.converter} ...) "
+                           f"and use the {ds.layout.name.removesuffix('_raw')} layout")
+    folders = {p.parent for _, p in ds.pairs}
+    top = Path(os.path.commonpath([str(f) for f in folders]))
+    patterns = {"*" + _suffix_of(p.name, ds.layout.seg_suffixes) for _, p in ds.pairs}
+    index = {p.resolve(): i for i, (_, p) in enumerate(ds.pairs)}
+    recursive = len(folders) > 1 or top not in folders
+    parts = [class_stats(top, pattern=p, recursive=recursive, cache=cache) for p in sorted(patterns)]
+    rows, files, counts, void, shapes, seen = [], [], [], [], [], set()
+    for st in parts:
+        for j, rel in enumerate(st.files):
+            i = index.get((st.folder / rel).resolve())
+            if i is None or i in seen:
+                continue  # another split, an unpaired label, or matched by two patterns
+            seen.add(i)
+            rows.append(i)
+            files.append(Path(os.path.relpath(ds.pairs[i][1], top)).as_posix())
+            counts.append(st.counts[j])
+            void.append(st.void[j])
+            shapes.append(st.shapes[j])
+    stats = ClassStats(top, files, np.array(counts, dtype=np.int64).reshape(-1, NUM_CLASSES),
+                       np.array(void, dtype=np.int64), np.array(shapes, dtype=np.int64).reshape(-1, 2))
+    return stats, np.array(rows, dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class RCSConfig:
     temperature: float = DEFAULT_TEMPERATURE  # 0.01
@@ -403,32 +488,8 @@ class TrainSource:
         return len(self.dataset)
 
     def _stats(self, cache) -> ClassStats:
-        ds = self.dataset
-        if ds.layout.converter is not None:
-            raise DatasetError(f"rare-class sampling needs trainId labels; convert {ds.root} first "
-                               f"(python -m segmentation.labels convert --source {ds.layout.converter} ...) "
-                               f"and use the {ds.layout.name.removesuffix('_raw')} layout")
-        folders = {p.parent for _, p in ds.pairs}
-        top = Path(os.path.commonpath([str(f) for f in folders]))
-        patterns = {"*" + _suffix_of(p.name, ds.layout.seg_suffixes) for _, p in ds.pairs}
-        index = {p.resolve(): i for i, (_, p) in enumerate(ds.pairs)}
-        recursive = len(folders) > 1 or top not in folders
-        parts = [class_stats(top, pattern=p, recursive=recursive, cache=cache) for p in sorted(patterns)]
-        rows, files, counts, void, shapes, seen = [], [], [], [], [], set()
-        for st in parts:
-            for j, rel in enumerate(st.files):
-                i = index.get((st.folder / rel).resolve())
-                if i is None or i in seen:
-                    continue  # another split, an unpaired label, or matched by two patterns
-                seen.add(i)
-                rows.append(i)
-                files.append(Path(os.path.relpath(ds.pairs[i][1], top)).as_posix())
-                counts.append(st.counts[j])
-                void.append(st.void[j])
-                shapes.append(st.shapes[j])
-        self._rcs_pair = np.array(rows, dtype=np.int64)
-        return ClassStats(top, files, np.array(counts, dtype=np.int64).reshape(-1, NUM_CLASSES),
-                          np.array(void, dtype=np.int64), np.array(shapes, dtype=np.int64).reshape(-1, 2))
+        stats, self._rcs_pair = pair_class_stats(self.dataset, cache, "rare-class sampling")
+        return stats
 
     def draw(self, rng: np.random.Generator):
         pipe = self.pipeline
@@ -500,6 +561,54 @@ class MixedDataset(Dataset):
         s = int(rng.choice(len(group), p=sizes / sizes.sum())) if len(group) > 1 else 0
         image, label, i = group[s].draw(rng)
         return {"image": image, "label": label, "group": g, "source": s, "index": i}
+
+
+class TargetSource:
+    """Unlabelled training images (a domain-adaptation target) through a training pipeline.
+
+    ``draw(rng)`` picks a file uniformly and returns (image (3, h, w), file index); the pipeline
+    draws as for labelled data (resize ratio, crop box, flip, photometric distortion), with a void
+    label carried along and no class-ratio check on the crop (``cat_max_ratio`` 1: there are no
+    classes to check)."""
+
+    def __init__(self, images: Sequence[str | os.PathLike], pipeline: TrainPipeline):
+        if not images:
+            raise DatasetError("no target images")
+        self.images = [Path(p) for p in images]
+        self.pipeline = replace(pipeline, cat_max_ratio=1.0)
+
+    def __len__(self):
+        return len(self.images)
+
+    def draw(self, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
+        i = int(rng.integers(len(self.images)))
+        image = load_image(self.images[i])
+        img, _ = self.pipeline(image, np.full(image.shape[:2], IGNORE, dtype=np.uint8), rng)
+        return img, i
+
+
+class UDADataset(Dataset):
+    """Training pairs for self-training: item k is item k of ``source`` (a ``MixedDataset`` of
+    labelled data) plus ``target_image`` drawn with ``default_rng([seed, rank, k, 1])``: a target
+    set by size, a file, the pipeline's draws. The target stream is separate, so the labelled half
+    of item k equals the MixedDataset's item k, and the item stays a pure function of (seed, rank, k)."""
+
+    def __init__(self, source: MixedDataset, targets: Sequence[TargetSource]):
+        if not targets:
+            raise DatasetError("no target data")
+        self.source, self.targets = source, list(targets)
+        sizes = np.array([len(t) for t in self.targets], dtype=np.float64)
+        self.target_probs = sizes / sizes.sum()
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, k: int) -> dict:
+        item = self.source[k]
+        rng = np.random.default_rng([self.source.seed, self.source.rank, int(k), 1])
+        t = int(rng.choice(len(self.targets), p=self.target_probs)) if len(self.targets) > 1 else 0
+        image, i = self.targets[t].draw(rng)
+        return {**item, "target_image": image, "target_source": t, "target_index": i}
 
 
 class IndexStream(torch.utils.data.Sampler):

@@ -47,7 +47,7 @@ def test_missing_metrics_fail_with_the_source(tmp_path):
 def test_tiny_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the scripts' processes: no thread oversubscription on a busy CI box
     out = tmp_path / "BENCH.md"
-    table = bt.main(["--preset", "tiny", "--device", "cpu", "--dtype", "fp32", "--only", "unet", "segmentation",
+    table = bt.main(["--preset", "tiny", "--device", "cpu", "--dtype", "fp32", "--only", "unet", "segmentation", "uda",
                      "--steps", "2", "--warmup", "2", "--images", "2", "--repeats", "2", "--infer-warmup", "1",
                      "--workdir", str(tmp_path / "work"), "--write", str(out)])
     assert out.read_text().strip() == table.strip()
@@ -56,8 +56,10 @@ def test_tiny_end_to_end(tmp_path, monkeypatch):
         m = re.match(r"\| (\S+(?: \S+)?) \| .*? \| ([0-9.]+) (samples|images)/s", line)
         if m:
             rates[m.group(1)] = float(m.group(2))
-    assert set(rates) == {"train/finetune_unet.py", "train/train_segmentation.py", "segmentation forward",
-                          "segmentation.evaluate slide"}, table
+    assert set(rates) == {"train/finetune_unet.py", "train/train_segmentation.py", "train/train_uda.py",
+                          "segmentation forward", "segmentation.evaluate slide"}, table
+    peaks = {line.split(" | ")[0][2:]: line.split(" | ")[3] for line in table.splitlines() if line.startswith("| train/")}
+    assert all(float(v) > 0 for v in peaks.values()), table  # CPU: the peak RSS of each script's process
     assert all(v > 0 for v in rates.values()), rates
     assert "steps 3-4" in table and "`python bench/training.py --preset tiny" in table
     # the big optimizer checkpoints are removed, the metrics kept

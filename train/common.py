@@ -1,8 +1,10 @@
 """What every torchrun training script here shares: DDP setup, seeding, rank-0 logging, the
 command-line groups they have in common, checkpoints with every RNG state and exact resume, loss
-meters, EMA, gradient-accumulation sync control. Nothing more: no Trainer class, no callbacks;
-each script (train/finetune_unet.py, train/train_controlnet.py, train/train_segmentation.py) is
-one flat loop that calls these helpers, in the style of DiT's and nanoGPT's train.py.
+meters, EMA, gradient-accumulation sync control, and the set-up the two segmentation scripts share
+(argument groups, model, optimizer, data, evaluation, checkpoint entries). Nothing more: no Trainer
+class, no callbacks; each script (train/finetune_unet.py, train/train_controlnet.py,
+train/train_segmentation.py, train/train_uda.py) is one flat loop that calls these helpers, in the
+style of DiT's and nanoGPT's train.py.
 
 Typical use, top to bottom::
 
@@ -47,7 +49,7 @@ import re
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -56,8 +58,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
 
 from ldm.atomic import atomic_file, clean_stale
+from segmentation.datasets import (DatasetError, IndexStream, MixedDataset, RCSConfig, SegDataset, TrainSource,
+                                   parse_ratio, parse_spec)
+from segmentation.evaluate import evaluate_dataset, is_hr_model
+from segmentation.feature_distance import THING_CLASSES, FeatureDistance
+from segmentation.metrics import summarize
+from segmentation.models import PRESETS, build_segmentor
+from segmentation.models.segmentor import tiny_preset
+from segmentation.optim import lr_factor, param_groups
+from segmentation.transforms import TrainPipeline
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -286,6 +298,268 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float = 0.9999) -> None:
     bufs = dict(model.named_buffers())
     for name, b in ema.named_buffers():
         b.copy_(bufs[name])
+
+
+# ---------------------------------------------------------------------------------------
+# Segmentation runs: what train_segmentation.py and train_uda.py share
+# ---------------------------------------------------------------------------------------
+
+def add_segmentation_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, data, optimisation and feature-distance groups of the segmentation scripts (the
+    DGInStyle-SegModel recipe; see train/train_segmentation.py's docstring)."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="daformer_mitb5", choices=sorted(PRESETS))
+    g.add_argument("--tiny", action="store_true", help="the 'tiny' preset (random, for smoke tests)")
+    g.add_argument("--pretrained", help="official ImageNet MiT weights (mit_b5.pth), loaded strictly")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs")
+    g = p.add_argument_group("DIFF (--model diff_*): the frozen diffusion model; unset: the preset's")
+    g.add_argument("--diff-unet", help="U-Net weights (file, folder or local model id); also the VAE's and text "
+                                       "encoder's unless given")
+    g.add_argument("--diff-vae", help="VAE weights")
+    g.add_argument("--diff-text-encoder", help="text encoder weights (the prompts are encoded once)")
+    g.add_argument("--diff-prediction", choices=("epsilon", "v_prediction"), help="what the U-Net predicts")
+    g.add_argument("--diff-ipkl", action=argparse.BooleanOptionalAction, default=None,
+                   help="implicit posterior knowledge learning: the class-prompted pass and the consistency loss")
+    g.add_argument("--diff-classes", type=int, nargs="+", default=None, metavar="ID",
+                   help="trainIds with a class prompt in the conditional pass")
+    g = p.add_argument_group("data")
+    g.add_argument("--source", nargs="+", required=True, metavar="LAYOUT:PATH",
+                   help="source datasets, e.g. gta:data/gta (layouts: segmentation.datasets.LAYOUTS)")
+    g.add_argument("--source-split", default="train", help="split for split-based source layouts")
+    g.add_argument("--generated", nargs="*", default=[], metavar="[LAYOUT:]PATH",
+                   help="generated datasets (default layout: dginstyle, i.e. manifest.jsonl)")
+    g.add_argument("--mix-ratio", default=None, help="source:generated sampling ratio, e.g. 1:1 "
+                                                     "(default: uniform over the union of files)")
+    g.add_argument("--rcs", action="store_true", help="rare-class sampling for the source data")
+    g.add_argument("--rcs-temperature", type=float, default=0.01)
+    g.add_argument("--rcs-min-pixels", type=int, default=3000)
+    g.add_argument("--rcs-min-crop-ratio", type=float, default=0.5)
+    g.add_argument("--source-scale", type=int, nargs="*", default=[1280, 720], metavar="EDGE",
+                   help="resize source images to fit LONG SHORT (keep ratio); nothing: no resize")
+    g.add_argument("--gen-scale", type=int, nargs="*", default=None, metavar="EDGE",
+                   help="resize generated images to fit LONG SHORT (e.g. 1024 1024 for HR configs)")
+    g.add_argument("--crop", type=int, default=512,
+                   help="training crop (HR configs / HRDA: 1024, with --source-scale 2560 1440 --gen-scale 1024 1024)")
+    g.add_argument("--cat-max-ratio", type=float, default=0.75)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=2, help="per GPU")
+    g.add_argument("--max-iters", type=int, default=40000)
+    g.add_argument("--lr", type=float, default=6e-5)
+    g.add_argument("--head-lr-mult", type=float, default=10.0)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup-iters", type=int, default=1500)
+    g.add_argument("--warmup-ratio", type=float, default=1e-6)
+    g.add_argument("--poly-power", type=float, default=1.0)
+    g.add_argument("--mixed-precision", choices=PRECISIONS, default="auto",
+                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    g = p.add_argument_group("ImageNet feature distance on thing classes (DAFormer; DGInStyle: --fd-lambda 0.005)")
+    g.add_argument("--fd-lambda", type=float, default=0.0,
+                   help="weight of the feature distance to the frozen initial (ImageNet) backbone; 0 = off. "
+                        "The DGInStyle recipe (DAFormer / HRDA, dacs_fdthings_srconly) uses 0.005")
+    g.add_argument("--fd-classes", type=int, nargs="+", default=list(THING_CLASSES), metavar="ID",
+                   help="trainIds whose (downscaled) cells count; the default is DAFormer's thing classes")
+    g.add_argument("--fd-min-ratio", type=float, default=0.75,
+                   help="a feature cell takes its majority class only if it covers this share of the cell")
+
+
+def add_segmentation_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The evaluation group of the segmentation scripts."""
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval", nargs="*", default=[], metavar="LAYOUT:PATH", help="e.g. cityscapes:data/cityscapes")
+    g.add_argument("--eval-split", default=None)
+    g.add_argument("--eval-every", type=int, default=4000)
+    g.add_argument("--eval-mode", choices=("slide", "whole"), default="slide")
+    g.add_argument("--eval-crop", type=int, default=None, help="sliding window (default: the model's, 512; HRDA 1024)")
+    g.add_argument("--eval-stride", type=int, default=None, help="its stride (default: the model's, 256; HRDA 512)")
+    g.add_argument("--eval-hr", action=argparse.BooleanOptionalAction, default=None,
+                   help="double the layouts' test scales (the 1024 configs; default: on for HRDA models)")
+    g.add_argument("--eval-limit", type=int, default=None, help="first N images per dataset")
+
+
+def check_segmentation_arguments(p: argparse.ArgumentParser, a) -> None:
+    """``p.error`` for inconsistent values of the shared segmentation groups."""
+    for name in ("source_scale", "gen_scale"):
+        v = getattr(a, name)
+        if v and len(v) != 2:
+            p.error(f"--{name.replace('_', '-')} takes two numbers (LONG SHORT) or none")
+    if a.fd_lambda < 0:
+        p.error("--fd-lambda must be >= 0")
+    if not 0.0 <= a.fd_min_ratio <= 1.0:
+        p.error("--fd-min-ratio must be in [0, 1]")
+    if a.mix_ratio is not None:
+        try:
+            parse_ratio(a.mix_ratio, 2)
+        except ValueError as e:
+            p.error(str(e))
+    for spec in a.eval:
+        try:
+            parse_spec(spec)
+        except DatasetError as e:
+            p.error(str(e))
+
+
+def segmentation_preset(args) -> str:
+    """The preset a run trains: ``--model``, or with ``--tiny`` its tiny twin (plain, HRDA or DIFF)."""
+    return args.model if not args.tiny else tiny_preset(args.model)
+
+
+def build_segmentation_model(args, d: Dist, log: logging.Logger) -> tuple[nn.Module, FeatureDistance | None]:
+    """The segmentor of ``--model`` (``--tiny``: its tiny twin), with ``--pretrained`` backbone
+    weights, in training mode on the run's device, and, with ``--fd-lambda``, the feature distance
+    whose frozen reference is the backbone as it is now."""
+    if args.tiny:
+        log.warning("--tiny: a randomly initialised tiny segmentor, for tests and smoke runs only")
+    if d.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model_cfg = PRESETS[segmentation_preset(args)]
+    if model_cfg.diff is not None:  # the frozen diffusion weights (and IPKL settings) from the command line
+        if args.pretrained or args.fd_lambda > 0 or getattr(args, "shade", False):
+            raise SystemExit("--pretrained, --fd-lambda and --shade act on MiT backbones, not on DIFF")
+        given = dict(unet=args.diff_unet, vae=args.diff_vae, text_encoder=args.diff_text_encoder,
+                     prediction_type=args.diff_prediction, ipkl=args.diff_ipkl, ipkl_classes=args.diff_classes)
+        model_cfg = replace(model_cfg, diff=replace(model_cfg.diff, **{k: v for k, v in given.items() if v is not None}))
+    model = build_segmentor(model_cfg)
+    if args.pretrained:
+        model.load_backbone(args.pretrained)
+        log.info(f"backbone weights from {args.pretrained}")
+    model = model.to(d.device).train()
+    fd = None
+    if args.fd_lambda > 0:
+        bad = [c for c in args.fd_classes if not 0 <= c < model_cfg.num_classes]
+        if bad:
+            raise SystemExit(f"--fd-classes {bad} are not classes of a {model_cfg.num_classes}-class model")
+        h = model_cfg.hrda
+        if h is not None and h.hr_crop_size is not None and float(h.feature_scale) == h.scales[0]:
+            # the training forward returns the detail crop's features, the frozen copy sees the whole image
+            raise SystemExit("--fd-lambda with HRDA needs feature_scale at the context scale "
+                             f"({h.scales[1]:g}), not the cropped detail scale ({h.scales[0]:g})")
+        # the reference: the backbone as initialised (ImageNet weights with --pretrained), frozen
+        fd = FeatureDistance(model.backbone, args.fd_classes, args.fd_min_ratio, model_cfg.num_classes)
+        log.info(f"feature distance: lambda {args.fd_lambda:g}, classes {list(fd.classes)}, min ratio "
+                 f"{fd.min_ratio:g}, frozen reference = the backbone "
+                 + (f"from {args.pretrained}" if args.pretrained else "as randomly initialised (no --pretrained)"))
+    return model, fd
+
+
+def segmentation_optimizer(args, model: nn.Module, d: Dist, log: logging.Logger, amp_dtype: torch.dtype):
+    """(model, its DDP wrapper or itself, AdamW, grad scaler): SyncBatchNorm with ``--sync-bn``
+    under torchrun, the recipe's parameter groups (head lr x ``--head-lr-mult``, no decay on norms
+    and position blocks), each group's ``base_lr`` for `set_poly_lr`."""
+    if args.sync_bn and d.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    log.info(f"{segmentation_preset(args)}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+             f"parameters ({asdict(model.cfg)})")
+    groups = param_groups(model, args.lr, args.weight_decay, args.head_lr_mult)
+    for g in groups:
+        log.info(f"  param group lr x{g['lr_mult']:g}, weight decay {g['weight_decay']:g}: {len(g['params'])} tensors")
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "param_names"} for g in groups],
+                            lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    scaler = grad_scaler(d.device, amp_dtype)
+    ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.distributed else model
+    return model, ddp, opt, scaler
+
+
+def set_poly_lr(opt, args, step: int) -> None:
+    """The recipe's learning rate before iteration ``step``: poly decay after a linear warm-up."""
+    factor = lr_factor(step, args.max_iters, args.warmup_iters, args.warmup_ratio, args.poly_power)
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * factor
+
+
+def restore_feature_distance(state: Mapping, fd: FeatureDistance | None, args, log: logging.Logger) -> None:
+    """On resume: the feature distance's frozen reference from the checkpoint (a run without
+    ``--pretrained`` stores it; with it, the reference was rebuilt from the file)."""
+    if fd is None:
+        return
+    if "fd_backbone" in state:
+        fd.frozen.load_state_dict(state["fd_backbone"])
+        log.info("feature-distance reference from the checkpoint")
+    elif not args.pretrained:
+        log.warning("the checkpoint has no feature-distance reference (fd_backbone) and there is no "
+                    "--pretrained file: the reference is this run's fresh initialisation, which "
+                    "equals the original one only for the same seed and code")
+
+
+def segmentation_state(model: nn.Module, opt, scaler, args, fd: FeatureDistance | None) -> dict:
+    """A segmentation checkpoint's own entries: model, optimizer, scaler, model_config, config and,
+    without ``--pretrained``, the feature distance's reference (a resume cannot rebuild it)."""
+    state = {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+             "model_config": asdict(unwrap(model).cfg), "config": vars(args)}
+    if fd is not None and not args.pretrained:  # with --pretrained, a resume rebuilds it from the file
+        state["fd_backbone"] = fd.frozen.state_dict()
+    return state
+
+
+def segmentation_data(args, d: Dist, log: logging.Logger, photometric: bool = True):
+    """(source sources, generated sources, their MixedDataset): ``--source`` (with ``--rcs``) and
+    ``--generated`` through the recipe's pipelines (``photometric=False``: no photometric
+    distortion, for self-training, which colour-augments its mixed images instead), mixed by
+    ``--mix-ratio`` or uniformly over the union of files. Item k of rank r is a function of (seed, r, k)."""
+    rcs = RCSConfig(args.rcs_temperature, args.rcs_min_pixels, args.rcs_min_crop_ratio) if args.rcs else None
+
+    def pipeline(scale):
+        return TrainPipeline(scale=tuple(scale) if scale else None, crop=args.crop, cat_max_ratio=args.cat_max_ratio,
+                             photometric=photometric)
+
+    def build(specs, pipe, rcs, default_layout, split):
+        out = []
+        for spec in specs:
+            layout, path = parse_spec(spec, default_layout)
+            ds = SegDataset(path, layout, split)
+            out.append(TrainSource(ds, pipe, rcs))
+            log.info(f"  {layout.name}: {len(ds)} pairs from {path}" + (" (rare-class sampling)" if rcs else ""))
+        return out
+
+    log.info("source data:")
+    with main_process_first(d):  # rank 0 writes the RCS statistics cache, the others read it
+        sources = build(args.source, pipeline(args.source_scale), rcs, None, args.source_split)
+    generated = []
+    if args.generated:
+        log.info("generated data:")
+        generated = build(args.generated, pipeline(args.gen_scale), None, "dginstyle", None)
+    if args.mix_ratio and not generated:
+        raise SystemExit("--mix-ratio needs --generated data")
+    dataset = MixedDataset([sources, generated], args.mix_ratio if generated else None, seed=args.seed, rank=d.rank)
+    n_src, n_gen = sum(map(len, sources)), sum(map(len, generated))
+    log.info(f"mixture: {n_src} source + {n_gen} generated files; P(generated) = "
+             f"{dataset.group_probs[-1] if generated else 0.0:.3f}"
+             + (" (uniform over the union)" if not args.mix_ratio else f" (ratio {args.mix_ratio})"))
+    return sources, generated, dataset
+
+
+def segmentation_loader(dataset, args, d: Dist, step: int) -> DataLoader:
+    """Items step * batch, step * batch + 1, ... of ``dataset``: resuming at ``step`` reads what an
+    uninterrupted run would."""
+    return DataLoader(dataset, batch_size=args.batch_size,
+                      sampler=IndexStream(step * args.batch_size, (args.max_iters - step) * args.batch_size),
+                      num_workers=args.num_workers, pin_memory=d.device.type == "cuda",
+                      persistent_workers=args.num_workers > 0, drop_last=True,
+                      generator=torch.Generator())  # its base-seed draw must not touch the global RNG
+
+
+def evaluate_segmentation(args, model: nn.Module, d: Dist, amp_dtype: torch.dtype, log: logging.Logger,
+                          step: int) -> dict:
+    """mIoU on every ``--eval`` dataset (sharded over the ranks): ``{"mIoU/<layout>": value}``."""
+    if d.distributed:  # each rank's last forward moved its BatchNorm statistics: evaluate rank 0's on
+        for buf in unwrap(model).buffers():  # every rank (mmseg's DistEvalHook, broadcast_bn_buffer)
+            dist.broadcast(buf, 0)
+    eval_hr = is_hr_model(model) if args.eval_hr is None else args.eval_hr
+    metrics = {}
+    for spec in args.eval:
+        layout, path = parse_spec(spec)
+        scale = layout.test_scale
+        if eval_hr and scale is not None:
+            scale = (2 * scale[0], 2 * scale[1])
+        ds = SegDataset(path, layout, args.eval_split, test_scale=scale)
+        cm = evaluate_dataset(unwrap(model), ds, mode=args.eval_mode, crop=args.eval_crop, stride=args.eval_stride,
+                              device=d.device, limit=args.eval_limit,
+                              autocast_dtype=None if amp_dtype == torch.float32 else amp_dtype)
+        s = summarize(cm.cpu())
+        metrics[f"mIoU/{layout.name}"] = s["mIoU"]
+        log.info(f"step {step}: {layout.name} mIoU x 100 = {100 * (s['mIoU'] or 0):.1f} ({len(ds)} images)")
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------

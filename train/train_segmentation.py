@@ -68,74 +68,22 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
-from segmentation.datasets import (IndexStream, MixedDataset, RCSConfig, SegDataset, TrainSource, parse_ratio,
-                                   parse_spec)
-from segmentation.evaluate import evaluate_dataset, is_hr_model
-from segmentation.feature_distance import THING_CLASSES, FeatureDistance
-from segmentation.metrics import summarize
-from segmentation.models import PRESETS, build_segmentor, save_segmentor
-from segmentation.models.segmentor import tiny_preset
+from segmentation.models import save_segmentor
 from segmentation.models.shade import attach_style_hallucination, compute_basis, style_consistency_loss
-from segmentation.optim import lr_factor, param_groups
-from segmentation.transforms import TrainPipeline
 from train import common
-
-def build_sources(specs, pipeline: TrainPipeline, rcs: RCSConfig | None, default_layout: str | None,
-                  split: str | None, log) -> list[TrainSource]:
-    out = []
-    for spec in specs:
-        layout, path = parse_spec(spec, default_layout)
-        ds = SegDataset(path, layout, split)
-        out.append(TrainSource(ds, pipeline, rcs))
-        log.info(f"  {layout.name}: {len(ds)} pairs from {path}" + (" (rare-class sampling)" if rcs else ""))
-    return out
 
 
 def main(args):
     d, log, tb, amp_dtype = common.start_run(args)
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
-    if args.tiny:
-        log.warning("--tiny: a randomly initialised tiny segmentor, for tests and smoke runs only")
-    if d.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
 
     # Model and optimizer.
-    preset = args.model if not args.tiny else tiny_preset(args.model)
-    model_cfg = PRESETS[preset]
-    if model_cfg.diff is not None:  # the frozen diffusion weights (and IPKL settings) from the command line
-        if args.pretrained or args.fd_lambda > 0 or args.shade:
-            raise SystemExit("--pretrained, --fd-lambda and --shade act on MiT backbones, not on DIFF")
-        given = dict(unet=args.diff_unet, vae=args.diff_vae, text_encoder=args.diff_text_encoder,
-                     prediction_type=args.diff_prediction, ipkl=args.diff_ipkl, ipkl_classes=args.diff_classes)
-        model_cfg = replace(model_cfg, diff=replace(model_cfg.diff, **{k: v for k, v in given.items() if v is not None}))
-    model = build_segmentor(model_cfg)
-    if args.pretrained:
-        model.load_backbone(args.pretrained)
-        log.info(f"backbone weights from {args.pretrained}")
-    model = model.to(d.device).train()
-    fd = None
-    if args.fd_lambda > 0:
-        bad = [c for c in args.fd_classes if not 0 <= c < model_cfg.num_classes]
-        if bad:
-            raise SystemExit(f"--fd-classes {bad} are not classes of a {model_cfg.num_classes}-class model")
-        h = model_cfg.hrda
-        if h is not None and h.hr_crop_size is not None and float(h.feature_scale) == h.scales[0]:
-            # the training forward returns the detail crop's features, the frozen copy sees the whole image
-            raise SystemExit("--fd-lambda with HRDA needs feature_scale at the context scale "
-                             f"({h.scales[1]:g}), not the cropped detail scale ({h.scales[0]:g})")
-        # the reference: the backbone as initialised (ImageNet weights with --pretrained), frozen
-        fd = FeatureDistance(model.backbone, args.fd_classes, args.fd_min_ratio, model_cfg.num_classes)
-        log.info(f"feature distance: lambda {args.fd_lambda:g}, classes {list(fd.classes)}, min ratio "
-                 f"{fd.min_ratio:g}, frozen reference = the backbone "
-                 + (f"from {args.pretrained}" if args.pretrained else "as randomly initialised (no --pretrained)"))
+    model, fd = common.build_segmentation_model(args, d, log)
     shade = None
     if args.shade:
         try:
@@ -146,32 +94,13 @@ def main(args):
                  f"concentration {shade.concentration:g}, consistency lambda {args.shade_lambda:g}, basis from "
                  f"{'all' if args.shade_images is None else args.shade_images} source images every "
                  f"{args.shade_interval} steps")
-    if args.sync_bn and d.distributed:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    log.info(f"{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-             f"parameters ({asdict(model.cfg)})")
-    groups = param_groups(model, args.lr, args.weight_decay, args.head_lr_mult)
-    for g in groups:
-        log.info(f"  param group lr x{g['lr_mult']:g}, weight decay {g['weight_decay']:g}: {len(g['params'])} tensors")
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "param_names"} for g in groups],
-                            lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    for g in opt.param_groups:
-        g["base_lr"] = g["lr"]
-    scaler = common.grad_scaler(d.device, amp_dtype)
-    ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.distributed else model
+    model, ddp, opt, scaler = common.segmentation_optimizer(args, model, d, log, amp_dtype)
 
     step = 0
     state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt, scaler=scaler)
     if state is not None:
         step = int(state["step"])
-        if fd is not None:
-            if "fd_backbone" in state:
-                fd.frozen.load_state_dict(state["fd_backbone"])
-                log.info("feature-distance reference from the checkpoint")
-            elif not args.pretrained:
-                log.warning("the checkpoint has no feature-distance reference (fd_backbone) and there is no "
-                            "--pretrained file: the reference is this run's fresh initialisation, which "
-                            "equals the original one only for the same seed and code")
+        common.restore_feature_distance(state, fd, args, log)
         if shade is not None and "shade_basis" in state:
             shade.set_basis(state["shade_basis"]["mean"].to(d.device), state["shade_basis"]["std"].to(d.device))
             log.info("SHADE basis from the checkpoint")
@@ -181,50 +110,8 @@ def main(args):
 
     # Data: item k of rank r is a function of (seed, r, k), so resuming at step s reads items
     # s * batch ... exactly as an uninterrupted run would; ranks see different items.
-    rcs = RCSConfig(args.rcs_temperature, args.rcs_min_pixels, args.rcs_min_crop_ratio) if args.rcs else None
-    src_pipe = TrainPipeline(scale=tuple(args.source_scale) if args.source_scale else None, crop=args.crop,
-                             cat_max_ratio=args.cat_max_ratio)
-    gen_pipe = TrainPipeline(scale=tuple(args.gen_scale) if args.gen_scale else None, crop=args.crop,
-                             cat_max_ratio=args.cat_max_ratio)
-    log.info("source data:")
-    with common.main_process_first(d):  # rank 0 writes the RCS statistics cache, the others read it
-        sources = build_sources(args.source, src_pipe, rcs, None, args.source_split, log)
-    generated = []
-    if args.generated:
-        log.info("generated data:")
-        generated = build_sources(args.generated, gen_pipe, None, "dginstyle", None, log)
-    if args.mix_ratio and not generated:
-        raise SystemExit("--mix-ratio needs --generated data")
-    dataset = MixedDataset([sources, generated], args.mix_ratio if generated else None, seed=args.seed, rank=d.rank)
-    n_src, n_gen = sum(map(len, sources)), sum(map(len, generated))
-    log.info(f"mixture: {n_src} source + {n_gen} generated files; P(generated) = "
-             f"{dataset.group_probs[-1] if generated else 0.0:.3f}"
-             + (" (uniform over the union)" if not args.mix_ratio else f" (ratio {args.mix_ratio})"))
-    loader = DataLoader(dataset, batch_size=args.batch_size,
-                        sampler=IndexStream(step * args.batch_size, (args.max_iters - step) * args.batch_size),
-                        num_workers=args.num_workers, pin_memory=d.device.type == "cuda",
-                        persistent_workers=args.num_workers > 0, drop_last=True,
-                        generator=torch.Generator())  # its base-seed draw must not touch the global RNG
-    evals = [(spec, *parse_spec(spec)) for spec in (args.eval or [])]
-    eval_hr = is_hr_model(model) if args.eval_hr is None else args.eval_hr
-
-    def run_eval(step: int) -> dict:
-        if d.distributed:  # each rank's last forward moved its BatchNorm statistics: evaluate rank 0's on
-            for buf in common.unwrap(model).buffers():  # every rank (mmseg's DistEvalHook, broadcast_bn_buffer)
-                torch.distributed.broadcast(buf, 0)
-        metrics = {}
-        for spec, layout, path in evals:
-            scale = layout.test_scale
-            if eval_hr and scale is not None:
-                scale = (2 * scale[0], 2 * scale[1])
-            ds = SegDataset(path, layout, args.eval_split, test_scale=scale)
-            cm = evaluate_dataset(common.unwrap(model), ds, mode=args.eval_mode, crop=args.eval_crop,
-                                  stride=args.eval_stride, device=d.device, limit=args.eval_limit,
-                                  autocast_dtype=None if amp_dtype == torch.float32 else amp_dtype)
-            s = summarize(cm.cpu())
-            metrics[f"mIoU/{layout.name}"] = s["mIoU"]
-            log.info(f"step {step}: {layout.name} mIoU x 100 = {100 * (s['mIoU'] or 0):.1f} ({len(ds)} images)")
-        return metrics
+    sources, generated, dataset = common.segmentation_data(args, d, log)
+    loader = common.segmentation_loader(dataset, args, d, step)
 
     amp = common.autocast(d.device, amp_dtype)
 
@@ -243,15 +130,15 @@ def main(args):
     # for HRDA its unweighted CEs
     terms = ["loss"] + (["loss_ce"] if fd is not None or shade is not None else []) \
         + (["loss_fd"] if fd is not None else []) + (["loss_shade"] if shade is not None else [])
-    if model_cfg.hrda is not None:
-        terms += ["loss_fused"] + [f"loss_{k}" for k in ("hr", "lr") if getattr(model_cfg.hrda, f"{k}_loss_weight") > 0]
-    if model_cfg.diff is not None:  # the model's IPKL loss: CE of both passes and the weighted consistency MSE
-        terms += ["loss_uncond"] + (["loss_cond", "loss_consistency"] if model_cfg.diff.ipkl else [])
+    hrda = model.cfg.hrda
+    if hrda is not None:
+        terms += ["loss_fused"] + [f"loss_{k}" for k in ("hr", "lr") if getattr(hrda, f"{k}_loss_weight") > 0]
+    diff = model.cfg.diff
+    if diff is not None:  # the model's IPKL loss: CE of both passes and the weighted consistency MSE
+        terms += ["loss_uncond"] + (["loss_cond", "loss_consistency"] if diff.ipkl else [])
     meter, gen_n = common.Meter(step), 0  # gen_n: generated samples among this rank's since the last log line
     for batch in loader:
-        factor = lr_factor(step, args.max_iters, args.warmup_iters, args.warmup_ratio, args.poly_power)
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * factor
+        common.set_poly_lr(opt, args, step)
         image = batch["image"].to(d.device, non_blocking=True)
         label = batch["label"].to(d.device, non_blocking=True)
         if shade is not None:  # the backbone returns [clean; hallucinated]: SHADE duplicates the labels
@@ -287,14 +174,11 @@ def main(args):
         with meter.paused():  # evaluation, SHADE basis passes and checkpoints do not count in samples/s
             if shade is not None and step % args.shade_interval == 0:  # SegModel's hook: after every interval
                 update_shade_basis(step)
-            if evals and args.eval_every and (step % args.eval_every == 0 or step == args.max_iters):
-                common.write_metrics(out, step, run_eval(step), d, tb)
+            if args.eval and args.eval_every and (step % args.eval_every == 0 or step == args.max_iters):
+                common.write_metrics(out, step, common.evaluate_segmentation(args, model, d, amp_dtype, log, step),
+                                     d, tb)
             if step % args.ckpt_every == 0 or step == args.max_iters:
-                state = {"model": common.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                         "scaler": scaler.state_dict(), "model_config": asdict(common.unwrap(model).cfg),
-                         "config": vars(args)}
-                if fd is not None and not args.pretrained:  # with --pretrained, a resume rebuilds it from the file
-                    state["fd_backbone"] = fd.frozen.state_dict()
+                state = common.segmentation_state(model, opt, scaler, args, fd)
                 if shade is not None:  # the basis of the next steps (exact resume without a new pass)
                     state["shade_basis"] = shade.basis()
                 path = common.save_checkpoint(ckpt_dir, step, state, d, keep_last=args.keep_last)
@@ -310,59 +194,7 @@ def main(args):
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="daformer_mitb5", choices=sorted(PRESETS))
-    g.add_argument("--tiny", action="store_true", help="the 'tiny' preset (random, for smoke tests)")
-    g.add_argument("--pretrained", help="official ImageNet MiT weights (mit_b5.pth), loaded strictly")
-    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs")
-    g = p.add_argument_group("DIFF (--model diff_*): the frozen diffusion model; unset: the preset's")
-    g.add_argument("--diff-unet", help="U-Net weights (file, folder or local model id); also the VAE's and text "
-                                       "encoder's unless given")
-    g.add_argument("--diff-vae", help="VAE weights")
-    g.add_argument("--diff-text-encoder", help="text encoder weights (the prompts are encoded once)")
-    g.add_argument("--diff-prediction", choices=("epsilon", "v_prediction"), help="what the U-Net predicts")
-    g.add_argument("--diff-ipkl", action=argparse.BooleanOptionalAction, default=None,
-                   help="implicit posterior knowledge learning: the class-prompted pass and the consistency loss")
-    g.add_argument("--diff-classes", type=int, nargs="+", default=None, metavar="ID",
-                   help="trainIds with a class prompt in the conditional pass")
-    g = p.add_argument_group("data")
-    g.add_argument("--source", nargs="+", required=True, metavar="LAYOUT:PATH",
-                   help="source datasets, e.g. gta:data/gta (layouts: segmentation.datasets.LAYOUTS)")
-    g.add_argument("--source-split", default="train", help="split for split-based source layouts")
-    g.add_argument("--generated", nargs="*", default=[], metavar="[LAYOUT:]PATH",
-                   help="generated datasets (default layout: dginstyle, i.e. manifest.jsonl)")
-    g.add_argument("--mix-ratio", default=None, help="source:generated sampling ratio, e.g. 1:1 "
-                                                     "(default: uniform over the union of files)")
-    g.add_argument("--rcs", action="store_true", help="rare-class sampling for the source data")
-    g.add_argument("--rcs-temperature", type=float, default=0.01)
-    g.add_argument("--rcs-min-pixels", type=int, default=3000)
-    g.add_argument("--rcs-min-crop-ratio", type=float, default=0.5)
-    g.add_argument("--source-scale", type=int, nargs="*", default=[1280, 720], metavar="EDGE",
-                   help="resize source images to fit LONG SHORT (keep ratio); nothing: no resize")
-    g.add_argument("--gen-scale", type=int, nargs="*", default=None, metavar="EDGE",
-                   help="resize generated images to fit LONG SHORT (e.g. 1024 1024 for HR configs)")
-    g.add_argument("--crop", type=int, default=512,
-                   help="training crop (HR configs / HRDA: 1024, with --source-scale 2560 1440 --gen-scale 1024 1024)")
-    g.add_argument("--cat-max-ratio", type=float, default=0.75)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=2, help="per GPU")
-    g.add_argument("--max-iters", type=int, default=40000)
-    g.add_argument("--lr", type=float, default=6e-5)
-    g.add_argument("--head-lr-mult", type=float, default=10.0)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup-iters", type=int, default=1500)
-    g.add_argument("--warmup-ratio", type=float, default=1e-6)
-    g.add_argument("--poly-power", type=float, default=1.0)
-    g.add_argument("--mixed-precision", choices=common.PRECISIONS, default="auto",
-                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
-    g = p.add_argument_group("ImageNet feature distance on thing classes (DAFormer; DGInStyle: --fd-lambda 0.005)")
-    g.add_argument("--fd-lambda", type=float, default=0.0,
-                   help="weight of the feature distance to the frozen initial (ImageNet) backbone; 0 = off. "
-                        "The DGInStyle recipe (DAFormer / HRDA, dacs_fdthings_srconly) uses 0.005")
-    g.add_argument("--fd-classes", type=int, nargs="+", default=list(THING_CLASSES), metavar="ID",
-                   help="trainIds whose (downscaled) cells count; the default is DAFormer's thing classes")
-    g.add_argument("--fd-min-ratio", type=float, default=0.75,
-                   help="a feature cell takes its majority class only if it covers this share of the cell")
+    common.add_segmentation_arguments(p)
     g = p.add_argument_group("SHADE style hallucination + style consistency (DGInStyle exp 61: --shade)")
     g.add_argument("--shade", action="store_true",
                    help="style hallucination on the MiT stage-1 output ([clean; hallucinated] batches, labels "
@@ -376,16 +208,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--shade-images", type=int, default=None,
                    help="cap a basis pass at N source images (a fresh seeded draw each pass; default: all, "
                         "as the original)")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval", nargs="*", default=[], metavar="LAYOUT:PATH", help="e.g. cityscapes:data/cityscapes")
-    g.add_argument("--eval-split", default=None)
-    g.add_argument("--eval-every", type=int, default=4000)
-    g.add_argument("--eval-mode", choices=("slide", "whole"), default="slide")
-    g.add_argument("--eval-crop", type=int, default=None, help="sliding window (default: the model's, 512; HRDA 1024)")
-    g.add_argument("--eval-stride", type=int, default=None, help="its stride (default: the model's, 256; HRDA 512)")
-    g.add_argument("--eval-hr", action=argparse.BooleanOptionalAction, default=None,
-                   help="double the layouts' test scales (the 1024 configs; default: on for HRDA models)")
-    g.add_argument("--eval-limit", type=int, default=None, help="first N images per dataset")
+    common.add_segmentation_eval_arguments(p)
     common.add_run_arguments(p, num_workers=2, log_every=50, ckpt_every=4000, keep_last=1)
     return p
 
@@ -393,23 +216,11 @@ def get_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     p = get_parser()
     a = p.parse_args(argv)
-    for name in ("source_scale", "gen_scale"):
-        v = getattr(a, name)
-        if v and len(v) != 2:
-            p.error(f"--{name.replace('_', '-')} takes two numbers (LONG SHORT) or none")
-    if a.fd_lambda < 0:
-        p.error("--fd-lambda must be >= 0")
+    common.check_segmentation_arguments(p, a)
     if a.shade and (a.shade_lambda < 0 or a.shade_basis < 1 or a.shade_concentration <= 0
                     or a.shade_interval < 1 or (a.shade_images is not None and a.shade_images < 1)):
         p.error("--shade needs --shade-lambda >= 0, --shade-basis / --shade-interval / --shade-images >= 1 "
                 "and --shade-concentration > 0")
-    if not 0.0 <= a.fd_min_ratio <= 1.0:
-        p.error("--fd-min-ratio must be in [0, 1]")
-    if a.mix_ratio is not None:
-        try:
-            parse_ratio(a.mix_ratio, 2)
-        except ValueError as e:
-            p.error(str(e))
     return a
 
 

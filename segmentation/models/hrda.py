@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .segmentor import IGNORE_INDEX, PRESETS, Segmentor, SegmentorConfig, build_backbone, build_head
+from .segmentor import (IGNORE_INDEX, PRESETS, Segmentor, SegmentorConfig, build_backbone, build_head,
+                        pixel_cross_entropy)
 
 Box = tuple[int, int, int, int]  # y1, y2, x1, x2
 
@@ -200,8 +201,10 @@ class HRDASegmentor(Segmentor):
 
     # -- training --------------------------------------------------------------------------
     def forward_train(self, x: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-                      generator: torch.Generator | None = None) -> dict:
-        """Losses of one HRDA training step on crops ``x`` (B, 3, H, W) with labels (B, H, W).
+                      generator: torch.Generator | None = None, seg_weight: torch.Tensor | None = None) -> dict:
+        """Losses of one HRDA training step on crops ``x`` (B, 3, H, W) with labels (B, H, W) and,
+        optionally, per-pixel loss weights ``seg_weight`` (B, H, W; cropped with the labels for the
+        detail loss).
 
         Returns ``loss`` (the weighted total), ``loss_fused``, ``loss_hr`` (and ``loss_lr`` when
         its weight is > 0) unweighted, ``logits`` (fused, output grid), ``hr_logits``,
@@ -224,20 +227,23 @@ class HRDASegmentor(Segmentor):
         hr_seg = head.head(hr_feats)
         fused, lr_weighted, att = head.fuse(lr_seg, hr_seg, head.attention(lr_feats), box)
 
-        def ce(logits, target):
+        def ce(logits, target, weight):
             logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
-            # mmseg (DAFormer/HRDA) averages over all pixels, ignored ones included (they count as 0)
-            return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none").mean()
+            return pixel_cross_entropy(logits, target, ignore_index, weight)
 
         out = {"logits": fused, "head_logits": fused, "hr_logits": hr_seg, "lr_logits": lr_weighted, "attention": att, "crop_box": box,
                "features": lr_feats if h.feature_scale == self.lr_scale else hr_feats}
-        out["loss_fused"] = ce(fused, label)
+        out["loss_fused"] = ce(fused, label, seg_weight)
         loss = (1 - h.hr_loss_weight - h.lr_loss_weight) * out["loss_fused"]
         if h.lr_loss_weight > 0:
-            out["loss_lr"] = ce(lr_weighted, label)
+            out["loss_lr"] = ce(lr_weighted, label, seg_weight)
             loss = loss + h.lr_loss_weight * out["loss_lr"]
         if h.hr_loss_weight > 0:
-            out["loss_hr"] = ce(hr_seg, label if box is None else crop(label, box))
+            hr_label, hr_weight = label, seg_weight
+            if box is not None:
+                hr_label = crop(label, box)
+                hr_weight = None if seg_weight is None else crop(seg_weight, box)
+            out["loss_hr"] = ce(hr_seg, hr_label, hr_weight)
             loss = loss + h.hr_loss_weight * out["loss_hr"]
         out["loss"] = loss
         return out

@@ -251,6 +251,16 @@ def build_head(cfg: SegmentorConfig, in_channels, *, num_classes: int | None = N
     return DeepLabV3PlusHead(in_channels, n, width or cfg.channels, cfg.dilations, dropout=cfg.dropout)
 
 
+def pixel_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                        weight: torch.Tensor | None = None) -> torch.Tensor:
+    """mmseg's segmentation loss: per-pixel cross-entropy in fp32, times ``weight`` (B, H, W) if
+    given, averaged over all pixels (DAFormer / HRDA count ignored pixels as 0 in the mean)."""
+    loss = F.cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction="none")
+    if weight is not None:
+        loss = loss * weight
+    return loss.mean()
+
+
 class Segmentor(nn.Module):
     default_window = (512, 256)  # evaluation sliding window (crop, stride) of the 512 configs
 
@@ -271,15 +281,16 @@ class Segmentor(nn.Module):
         logits = self.decode_head(self.backbone(x))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
-    def forward_train(self, x: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> dict:
+    def forward_train(self, x: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                      seg_weight: torch.Tensor | None = None) -> dict:
         """Cross-entropy of the logits at the label size: ``{"loss", "loss_seg", "logits",
         "head_logits", "features"}`` (the head's logits before the resize; the backbone features,
-        e.g. for a feature-distance loss)."""
+        e.g. for a feature-distance loss). ``seg_weight`` (B, H, W) weights each pixel's loss
+        (self-training's pseudo-label confidence)."""
         feats = self.backbone(x)
         head_logits = self.decode_head(feats)
         logits = F.interpolate(head_logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
-        # mmseg (DAFormer/HRDA) averages over all pixels, ignored ones included (they count as 0)
-        loss = F.cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction="none").mean()
+        loss = pixel_cross_entropy(logits, label, ignore_index, seg_weight)
         return {"loss": loss, "loss_seg": loss, "logits": logits, "head_logits": head_logits, "features": feats}
 
     def feature_input(self, x: torch.Tensor) -> torch.Tensor:
