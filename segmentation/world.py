@@ -104,7 +104,7 @@ PRIOR_STYLES = (
     Style("overcast", "overcast", "prior", saturation=0.45, gain=0.95, sky_top=(0.74, 0.75, 0.77),
           overrides={SKY: _rgb(200, 202, 206)}),
     Style("fog", "foggy", "prior", saturation=0.7, fog=14.0, fog_colour=(0.78, 0.79, 0.8)),
-    Style("night", "night", "prior", gain=0.16, saturation=0.6, tint=(0.85, 0.9, 1.25), lights=1.0, grain=0.015,
+    Style("night", "night", "prior", gain=0.16, saturation=0.6, tint=(0.85, 0.9, 1.25), lights=1.0, grain=0.01,
           sky_top=(0.02, 0.02, 0.06), overrides={SKY: _rgb(30, 34, 62)}),
     Style("rain", "rainy", "prior", gain=0.6, saturation=0.55, tint=(0.92, 0.96, 1.05), rain=1.0,
           sky_top=(0.42, 0.44, 0.48), overrides={SKY: _rgb(130, 134, 140), ROAD: _rgb(58, 58, 64)}),
@@ -163,7 +163,7 @@ def _value_noise(h: int, w: int, cell: float, rng: np.random.Generator) -> np.nd
 
 def _windows(h: int, w: int, instance: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A grid of window cells (bool), phase-shifted per building instance."""
-    period = max(h / 20.0, 2.0)
+    period = max(h / 12.0, 2.0)
     y = np.arange(h, dtype=np.float32)[:, None] / period
     x = np.arange(w, dtype=np.float32)[None, :] / period
     phase = rng.uniform(0, 1, int(instance.max()) + 1).astype(np.float32)[instance]
@@ -206,7 +206,7 @@ def render(scene: Scene, style: Style | str, seed: int | np.random.Generator = 0
 
     # Class textures: facades with windows, foliage, ground grain, a sky gradient.
     t = style.texture
-    fine, coarse = _value_noise(H, W, H / 24, rng), _value_noise(H, W, H / 6, rng)
+    fine, coarse = _value_noise(H, W, H / 12, rng), _value_noise(H, W, H / 4, rng)
     win = _windows(H, W, inst, rng)
     m = seg == BUILDING
     img[m & win] *= 1.0 - 0.45 * t
@@ -245,7 +245,7 @@ def render(scene: Scene, style: Style | str, seed: int | np.random.Generator = 0
     if style.rain:
         img = _streaks(img, style.rain, rng)
     if style.snow:
-        flakes = rng.random((H, W)) < 0.012 * style.snow
+        flakes = rng.random((H, W)) < 0.005 * style.snow
         img[flakes] = 0.95
     img = np.clip(img, 0.0, 1.0) ** (1.0 / style.gamma)
     if style.grain:
