@@ -61,6 +61,7 @@ class ClassStats:
     counts: np.ndarray  # (F, 19) int64
     void: np.ndarray  # (F,) int64
     shapes: np.ndarray  # (F, 2) int64
+    pattern: str = DEFAULT_PATTERN  # the file names counted
 
     def path(self, i: int) -> Path:
         return self.folder / self.files[i]
@@ -170,6 +171,7 @@ def class_stats(folder: str | os.PathLike, pattern: str = DEFAULT_PATTERN, recur
         counts=np.array([e["counts"] for e in entries], dtype=np.int64).reshape(n, NUM_CLASSES),
         void=np.array([e["void"] for e in entries], dtype=np.int64).reshape(n),
         shapes=np.array([[e["height"], e["width"]] for e in entries], dtype=np.int64).reshape(n, 2),
+        pattern=pattern,
     )
 
 
@@ -205,6 +207,8 @@ class RareClassSampler:
     def __init__(self, stats: ClassStats, temperature: float = DEFAULT_TEMPERATURE,
                  min_pixels: int = DEFAULT_MIN_PIXELS, crop_size=None):
         self.stats = stats
+        if not stats.files:
+            raise RCSError(f"{stats.folder}: no file matches {stats.pattern!r}")
         classes, probs = stats.class_probs(temperature)
         self.files = {int(c): stats.eligible(int(c), min_pixels, crop_size) for c in classes}
         keep = np.array([self.files[int(c)].size > 0 for c in classes], dtype=bool)
