@@ -49,18 +49,28 @@ KNOWN_ERRORS = (ValueError, OSError, KeyError, RuntimeError, MemoryError, Import
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's and epilog's line breaks and adds ``(default: X)`` to an option's
-    help where the default means something: not None, not an empty list, not a flag's False (or
+    help where the default means something: not None, not empty, not a flag's False (or
     a ``store_false`` flag's True), and not when the help text already speaks of its default."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
         if ("default" in text.lower() or default is None or default is argparse.SUPPRESS
-                or isinstance(default, bool) or default == []
+                or isinstance(default, bool) or default in ("", [])
                 or not (action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE))):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         return f"{text} (default: {shown.replace('%', '%%')})".strip()
+
+
+class _Parser(argparse.ArgumentParser):
+    def format_help(self) -> str:
+        # the shared options last, after the command's own
+        self._action_groups.sort(key=lambda g: g.title == COMMON_GROUP)
+        return super().format_help()
+
+
+COMMON_GROUP = "command line"
 
 
 def parser(prog: str, doc: str | None, *, common: bool = True, **kwargs) -> argparse.ArgumentParser:
@@ -69,8 +79,7 @@ def parser(prog: str, doc: str | None, *, common: bool = True, **kwargs) -> argp
     `common` the ``--threads`` / ``--debug`` options (a CLI with sub-commands adds them to each
     sub-command instead: `add_subcommand`)."""
     head, _, rest = (doc or "").strip().partition("\n\n")
-    p = argparse.ArgumentParser(prog=prog, description=head, epilog=rest or None, formatter_class=HelpFormatter,
-                                **kwargs)
+    p = _Parser(prog=prog, description=head, epilog=rest or None, formatter_class=HelpFormatter, **kwargs)
     if common:
         add_common_arguments(p)
     return p
@@ -90,7 +99,7 @@ class _Threads(argparse.Action):
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("command line")
+    g = p.add_argument_group(COMMON_GROUP)
     g.add_argument("--threads", type=positive_int, action=_Threads, metavar="N",
                    help="CPU threads of torch (default: torch's choice, one per core); on a CPU shared with "
                         "other busy processes, 1 is often several times faster")
@@ -242,12 +251,15 @@ class Progress:
             return None
         return self.elapsed / done * max(self.total - self.n, 0)
 
+    def timing(self) -> str:
+        """``0:12 elapsed, ETA 0:28``."""
+        eta = self.eta()
+        return f"{format_seconds(self.elapsed)} elapsed, ETA {'?' if eta is None else format_seconds(eta)}"
+
     def summary(self) -> str:
         """``12/40 steps (30%), 0:12 elapsed, ETA 0:28``."""
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
-        eta = self.eta()
-        return (f"{self.n}/{self.total}{' ' + self.unit if self.unit else ''}{pct}, "
-                f"{format_seconds(self.elapsed)} elapsed, ETA {'?' if eta is None else format_seconds(eta)}")
+        return f"{self.n}/{self.total}{' ' + self.unit if self.unit else ''}{pct}, {self.timing()}"
 
     def update(self, n: int = 1, note: str | None = None, *, flush: bool = False) -> None:
         self.n += n

@@ -57,6 +57,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ldm import cli
 from ldm.atomic import atomic_file, clean_stale
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
@@ -182,18 +183,28 @@ def requires_grad(model: nn.Module, flag: bool = True) -> nn.Module:
 # A run: its command-line groups, its start and its end
 # ---------------------------------------------------------------------------------------
 
+RUN_HELP = """OUTPUT holds log.txt, metrics.jsonl and checkpoints/. The log lines show step / max steps,
+samples/s and the ETA (a terminal also gets a progress bar). TensorBoard: when the tensorboard
+package is installed, the scalars also go to OUTPUT/tensorboard (the log's first lines say whether
+they do); it is not a dependency."""
+
+
 def add_run_arguments(p: argparse.ArgumentParser, *, num_workers: int, log_every: int, ckpt_every: int,
                       keep_last: int):
     """The "run" argument group of every script (defaults per script); returns it for the script's own."""
-    g = p.add_argument_group("run")
-    g.add_argument("--output-dir", required=True)
-    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run", RUN_HELP)
+    g.add_argument("--output-dir", required=True, metavar="OUTPUT", help="where logs, checkpoints and exports go")
+    g.add_argument("--seed", type=cli.non_negative_int, default=0, help="global seed (rank r uses seed * world + r)")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--num-workers", type=int, default=num_workers)
-    g.add_argument("--log-every", type=int, default=log_every)
-    g.add_argument("--ckpt-every", type=int, default=ckpt_every)
-    g.add_argument("--keep-last", type=int, default=keep_last, help="checkpoints kept")
-    g.add_argument("--resume", help="'auto' (latest in OUTPUT/checkpoints, if any) or a checkpoint path")
+    g.add_argument("--num-workers", type=cli.non_negative_int, default=num_workers, help="DataLoader workers per rank")
+    g.add_argument("--log-every", type=cli.positive_int, default=log_every, help="optimizer steps between log lines")
+    g.add_argument("--ckpt-every", type=cli.positive_int, default=ckpt_every, help="optimizer steps between checkpoints")
+    g.add_argument("--keep-last", type=cli.non_negative_int, default=keep_last, help="checkpoints kept (0: all)")
+    g.add_argument("--resume", help="'auto' (latest readable checkpoint in OUTPUT/checkpoints, if any) or a checkpoint "
+                                    "path; changed hyper-parameters are applied and logged")
+    g.add_argument("--max-bad-steps", type=cli.positive_int, default=20,
+                   help="stop after this many optimizer steps in a row with a non-finite loss or gradient (each is "
+                        "skipped; fp16 loss scaling skips a few while it finds its scale)")
     return g
 
 
@@ -202,23 +213,23 @@ def add_diffusion_optimisation(p: argparse.ArgumentParser, *, batch_size: int, g
     """The "optimisation" group of the diffusion scripts (U-Net fine-tuning, ControlNet training):
     AdamW with a constant lr, clipping, mixed precision with fp32 master weights, EMA."""
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=batch_size, help="micro-batch per GPU")
-    g.add_argument("--grad-accum", type=int, default=grad_accum, help="micro-batches per optimizer step")
-    g.add_argument("--max-steps", type=int, default=max_steps)
-    g.add_argument("--lr", type=float, default=lr)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--weight-decay", type=float, default=1e-2)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--batch-size", type=cli.positive_int, default=batch_size, help="micro-batch per GPU")
+    g.add_argument("--grad-accum", type=cli.positive_int, default=grad_accum, help="micro-batches per optimizer step")
+    g.add_argument("--max-steps", type=cli.non_negative_int, default=max_steps, help="optimizer steps in all")
+    g.add_argument("--lr", type=cli.positive, default=lr, help="AdamW learning rate (constant)")
+    g.add_argument("--adam-beta1", type=cli.real(0, 1, open_max=True), default=0.9, help="AdamW beta1")
+    g.add_argument("--adam-beta2", type=cli.real(0, 1, open_max=True), default=0.999, help="AdamW beta2")
+    g.add_argument("--weight-decay", type=cli.non_negative, default=1e-2, help="AdamW (decoupled) weight decay")
+    g.add_argument("--adam-eps", type=cli.positive, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--max-grad-norm", type=cli.positive, default=1.0, help="gradient clipping norm")
     g.add_argument("--mixed-precision", choices=PRECISIONS, default="auto",
                    help="autocast dtype with fp32 master weights (frozen models are cast to it); "
                         "auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass (the trained model and a frozen U-Net)")
     g.add_argument("--ema", action="store_true", help="keep an EMA of the trained weights (exports then hold it)")
-    g.add_argument("--ema-decay", type=float, default=0.9999)
-    g.add_argument("--no-tf32", dest="tf32", action="store_false", help="disable TF32 matmuls on CUDA")
+    g.add_argument("--ema-decay", type=cli.fraction, default=0.9999, help="EMA decay per optimizer step")
+    g.add_argument("--no-tf32", dest="tf32", action="store_false", help="disable TF32 matmuls on CUDA (on by default)")
     return g
 
 
@@ -233,6 +244,8 @@ def start_run(args) -> tuple[Dist, logging.Logger, Any, torch.dtype]:
     tb = open_tensorboard(args.output_dir, d)
     amp_dtype = compute_dtype(args.mixed_precision, d.device)
     log.info(f"rank {d.rank}/{d.world_size} on {d.device}, compute dtype {amp_dtype}; args: {json.dumps(vars(args))}")
+    log.info(f"TensorBoard: scalars in {Path(args.output_dir) / 'tensorboard'}" if tb is not None else
+             "TensorBoard: not installed, no scalars (metrics.jsonl has them; pip install tensorboard for the plots)")
     return d, log, tb, amp_dtype
 
 
@@ -242,6 +255,14 @@ def finish_run(log: logging.Logger, tb=None) -> None:
     log.info("done")
     if tb is not None:
         tb.close()
+
+
+def run(main, args) -> int:
+    """A script's command line: ``main(args)``, then the process group ends once main's locals (the
+    DDP wrapper, its pending work) are freed. Under ``ldm.cli.run_cli``, a known error is one line."""
+    main(args)
+    cleanup_distributed()
+    return 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -304,7 +325,7 @@ def create_logger(output_dir: str | os.PathLike | None, d: Dist, name: str = "tr
     logger.propagate = False
     if d.is_main:
         fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+        handlers: list[logging.Handler] = [_TerminalHandler(sys.stdout)]
         if output_dir is not None:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             handlers.append(logging.FileHandler(Path(output_dir) / "log.txt"))
@@ -315,6 +336,14 @@ def create_logger(output_dir: str | os.PathLike | None, d: Dist, name: str = "tr
     else:
         logger.addHandler(logging.NullHandler())
     return logger
+
+
+class _TerminalHandler(logging.StreamHandler):
+    """Log lines on stdout that first erase the progress bar a terminal shows (redrawn at the next step)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        cli.clear_live_bar()
+        super().emit(record)
 
 
 def open_tensorboard(output_dir: str | os.PathLike, d: Dist):
@@ -328,27 +357,90 @@ def open_tensorboard(output_dir: str | os.PathLike, d: Dist):
     return SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
 
-def optimizer_step(opt, scaler, params, max_grad_norm: float | None = None):
+def optimizer_step(opt, scaler, params=None, max_grad_norm: float | None = None) -> torch.Tensor:
     """One update after the (accumulated) backward passes: unscale (fp16), clip, step, update the
-    scaler, zero the grads. Returns the gradient norm before clipping (None without clipping)."""
-    norm = None
+    scaler, zero the grads. Returns the gradient norm before clipping (`params`: the optimizer's
+    when None).
+
+    A non-finite norm (a NaN or inf in the loss or a gradient) skips the update: weights and
+    optimizer state stay as they were, as AMP's loss scaling does under fp16, where the scaler
+    also lowers its scale. `DivergenceGuard` stops a run whose steps keep being skipped."""
+    params = [p for g in opt.param_groups for p in g["params"]] if params is None else list(params)
+    scaler.unscale_(opt)
     if max_grad_norm is not None:
-        scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    scaler.step(opt)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if torch.isfinite(norm):
+        scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
     return norm
 
 
-def log_metrics(log, output_dir: str | os.PathLike, step: int, metrics: Mapping[str, Any], d: Dist, tb=None) -> None:
-    """Log one line on rank 0 (numbers only; with the peak CUDA memory) and append the metrics to
-    ``metrics.jsonl`` / TensorBoard."""
+class TrainingDiverged(RuntimeError):
+    """Training produced non-finite losses, gradients or weights; nothing non-finite is saved."""
+
+
+class DivergenceGuard:
+    """Counts the optimizer steps `optimizer_step` skipped for a non-finite gradient; `max_bad` in a
+    row stop the run with `TrainingDiverged` (the same on every rank: DDP's gradients are all-reduced)."""
+
+    def __init__(self, max_bad: int, logger: logging.Logger):
+        self.max_bad, self.log, self.bad = int(max_bad), logger, 0
+
+    def check(self, grad_norm: torch.Tensor, step: int) -> None:
+        if torch.isfinite(grad_norm):
+            self.bad = 0
+            return
+        self.bad += 1
+        self.log.warning(f"step {step}: non-finite loss or gradient (norm {float(grad_norm)}): update skipped "
+                         f"({self.bad} in a row; the run stops at {self.max_bad})")
+        if self.bad >= self.max_bad:
+            msg = (f"training diverged: {self.bad} optimizer steps in a row had a non-finite loss or gradient (the "
+                   f"last at step {step}); the weights were not updated by them and every checkpoint written is "
+                   f"finite. Lower --lr (or keep --max-grad-norm clipping, or train in bf16/fp32), then --resume")
+            self.log.error(msg)
+            raise TrainingDiverged(msg)
+
+
+def non_finite(state: Any, prefix: str = "") -> list[str]:
+    """Names of the floating tensors in a (nested) state that hold NaN or inf."""
+    if torch.is_tensor(state):
+        return [prefix or "tensor"] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    if isinstance(state, Mapping):
+        return [n for k, v in state.items() for n in non_finite(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(state, (list, tuple)):
+        return [n for i, v in enumerate(state) for n in non_finite(v, f"{prefix}[{i}]")]
+    return []
+
+
+def check_finite(state: Any, what: str) -> None:
+    """`TrainingDiverged` naming the first tensors of `state` that hold NaN or inf (nothing is written)."""
+    bad = non_finite(state)
+    if bad:
+        raise TrainingDiverged(f"{what}: {len(bad)} tensor(s) hold NaN or inf ({', '.join(bad[:3])}"
+                               f"{', ...' if len(bad) > 3 else ''}), not written; training diverged. Lower --lr and "
+                               f"--resume from the last checkpoint")
+
+
+def log_metrics(log, output_dir: str | os.PathLike, step: int, metrics: Mapping[str, Any], d: Dist, tb=None,
+                progress: cli.Progress | None = None) -> None:
+    """Log one line on rank 0 (numbers only; with the peak CUDA memory and, given the run's
+    `progress`, step / max steps, elapsed time and ETA) and append the metrics to ``metrics.jsonl`` /
+    TensorBoard."""
     if d.device.type == "cuda":
         metrics = {**metrics, "max_mem_gb": torch.cuda.max_memory_allocated(d.device) / 2**30}
     nums = "  ".join(f"{k} {v:.5g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-    log.info(f"step {step:7d}  {nums}")
+    where = f"step {step:7d}" + (f"/{progress.total}" if progress is not None else "")
+    log.info(f"{where}  {nums}" + (f"  | {progress.timing()}" if progress is not None else ""))
     write_metrics(output_dir, step, metrics, d, tb)
+
+
+def step_progress(step: int, max_steps: int, d: Dist) -> cli.Progress:
+    """The run's progress over optimizer steps: a bar on rank 0's terminal (stderr) between the log
+    lines, nothing in a log (the log lines carry step / max steps and the ETA)."""
+    return cli.Progress(max_steps, "train", "steps", initial=step, lines=False, enabled=d.is_main)
 
 
 class Meter:
@@ -542,6 +634,7 @@ def save_checkpoint(checkpoint_dir: str | os.PathLike, step: int, state: Mapping
     with `generators`). Rank 0 writes a temporary file in the same folder and renames it, then
     deletes all but the newest `keep_last` checkpoints; every rank waits for it (barrier).
     """
+    check_finite({k: state[k] for k in state if k != "config"}, f"checkpoint of step {step}")
     rngs = gather_objects(rng_state(generators), d)
     path = checkpoint_path(checkpoint_dir, step)
     if d.is_main:
@@ -575,21 +668,93 @@ def restore_rng(ckpt: Mapping, d: Dist, generators: Mapping[str, torch.Generator
     return True
 
 
+# Settings that may change on a resume without a word: how long to run, where and how often to log,
+# save, sample or evaluate, and the command line's own.
+RESUME_FREE = {"resume", "output_dir", "max_steps", "max_iters", "log_every", "ckpt_every", "keep_last", "num_workers",
+               "device", "threads", "debug", "max_bad_steps", "no_progress", "num_samples", "num_validation"}
+RESUME_FREE_PREFIXES = ("sample_", "validation_", "eval", "export")
+
+
+def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``"lr: 2e-06 -> 0.001"`` for every training setting that differs between a checkpoint's
+    config and this run's arguments (`RESUME_FREE` ones aside)."""
+    out = []
+    for k in sorted(saved.keys() & now.keys()):
+        if k in RESUME_FREE or k.startswith(RESUME_FREE_PREFIXES):
+            continue
+        a, b = json.loads(json.dumps(saved[k], default=str)), json.loads(json.dumps(now[k], default=str))
+        if a != b:
+            out.append(f"{k}: {json.dumps(a)} -> {json.dumps(b)}")
+    return out
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that cannot be loaded (cut short, corrupt, not a checkpoint)."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """`load_checkpoint`, with any failure as `UnreadableCheckpoint` naming the file."""
+    try:
+        return load_checkpoint(path)
+    except Exception as e:  # torch.load reports a cut-short zip as RuntimeError, others as EOFError, pickle errors ...
+        raise UnreadableCheckpoint(f"{path}: cannot read the checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+
+
+def load_resumable(path: Path, auto: bool, d: Dist, logger: logging.Logger) -> dict | None:
+    """The checkpoint at `path`; with `auto`, an unreadable one is set aside (renamed
+    ``*.unreadable`` by rank 0, out of the rotation) and the previous one is tried, down to a
+    fresh start (None) when none is readable."""
+    while True:
+        try:
+            return read_checkpoint(path)
+        except UnreadableCheckpoint as e:
+            if not auto:
+                raise
+            earlier = [p for p in list_checkpoints(path.parent) if p != path and int(CHECKPOINT_RE.match(p.name)[1]) <
+                       int(CHECKPOINT_RE.match(path.name)[1])]
+            logger.warning(f"{e}: falling back to " + (str(earlier[-1]) if earlier else "a fresh start") +
+                           f" ({path.name} is kept as {path.name}.unreadable)")
+            barrier()  # every rank has tried the file before rank 0 moves it
+            if d.is_main and path.exists():
+                os.replace(path, path.with_name(path.name + ".unreadable"))
+            if not earlier:
+                return None
+            path = earlier[-1]
+
+
 def resume_checkpoint(resume: str | None, checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, d: Dist,
                       logger: logging.Logger, *, model: nn.Module, optimizer, scaler,
-                      ema: nn.Module | None = None) -> dict | None:
+                      ema: nn.Module | None = None, config: Mapping[str, Any] | None = None) -> dict | None:
     """``--resume``: the checkpoint to continue from (`resolve_resume`), or None for a fresh start.
 
     Loads the model, optimizer and grad-scaler states (and the EMA's: the model's for a checkpoint
     saved without one), puts this rank's RNG states back (`restore_rng`) and drops the
     ``metrics.jsonl`` rows logged after the checkpoint's step, which the resumed run logs again.
-    Returns the checkpoint, for ``step`` and the script's own entries."""
+    Returns the checkpoint, for ``step`` and the script's own entries.
+
+    With "auto", an unreadable latest checkpoint (cut short by a full disk, say) is set aside as
+    ``step_*.pt.unreadable`` and the one before it is used, with a warning. The optimizer's
+    hyper-parameters (lr, betas, weight decay, ...) are this run's, as `config` (the script's
+    ``vars(args)``) may change them: every setting that differs from the checkpoint's ``config`` is
+    logged. Temporary files a killed run left in `output_dir` and its sub-folders are removed."""
+    for folder in (Path(output_dir), *(p for p in Path(output_dir).glob("*") if p.is_dir())):
+        clean_stale(folder)
     path = resolve_resume(resume, checkpoint_dir)
     if path is None:
         return None
-    state = load_checkpoint(path)
+    state = load_resumable(path, auto=resume == "auto", d=d, logger=logger)
+    if state is None:
+        return None
     model.load_state_dict(state["model"])
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    for group, hyper in zip(optimizer.param_groups, fresh):
+        group.update(hyper)
+    if config is not None:
+        changed = changed_settings(state.get("config") or {}, config)
+        if changed:
+            logger.warning("resuming with changed settings, which apply from here on (the run no longer continues "
+                           f"the checkpoint's exactly): {'; '.join(changed)}")
     scaler.load_state_dict(state["scaler"])
     if ema is not None:
         ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])

@@ -40,9 +40,9 @@ N GPUs on one machine (batch is per GPU; mmseg's recipe is 1 GPU x 2):
     torchrun --standalone --nproc_per_node=N -m train.train_segmentation ...same arguments...
 HRDA with the HR data settings of exp 61 (1024 crops of GTA resized to 2560x1440, generated images
 resized to 1024x1024, RCS with min crop ratio 2.0, feature distance):
-    python -m train.train_segmentation --model hrda_daformer_mitb5 --pretrained pretrained/mit_b5.pth \
-        --source gta:data/gta --generated data/dginstyle_gen --crop 1024 --source-scale 2560 1440 \
-        --gen-scale 1024 1024 --rcs --rcs-min-crop-ratio 2.0 --fd-lambda 0.005 --shade \
+    python -m train.train_segmentation --model hrda_daformer_mitb5 --pretrained pretrained/mit_b5.pth \\
+        --source gta:data/gta --generated data/dginstyle_gen --crop 1024 --source-scale 2560 1440 \\
+        --gen-scale 1024 1024 --rcs --rcs-min-crop-ratio 2.0 --fd-lambda 0.005 --shade \\
         --eval cityscapes:data/cityscapes --output-dir runs/hrda
 Resume (exact for the same world size): add ``--resume auto`` (latest checkpoint) or ``--resume PATH``.
 Smoke run on CPU with a tiny random model:
@@ -59,6 +59,7 @@ segmentor with its config; for segmentation.evaluate / adherence).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -67,6 +68,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from ldm import cli
 from segmentation.datasets import (IndexStream, MixedDataset, RCSConfig, SegDataset, TrainSource, parse_ratio,
                                    parse_spec)
 from segmentation.evaluate import evaluate_dataset, is_hr_model
@@ -146,7 +148,8 @@ def main(args):
     ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.distributed else model
 
     step = 0
-    state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt, scaler=scaler)
+    state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt, scaler=scaler,
+                                     config=vars(args))
     if state is not None:
         step = int(state["step"])
         if fd is not None:
@@ -228,6 +231,8 @@ def main(args):
     if model_cfg.hrda is not None:
         terms += ["loss_fused"] + [f"loss_{k}" for k in ("hr", "lr") if getattr(model_cfg.hrda, f"{k}_loss_weight") > 0]
     meter, gen_n = common.Meter(step), 0  # gen_n: generated samples among this rank's since the last log line
+    guard = common.DivergenceGuard(args.max_bad_steps, log)
+    progress = common.step_progress(step, args.max_iters, d)
     for batch in loader:
         factor = lr_factor(step, args.max_iters, args.warmup_iters, args.warmup_ratio, args.poly_power)
         for g in opt.param_groups:
@@ -250,17 +255,19 @@ def main(args):
         loss = loss_ce + loss_fd + loss_sc
         res |= {"loss": loss, "loss_ce": loss_ce, "loss_fd": loss_fd, "loss_shade": loss_sc}
         scaler.scale(loss).backward()
-        common.optimizer_step(opt, scaler, None)
+        grad_norm = common.optimizer_step(opt, scaler)
         step += 1
+        guard.check(grad_norm, step)
         meter.add(**{k: res[k] for k in terms})
         gen_n += int((batch["group"] == 1).sum())
+        progress.update()
 
         if step % args.log_every == 0 or step == args.max_iters:
             metrics = meter.means(d)
             metrics |= {"lr": opt.param_groups[0]["lr"],
                         "generated_share": common.all_reduce_mean(gen_n / (meter.n * args.batch_size), d),
                         "samples_per_s": meter.samples_per_s(step, args.batch_size * d.world_size)}
-            common.log_metrics(log, out, step, metrics, d, tb)
+            common.log_metrics(log, out, step, metrics, d, tb, progress)
             meter.restart(step)
             gen_n = 0
 
@@ -282,16 +289,18 @@ def main(args):
         if step >= args.max_iters:
             break
 
+    progress.close()
     if d.is_main:
+        common.check_finite(common.unwrap(model).state_dict(), "the segmentor to export")
         path = save_segmentor(common.unwrap(model), out / "model.safetensors")
         log.info(f"exported {path}")
     common.finish_run(log, tb)
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("python -m train.train_segmentation", __doc__)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="daformer_mitb5", choices=sorted(PRESETS))
+    g.add_argument("--model", default="daformer_mitb5", choices=sorted(PRESETS), help="segmentor preset")
     g.add_argument("--tiny", action="store_true", help="the 'tiny' preset (random, for smoke tests)")
     g.add_argument("--pretrained", help="official ImageNet MiT weights (mit_b5.pth), loaded strictly")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs")
@@ -304,58 +313,66 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--mix-ratio", default=None, help="source:generated sampling ratio, e.g. 1:1 "
                                                      "(default: uniform over the union of files)")
     g.add_argument("--rcs", action="store_true", help="rare-class sampling for the source data")
-    g.add_argument("--rcs-temperature", type=float, default=0.01)
-    g.add_argument("--rcs-min-pixels", type=int, default=3000)
-    g.add_argument("--rcs-min-crop-ratio", type=float, default=0.5)
-    g.add_argument("--source-scale", type=int, nargs="*", default=[1280, 720], metavar="EDGE",
+    g.add_argument("--rcs-temperature", type=cli.positive, default=0.01, help="rare-class sampling temperature")
+    g.add_argument("--rcs-min-pixels", type=cli.non_negative_int, default=3000,
+                   help="files eligible for class c: > this many pixels of c")
+    g.add_argument("--rcs-min-crop-ratio", type=cli.non_negative, default=0.5,
+                   help="re-crop until the crop holds this x the min pixels of the class")
+    g.add_argument("--source-scale", type=cli.positive_int, nargs="*", default=[1280, 720], metavar="EDGE",
                    help="resize source images to fit LONG SHORT (keep ratio); nothing: no resize")
-    g.add_argument("--gen-scale", type=int, nargs="*", default=None, metavar="EDGE",
+    g.add_argument("--gen-scale", type=cli.positive_int, nargs="*", default=None, metavar="EDGE",
                    help="resize generated images to fit LONG SHORT (e.g. 1024 1024 for HR configs)")
-    g.add_argument("--crop", type=int, default=512,
+    g.add_argument("--crop", type=cli.positive_int, default=512,
                    help="training crop (HR configs / HRDA: 1024, with --source-scale 2560 1440 --gen-scale 1024 1024)")
-    g.add_argument("--cat-max-ratio", type=float, default=0.75)
+    g.add_argument("--cat-max-ratio", type=cli.fraction, default=0.75,
+                   help="re-draw a crop in which one class covers more than this share")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=2, help="per GPU")
-    g.add_argument("--max-iters", type=int, default=40000)
-    g.add_argument("--lr", type=float, default=6e-5)
-    g.add_argument("--head-lr-mult", type=float, default=10.0)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup-iters", type=int, default=1500)
-    g.add_argument("--warmup-ratio", type=float, default=1e-6)
-    g.add_argument("--poly-power", type=float, default=1.0)
+    g.add_argument("--batch-size", type=cli.positive_int, default=2, help="per GPU")
+    g.add_argument("--max-iters", type=cli.non_negative_int, default=40000, help="optimizer steps in all")
+    g.add_argument("--lr", type=cli.positive, default=6e-5, help="AdamW learning rate (peak of the poly schedule)")
+    g.add_argument("--head-lr-mult", type=cli.positive, default=10.0, help="learning rate factor of the head")
+    g.add_argument("--weight-decay", type=cli.non_negative, default=0.01, help="AdamW weight decay")
+    g.add_argument("--warmup-iters", type=cli.non_negative_int, default=1500, help="linear warm-up steps")
+    g.add_argument("--warmup-ratio", type=cli.fraction, default=1e-6, help="warm-up start as a share of --lr")
+    g.add_argument("--poly-power", type=cli.non_negative, default=1.0, help="power of the poly decay")
     g.add_argument("--mixed-precision", choices=common.PRECISIONS, default="auto",
                    help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     g = p.add_argument_group("ImageNet feature distance on thing classes (DAFormer; DGInStyle: --fd-lambda 0.005)")
-    g.add_argument("--fd-lambda", type=float, default=0.0,
+    g.add_argument("--fd-lambda", type=cli.non_negative, default=0.0,
                    help="weight of the feature distance to the frozen initial (ImageNet) backbone; 0 = off. "
                         "The DGInStyle recipe (DAFormer / HRDA, dacs_fdthings_srconly) uses 0.005")
     g.add_argument("--fd-classes", type=int, nargs="+", default=list(THING_CLASSES), metavar="ID",
                    help="trainIds whose (downscaled) cells count; the default is DAFormer's thing classes")
-    g.add_argument("--fd-min-ratio", type=float, default=0.75,
+    g.add_argument("--fd-min-ratio", type=cli.fraction, default=0.75,
                    help="a feature cell takes its majority class only if it covers this share of the cell")
     g = p.add_argument_group("SHADE style hallucination + style consistency (DGInStyle exp 61: --shade)")
     g.add_argument("--shade", action="store_true",
                    help="style hallucination on the MiT stage-1 output ([clean; hallucinated] batches, labels "
                         "duplicated) and the style-consistency loss")
-    g.add_argument("--shade-lambda", type=float, default=10.0, help="weight of the style-consistency loss")
-    g.add_argument("--shade-basis", type=int, default=64, help="number of basis styles (farthest-point sampled)")
-    g.add_argument("--shade-concentration", type=float, default=0.0156,
+    g.add_argument("--shade-lambda", type=cli.non_negative, default=10.0, help="weight of the style-consistency loss")
+    g.add_argument("--shade-basis", type=cli.positive_int, default=64,
+                   help="number of basis styles (farthest-point sampled)")
+    g.add_argument("--shade-concentration", type=cli.positive, default=0.0156,
                    help="Dirichlet concentration of the style combination weights")
-    g.add_argument("--shade-interval", type=int, default=4000,
+    g.add_argument("--shade-interval", type=cli.positive_int, default=4000,
                    help="recompute the basis after every N steps (and before the first)")
-    g.add_argument("--shade-images", type=int, default=None,
+    g.add_argument("--shade-images", type=cli.positive_int, default=None,
                    help="cap a basis pass at N source images (a fresh seeded draw each pass; default: all, "
                         "as the original)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", nargs="*", default=[], metavar="LAYOUT:PATH", help="e.g. cityscapes:data/cityscapes")
-    g.add_argument("--eval-split", default=None)
-    g.add_argument("--eval-every", type=int, default=4000)
-    g.add_argument("--eval-mode", choices=("slide", "whole"), default="slide")
-    g.add_argument("--eval-crop", type=int, default=None, help="sliding window (default: the model's, 512; HRDA 1024)")
-    g.add_argument("--eval-stride", type=int, default=None, help="its stride (default: the model's, 256; HRDA 512)")
+    g.add_argument("--eval-split", default=None, help="split of the evaluation sets (default: each layout's validation split)")
+    g.add_argument("--eval-every", type=cli.non_negative_int, default=4000,
+                   help="optimizer steps between evaluations (0: none)")
+    g.add_argument("--eval-mode", choices=("slide", "whole"), default="slide",
+                   help="sliding-window or whole-image inference")
+    g.add_argument("--eval-crop", type=cli.positive_int, default=None,
+                   help="sliding window (default: the model's, 512; HRDA 1024)")
+    g.add_argument("--eval-stride", type=cli.positive_int, default=None,
+                   help="its stride (default: the model's, 256; HRDA 512)")
     g.add_argument("--eval-hr", action=argparse.BooleanOptionalAction, default=None,
                    help="double the layouts' test scales (the 1024 configs; default: on for HRDA models)")
-    g.add_argument("--eval-limit", type=int, default=None, help="first N images per dataset")
+    g.add_argument("--eval-limit", type=cli.positive_int, default=None, help="first N images per dataset")
     common.add_run_arguments(p, num_workers=2, log_every=50, ckpt_every=4000, keep_last=1)
     return p
 
@@ -367,14 +384,6 @@ def parse_args(argv=None):
         v = getattr(a, name)
         if v and len(v) != 2:
             p.error(f"--{name.replace('_', '-')} takes two numbers (LONG SHORT) or none")
-    if a.fd_lambda < 0:
-        p.error("--fd-lambda must be >= 0")
-    if a.shade and (a.shade_lambda < 0 or a.shade_basis < 1 or a.shade_concentration <= 0
-                    or a.shade_interval < 1 or (a.shade_images is not None and a.shade_images < 1)):
-        p.error("--shade needs --shade-lambda >= 0, --shade-basis / --shade-interval / --shade-images >= 1 "
-                "and --shade-concentration > 0")
-    if not 0.0 <= a.fd_min_ratio <= 1.0:
-        p.error("--fd-min-ratio must be in [0, 1]")
     if a.mix_ratio is not None:
         try:
             parse_ratio(a.mix_ratio, 2)
@@ -384,5 +393,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
-    common.cleanup_distributed()  # after main's locals (the DDP wrapper, its pending work) are freed
+    sys.exit(cli.run_cli(lambda argv: common.run(main, parse_args(argv))))
