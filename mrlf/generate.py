@@ -447,5 +447,10 @@ def generate(args, out: Output, jobs, todo, done, settings, device, dtype, sampl
         progress.close()
 
 
+def command() -> int:
+    """The ``dginstyle-generate`` console script: `main` with every known error as one line."""
+    return cli.run_cli(main)
+
+
 if __name__ == "__main__":
-    sys.exit(cli.run_cli(main))
+    sys.exit(command())

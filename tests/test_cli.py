@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,133 @@ def test_progress_eta_counts_this_runs_units_only(monkeypatch):
     t[0] = 10.0
     p.update(10)
     assert p.eta() == pytest.approx(40.0)  # 1 s per unit over the 40 left
+
+
+# ---------------------------------------------------------------------------------------
+# Every command line
+# ---------------------------------------------------------------------------------------
+
+CLIS = ["mrlf.generate", "mrlf.jobs", "ldm.checkpoint", "controlnet.checkpoint", "segmentation.labels",
+        "segmentation.rcs", "segmentation.evaluate", "segmentation.adherence", "segmentation.synthetic",
+        "segmentation.world", "train.finetune_unet", "train.train_controlnet", "train.train_segmentation"]
+BENCH = sorted(p.stem for p in (ROOT / "bench").glob("*.py"))
+PACKAGES = ("ldm", "controlnet", "samplers", "mrlf", "segmentation", "train")
+
+
+def _main_block(path: Path) -> ast.If | None:
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+            return node
+    return None
+
+
+def test_every_command_line_runs_under_run_cli():
+    """Every module with a __main__ block (product packages and bench/) is listed here and exits
+    through ldm.cli.run_cli (one-line errors, --debug), directly or through its console-script function."""
+    found = sorted(str(p.relative_to(ROOT).with_suffix("")).replace("/", ".")
+                   for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if _main_block(p) is not None)
+    assert found == sorted(CLIS)
+    for path in [ROOT / (m.replace(".", "/") + ".py") for m in CLIS] + [ROOT / "bench" / f"{b}.py" for b in BENCH]:
+        block = ast.unparse(_main_block(path))
+        if "command()" in block:  # the console script's function
+            block = ast.unparse(next(n for n in ast.parse(path.read_text()).body
+                                     if isinstance(n, ast.FunctionDef) and n.name == "command"))
+        assert "run_cli(" in block, path
+
+
+def _parsers(module: str):
+    mod = __import__(module, fromlist=["get_parser"])
+    root = mod.get_parser()
+    yield root
+    for action in root._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.values()
+
+
+def _bench_parser(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    sys.path.insert(0, str(ROOT / "tests"))  # bench/models.py borrows a test helper
+    try:
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    captured = {}
+
+    def parse_args(self, *a, **k):
+        captured["parser"] = self
+        raise SystemExit(0)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(argparse.ArgumentParser, "parse_args", parse_args):
+        try:
+            mod.main([])
+        except SystemExit:
+            pass
+    return captured["parser"]
+
+
+@pytest.mark.parametrize("module", CLIS + [f"bench/{b}" for b in BENCH])
+def test_help_shows_the_command_defaults_and_examples_and_every_option_has_help(module):
+    parsers = [_bench_parser(module[6:])] if module.startswith("bench/") else list(_parsers(module))
+    command = f"python {module}.py" if module.startswith("bench/") else f"python -m {module}"
+    assert parsers[0].prog == command
+    for p in parsers:
+        text = " ".join(p.format_help().split())  # lines re-joined: a wrapped "(default: None)" counts too
+        assert text.startswith(f"usage: {command}")
+        for bad in ("(default: None)", "(default: True)", "(default: False)", "(default: [])", "(default: )"):
+            assert bad not in text, (p.prog, bad)
+        assert not re.search(r"\(default[^)]*\) \(default", text), p.prog  # said twice
+        for action in p._actions:
+            if action.dest != "help" and not isinstance(action, argparse._SubParsersAction):
+                assert action.help, (p.prog, action.option_strings or action.dest)
+                meaningful = action.default not in (None, "", [], argparse.SUPPRESS) and not isinstance(action.default,
+                                                                                                       bool)
+                if meaningful and action.option_strings:
+                    assert "default" in p._get_formatter()._get_help_string(action), (p.prog, action.option_strings)
+        if "--threads" not in [o for a in p._actions for o in a.option_strings]:
+            assert any(isinstance(a, argparse._SubParsersAction) for a in p._actions), p.prog
+    assert parsers[0].description.rstrip()[-1] in ".)", parsers[0].description  # not cut mid-sentence
+    assert command in (parsers[0].epilog or ""), "an example in the epilog"
+    if module == "mrlf.generate":
+        text = " ".join(parsers[0].format_help().split())
+        assert "classifier-free guidance scale (default: 7.5)" in text and "(default: outputs/dginstyle_demo)" in text
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("mrlf.generate", ["--label-maps", "{tmp}/nope.png", "--out", "{tmp}/out"]),
+    ("mrlf.jobs", ["{tmp}/nope", "-n", "2", "-o", "{tmp}/gen.json"]),
+    ("ldm.checkpoint", ["inspect", "{tmp}/nope.safetensors"]),
+    ("controlnet.checkpoint", ["inspect", "{tmp}/nope.safetensors"]),
+    ("segmentation.labels", ["check", "{tmp}/nope"]),
+    ("segmentation.rcs", ["stats", "{tmp}/nope"]),
+    ("segmentation.evaluate", ["--checkpoint", "{tmp}/nope.safetensors", "--dataset", "folder:{tmp}/nope"]),
+    ("segmentation.adherence", ["--checkpoint", "{tmp}/nope.safetensors", "--generated", "{tmp}/nope"]),
+    ("segmentation.synthetic", ["--out", "{tmp}/a_file", "--n", "1"]),
+    ("segmentation.world", ["--out", "{tmp}/a_file", "--source", "1", "--prior", "1", "--eval", "1"]),
+])
+def test_errors_are_one_line_and_debug_shows_the_traceback(module, argv, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    main = __import__(module, fromlist=["main"]).main
+    assert cli.run_cli(main, argv) == 1
+    out = capsys.readouterr()
+    assert out.err.startswith("error: ") and out.err.count("\n") == 1, out.err
+    assert "Traceback" not in out.err + out.out
+    assert cli.run_cli(main, argv + ["--debug"] if module not in ("ldm.checkpoint", "controlnet.checkpoint",
+                                                                   "segmentation.labels", "segmentation.rcs")
+                       else argv[:1] + ["--debug"] + argv[1:]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["finetune_unet", "train_controlnet", "train_segmentation"])
+def test_training_errors_are_one_line(script, tmp_path):
+    data = ["--source", f"folder:{tmp_path}/nope"] if script == "train_segmentation" else ["--data", f"{tmp_path}/nope"]
+    proc = subprocess.run([sys.executable, "-m", f"train.{script}", "--tiny", "--device", "cpu", "--output-dir",
+                           str(tmp_path / "out"), *data], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "nope" in proc.stderr, proc.stderr
