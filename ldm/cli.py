@@ -273,7 +273,8 @@ class Progress:
             if done or flush or now - self.last >= 0.1:
                 self._draw(end="\n" if done else "")
         elif done or flush or now - self.last >= self.interval:
-            self._write(f"{self.desc + ': ' if self.desc else ''}{self.summary()}{'  ' + self.note if self.note else ''}\n")
+            head, tail = f"{self.desc}: " if self.desc else "", f"  {self.note}" if self.note else ""
+            self._write(f"{head}{self.summary()}{tail}\n")
 
     def _draw(self, end: str) -> None:
         frac = min(self.n / self.total, 1.0) if self.total else 1.0

@@ -7,12 +7,16 @@
     torchrun --nproc_per_node=8 -m mrlf.generate ...   # shards samples over ranks, no duplicates
 
 Jobs come from a label folder (rare-class sampling picks (class, file) pairs), a gen-file JSON
-(the original's format) or single label maps. Sample i gets its own seed derived from
-(--seed, i): a numpy Generator for the crop and the weather words, then a CPU torch.Generator for
-the diffusion noise, so any sample regenerates alone, bit-identically (`--only i`), on any rank,
-after any resume (same device and dtype). Outputs: images/, labels/ (void stays 255), vis/
-(image | colour label | overlay) and manifest.jsonl; every file is written atomically and a
-sample counts as done only once its manifest line is written, so a killed run resumes cleanly.
+(the original's format) or single label maps, each --images-per-label times; every input is
+checked before anything is written. Sample i gets its own seed derived from (--seed, i): a numpy
+Generator for the crop and the weather words, then a CPU torch.Generator for the diffusion noise,
+so any sample regenerates alone, bit-identically (`--only i`), on any rank, after any resume (same
+device and dtype). Outputs: images/, labels/ (void stays 255), vis/ (image | colour label |
+overlay), manifest.jsonl and run.json (the settings of every sample in the folder); every file is
+written atomically and a sample counts as done only once its manifest line is written, so a
+killed run resumes cleanly. Re-running into the folder with other settings (size, steps, seed,
+models, inputs, ...) is refused, naming them: resume with the same ones, choose another --out, or
+--overwrite.
 """
 from __future__ import annotations
 
@@ -324,25 +328,29 @@ def get_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale-factor", type=cli.positive_int,
                    help="MRLF factor of the tiled pass (default 2; 1 = plain controlled generation)")
     s.add_argument("--window", type=cli.positive_int, help="latent view size of the tiled pass (default 64)")
-    s.add_argument("--stride", type=cli.positive_int, help="latent view stride of the tiled pass (default: the preset's)")
+    s.add_argument("--stride", type=cli.positive_int,
+                   help="latent view stride of the tiled pass (default: the preset's)")
     s.add_argument("--threshold", type=cli.non_negative_int,
                    help="large-component area threshold in pixels (default: the preset's)")
     s.add_argument("--inpaint-level", choices=["faithful", "matched"],
-                   help="noise level of the re-injected pass-1 latents (default faithful: the original's t-1)")
+                   help="noise level of the re-injected pass-1 latents (default faithful: the original's "
+                        "t-1)")
     s.add_argument("--posterior", choices=["sample", "mean"],
                    help="how pass 1 is re-encoded for pass 2 (default sample, as the original)")
     s.add_argument("--blend", choices=["uniform", "tent", "gaussian"],
                    help="view weights of the tiled pass (default uniform: the original's average)")
     s.add_argument("--view-batch", type=cli.positive_int, help="views per network call (default 8)")
     s.add_argument("--weather-prob", type=cli.fraction, default=0.5, help="share of prompts with a weather word")
-    s.add_argument("--weather-words", nargs="+", metavar="WORD", help="weather words drawn from (default: the original's)")
+    s.add_argument("--weather-words", nargs="+", metavar="WORD",
+                   help="weather words drawn from (default: the original's)")
     s.add_argument("--negative-prompt", default="", help="negative prompt of the guidance (default: none)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="outputs/dginstyle_demo",
-                   help="output folder; re-running into it resumes (the same settings only)")
+                   help="output folder; re-running into it resumes (with the same settings only)")
     o.add_argument("--overwrite", action="store_true",
                    help="delete the samples already in --out (and their settings) and start again")
-    o.add_argument("--seed", type=cli.non_negative_int, default=0, help="global seed; sample i's seed is drawn from (seed, i)")
+    o.add_argument("--seed", type=cli.non_negative_int, default=0,
+                   help="global seed; sample i's seed is drawn from (seed, i)")
     o.add_argument("--only", type=cli.non_negative_int, nargs="+", metavar="I",
                    help="(re)generate only these sample indices")
     o.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")

@@ -101,7 +101,8 @@ def get_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", default=None, help="preset name, for files that carry no config")
     ap.add_argument("--generated", required=True, help="DGInStyle output folder (manifest.jsonl, images/, labels/)")
     ap.add_argument("--layout", default="dginstyle", help="dginstyle (default) or folder")
-    ap.add_argument("--mode", choices=("whole", "slide"), default="whole", help="whole-image or sliding-window inference")
+    ap.add_argument("--mode", choices=("whole", "slide"), default="whole",
+                    help="whole-image or sliding-window inference")
     ap.add_argument("--crop", type=cli.positive_int, default=512, help="sliding window (--mode slide)")
     ap.add_argument("--stride", type=cli.positive_int, default=256, help="window stride (--mode slide)")
     ap.add_argument("--test-scale", type=cli.positive_int, nargs=2, default=None, metavar=("LONG", "SHORT"),

@@ -173,7 +173,8 @@ def get_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dataset", nargs="+", required=True, metavar="LAYOUT:PATH",
                     help=f"datasets to evaluate; benchmarks: {', '.join(BENCHMARKS)}")
     ap.add_argument("--split", default=None, help="split (default: each layout's validation split)")
-    ap.add_argument("--mode", choices=("slide", "whole"), default="slide", help="sliding-window or whole-image inference")
+    ap.add_argument("--mode", choices=("slide", "whole"), default="slide",
+                    help="sliding-window or whole-image inference")
     ap.add_argument("--crop", type=cli.positive_int, default=None, help="sliding window (default: 512, HRDA 1024)")
     ap.add_argument("--stride", type=cli.positive_int, default=None, help="window stride (default: 256, HRDA 512)")
     ap.add_argument("--window-batch", type=cli.positive_int, default=4, help="sliding windows per forward")

@@ -537,14 +537,16 @@ def write_examples(out: str, n: int, seed: int = 0, height: int = 512, width: in
     return paths
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = cli.parser("python -m segmentation.synthetic", """Write synthetic street-scene label maps (trainIds, mode L PNG).
+DESCRIPTION = "Write synthetic street-scene label maps (trainIds, mode L PNG)."
 
-example:
-    python -m segmentation.synthetic --out data/synthetic_labels --n 100 --height 512 --width 1024""")
+
+def get_parser() -> argparse.ArgumentParser:
+    p = cli.parser("python -m segmentation.synthetic", f"{DESCRIPTION}\n\nexample:\n"
+                   "    python -m segmentation.synthetic --out data/synthetic_labels --n 100 --height 512 --width 1024")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=cli.positive_int, default=4, help="number of maps")
-    p.add_argument("--seed", type=cli.non_negative_int, default=0, help="global seed; map i uses seed sequence [seed, i]")
+    p.add_argument("--seed", type=cli.non_negative_int, default=0,
+                   help="global seed; map i uses seed sequence [seed, i]")
     p.add_argument("--height", type=cli.integer(16), default=512, help="map height in pixels")
     p.add_argument("--width", type=cli.integer(16), default=1024, help="map width in pixels")
     return p

@@ -484,5 +484,6 @@ def test_evaluate_and_adherence_show_progress(tmp_path, capsys):
     assert "dginstyle: 3/3 images (100%)" in err and "ETA" in err and "\r" not in err  # a log gets lines
     adherence_main(["--checkpoint", str(ckpt), "--generated", str(tmp_path / "gen"), "--device", "cpu"])
     assert "adherence: 3/3 samples (100%)" in capsys.readouterr().err
-    adherence_main(["--checkpoint", str(ckpt), "--generated", str(tmp_path / "gen"), "--device", "cpu", "--no-progress"])
+    adherence_main(["--checkpoint", str(ckpt), "--generated", str(tmp_path / "gen"), "--device", "cpu",
+                    "--no-progress"])
     assert "samples (100%)" not in capsys.readouterr().err

@@ -652,7 +652,8 @@ def test_divergence_stops_with_an_error_and_keeps_the_finite_checkpoints(gta, tm
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_non_finite_steps_are_skipped_then_the_run_stops(gta, tmp_path, monkeypatch, precision):
-    """A NaN loss skips its update (weights untouched, as AMP's loss scaling does under fp16); N in a row stop the run."""
+    """A NaN loss skips its update (weights untouched, as AMP's loss scaling does under fp16); N in a row
+    stop the run."""
     real = finetune_unet.diffusion_loss
     calls = []
 

@@ -8,9 +8,11 @@ Typical use, top to bottom::
 
     d, log, tb, amp_dtype = start_run(args)      # torchrun env -> process group, device; seeds; rank-0 log
     ddp = DDP(model, ...) if d.distributed else model
-    state = resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt, scaler=scaler)
+    state = resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt, scaler=scaler,
+                              config=vars(args))
     step = state["step"] if state is not None else 0
     meter = Meter(step)
+    guard, progress = DivergenceGuard(args.max_bad_steps, log), step_progress(step, args.max_steps, d)
     ...
     for micro in range(accum):
         with no_sync(ddp, sync=micro == accum - 1):     # all-reduce grads on the last micro-step only
@@ -18,14 +20,25 @@ Typical use, top to bottom::
                 loss = ...
             scaler.scale(loss / accum).backward()
         meter.add(loss=loss)
+    grad_norm = optimizer_step(opt, scaler, max_grad_norm=1.0)  # skipped when not finite
+    step += 1
+    guard.check(grad_norm, step)                 # stops a run that keeps diverging
+    progress.update()
     ...
     metrics = meter.means(d)                     # the same numbers on every rank
-    log_metrics(log, out, step, metrics, d, tb)  # rank 0: the log line and out/metrics.jsonl
+    log_metrics(log, out, step, metrics, d, tb, progress)  # rank 0: the log line and out/metrics.jsonl
     save_checkpoint(ckpt_dir, step, {"model": model.state_dict(), ...}, d, keep_last=3)
     ...
     finish_run(log, tb)                          # wait for rank 0's exports
-    # and in `if __name__ == "__main__":`, after main(args) has returned:
-    cleanup_distributed()
+    # and in `if __name__ == "__main__":`, main(args) then cleanup_distributed(), one-line errors:
+    sys.exit(cli.run_cli(lambda argv: run(main, get_parser().parse_args(argv))))
+
+Faults: `optimizer_step` skips an update whose loss or gradient is not finite (as AMP's loss
+scaling does under fp16) and `DivergenceGuard` stops the run with `TrainingDiverged` after
+``--max-bad-steps`` such steps in a row; `save_checkpoint` and the exports refuse non-finite
+tensors, so the rotation never replaces the last finite checkpoint. `resume_checkpoint` applies
+(and logs) hyper-parameters changed on the command line, and ``--resume auto`` falls back from an
+unreadable latest checkpoint to the one before.
 
 Checkpoints (``step_0001000.pt``) hold whatever state dict the script passes, plus ``step``,
 ``world_size`` and ``rng``: the python / numpy / torch CPU / CUDA generator states of *every* rank
@@ -198,7 +211,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, num_workers: int, log_every
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     g.add_argument("--num-workers", type=cli.non_negative_int, default=num_workers, help="DataLoader workers per rank")
     g.add_argument("--log-every", type=cli.positive_int, default=log_every, help="optimizer steps between log lines")
-    g.add_argument("--ckpt-every", type=cli.positive_int, default=ckpt_every, help="optimizer steps between checkpoints")
+    g.add_argument("--ckpt-every", type=cli.positive_int, default=ckpt_every,
+                   help="optimizer steps between checkpoints")
     g.add_argument("--keep-last", type=cli.non_negative_int, default=keep_last, help="checkpoints kept (0: all)")
     g.add_argument("--resume", help="'auto' (latest readable checkpoint in OUTPUT/checkpoints, if any) or a checkpoint "
                                     "path; changed hyper-parameters are applied and logged")
@@ -697,16 +711,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         return load_checkpoint(path)
     except Exception as e:  # torch.load reports a cut-short zip as RuntimeError, others as EOFError, pickle errors ...
-        raise UnreadableCheckpoint(f"{path}: cannot read the checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UnreadableCheckpoint(f"{path}: cannot read the checkpoint ({reason})") from e
 
 
-def load_resumable(path: Path, auto: bool, d: Dist, logger: logging.Logger) -> dict | None:
-    """The checkpoint at `path`; with `auto`, an unreadable one is set aside (renamed
-    ``*.unreadable`` by rank 0, out of the rotation) and the previous one is tried, down to a
-    fresh start (None) when none is readable."""
+def load_resumable(path: Path, auto: bool, d: Dist, logger: logging.Logger) -> tuple[Path, dict] | None:
+    """The checkpoint at `path` (and that path); with `auto`, an unreadable one is set aside
+    (renamed ``*.unreadable`` by rank 0, out of the rotation) and the previous one is tried, down
+    to a fresh start (None) when none is readable."""
     while True:
         try:
-            return read_checkpoint(path)
+            return path, read_checkpoint(path)
         except UnreadableCheckpoint as e:
             if not auto:
                 raise
@@ -742,9 +757,10 @@ def resume_checkpoint(resume: str | None, checkpoint_dir: str | os.PathLike, out
     path = resolve_resume(resume, checkpoint_dir)
     if path is None:
         return None
-    state = load_resumable(path, auto=resume == "auto", d=d, logger=logger)
-    if state is None:
+    found = load_resumable(path, auto=resume == "auto", d=d, logger=logger)
+    if found is None:
         return None
+    path, state = found
     model.load_state_dict(state["model"])
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])

@@ -361,7 +361,8 @@ def get_parser() -> argparse.ArgumentParser:
                         "as the original)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", nargs="*", default=[], metavar="LAYOUT:PATH", help="e.g. cityscapes:data/cityscapes")
-    g.add_argument("--eval-split", default=None, help="split of the evaluation sets (default: each layout's validation split)")
+    g.add_argument("--eval-split", default=None,
+                   help="split of the evaluation sets (default: each layout's validation split)")
     g.add_argument("--eval-every", type=cli.non_negative_int, default=4000,
                    help="optimizer steps between evaluations (0: none)")
     g.add_argument("--eval-mode", choices=("slide", "whole"), default="slide",
