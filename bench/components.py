@@ -13,12 +13,13 @@ It also checks that both give the same multiset of (class, area).
 """
 from __future__ import annotations
 
-import argparse
 import platform
+import sys
 import time
 
 import numpy as np
 
+from ldm import cli
 from mrlf.components import label_components, large_component_mask
 from segmentation.synthetic import street_scene
 
@@ -53,11 +54,11 @@ def median_ms(fn, seg, repeats):
     return 1e3 * float(np.median(ts))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--maps", type=int, default=5, help="synthetic maps per size (times are averaged)")
-    a = p.parse_args()
+def main(argv=None) -> None:
+    p = cli.parser("python bench/components.py", __doc__)
+    p.add_argument("--repeats", type=cli.positive_int, default=20, help="timed calls (median)")
+    p.add_argument("--maps", type=cli.positive_int, default=5, help="synthetic maps per size (times are averaged)")
+    a = p.parse_args(argv)
     import scipy
 
     print(f"numpy {np.__version__}, scipy {scipy.__version__}, {platform.processor() or platform.machine()}")
@@ -84,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_cli(main))

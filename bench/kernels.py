@@ -23,7 +23,6 @@ is measured over its first call, so its memory pool is counted).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import platform
 import statistics
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from controlnet.model import ControlNet, ControlNetConfig
-from ldm import kernels, ops
+from ldm import cli, kernels, ops
 from ldm.config import UNetConfig
 from ldm.graphs import CUDAGraphed
 from ldm.layers import GroupNorm32
@@ -368,14 +367,15 @@ def report(env, command, attn, gn, gg, steps) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = cli.parser("python bench/kernels.py", __doc__)
     ap.add_argument("--write", metavar="FILE", help="append the tables to this Markdown file")
     ap.add_argument("--quick", action="store_true", help="a few shapes only (smoke run)")
-    ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
-    ap.add_argument("--batch", type=int, default=2, help="batch of the model steps (2 = one guided image; "
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="dtype of every benchmark")
+    ap.add_argument("--batch", type=cli.positive_int, default=2, help="batch of the model steps (2 = one guided image; "
                     "MRLF batches views: try 32)")
     ap.add_argument("--no-graphs", action="store_true", help="model steps: leave out the CUDA-graph variants")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["attention", "groupnorm", "geglu", "steps"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["attention", "groupnorm", "geglu", "steps"],
+                    help="benchmarks to leave out")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels.py: no CUDA device here; the kernels are benchmarked on a GPU only. "
@@ -412,4 +412,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_cli(main))

@@ -11,19 +11,19 @@ numbers, i.e. the cost of our code, page faults and the dtype cast, not of the d
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from ldm import checkpoint
+from ldm import checkpoint, cli
 from ldm.config import UNetConfig
 from ldm.unet import UNetModel
 
@@ -74,12 +74,12 @@ def time_load(path: Path, dtype: str, device: str) -> tuple[float, float, float,
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = cli.parser("python bench/load_time.py", __doc__)
     ap.add_argument("--file-dtype", choices=tuple(DTYPES), default="fp32", help="dtype stored in the file")
     ap.add_argument("--load-dtype", choices=tuple(DTYPES), default="fp16", help="dtype to load into")
-    ap.add_argument("--format", choices=("safetensors", "ckpt"), default="safetensors")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--format", choices=("safetensors", "ckpt"), default="safetensors", help="file format")
+    ap.add_argument("--device", default="cpu", help="device to load onto")
+    ap.add_argument("--runs", type=cli.positive_int, default=3, help="timed loads, each in a fresh process")
     ap.add_argument("--dir", default=None, help="where to write the temporary file (default: system tmp)")
     args = ap.parse_args(argv)
 
@@ -106,4 +106,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_cli(main))

@@ -12,7 +12,6 @@ runs them) against the same eager reference; their memory is the peak of a fresh
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import platform
@@ -28,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import randomize_  # noqa: E402
 
-from ldm import checkpoint  # noqa: E402
+from ldm import checkpoint, cli  # noqa: E402
 from ldm import diffusers_keys as dk  # noqa: E402
 from controlnet import ControlNet, ControlNetConfig  # noqa: E402
 from controlnet.checkpoint import controlnet_config_to_diffusers, controlnet_to_diffusers  # noqa: E402
@@ -138,12 +137,12 @@ def build_controlnet(unet, device, dtype):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--latent", type=int, default=32, help="latent side (pixels / 8)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p = cli.parser("python bench/models.py", __doc__)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights and inputs")
+    p.add_argument("--latent", type=cli.positive_int, default=32, help="latent side (pixels / 8)")
+    p.add_argument("--batch", type=cli.positive_int, default=2, help="batch of every forward")
+    p.add_argument("--repeats", type=cli.positive_int, default=5, help="timed forwards (median)")
     p.add_argument("--write", help="append the table to this markdown file")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -203,4 +202,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_cli(main))

@@ -9,13 +9,14 @@ call replayed as CUDA graphs); the table gives seconds per image, images per hou
 """
 from __future__ import annotations
 
-import argparse
 import datetime
+import sys
 import time
 
 import torch
 
 from controlnet import ControlNet
+from ldm import cli
 from ldm.sd import StableDiffusion
 from mrlf.pipeline import MRLFSettings, Pipeline, SamplingSettings
 from segmentation.synthetic import street_scene
@@ -45,16 +46,16 @@ def run(pipe, label, settings, fusion, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--preset", choices=["tiny", "sd15"], default="tiny")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--window", type=int, default=None, help="latent window (default size/8)")
-    p.add_argument("--stride", type=int, default=8)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--view-batch", type=int, default=16)
-    p.add_argument("--write")
+    p = cli.parser("python bench/mrlf_views.py", __doc__)
+    p.add_argument("--preset", choices=["tiny", "sd15"], default="tiny", help="random model sizes")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights and inputs")
+    p.add_argument("--size", type=cli.positive_int, default=256, help="base image side in pixels")
+    p.add_argument("--window", type=cli.positive_int, default=None, help="latent window (default size/8)")
+    p.add_argument("--stride", type=cli.positive_int, default=8, help="latent view stride")
+    p.add_argument("--steps", type=cli.positive_int, default=4, help="DDIM steps per pass")
+    p.add_argument("--view-batch", type=cli.positive_int, default=16, help="views per network call (batched variant)")
+    p.add_argument("--write", help="append the table to this markdown file")
     a = p.parse_args(argv)
     device, dtype = torch.device(a.device), {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     sd = StableDiffusion.random(a.preset, seed=0, dtype=dtype, device=device)
@@ -91,4 +92,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_cli(main))

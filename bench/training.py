@@ -29,7 +29,6 @@ autocast in --dtype; median of --repeats timed calls after a warm-up, synchronis
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import json
@@ -55,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ldm import checkpoint as ckpt_io  # noqa: E402
+from ldm import cli  # noqa: E402
 from ldm.sd import StableDiffusion  # noqa: E402
 from segmentation.evaluate import predict_logits  # noqa: E402
 from segmentation.labels import TRAIN_ID_SUFFIX, colorize, save_label  # noqa: E402
@@ -234,24 +234,25 @@ def seg_inference(a) -> list[tuple]:
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="sd15")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16")
-    p.add_argument("--size", type=int, help="crop side (default: 512 for sd15, 64 for tiny)")
-    p.add_argument("--batch", type=int, default=4, help="micro-batch of the diffusion scripts")
-    p.add_argument("--seg-batch", type=int, default=2, help="segmentation training batch (the recipe's 2)")
+    p = cli.parser("python bench/training.py", __doc__)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="sd15", help="model sizes (random weights)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16", help="mixed-precision dtype")
+    p.add_argument("--size", type=cli.positive_int, help="crop side (default: 512 for sd15, 64 for tiny)")
+    p.add_argument("--batch", type=cli.positive_int, default=4, help="micro-batch of the diffusion scripts")
+    p.add_argument("--seg-batch", type=cli.positive_int, default=2, help="segmentation training batch (the recipe's 2)")
     p.add_argument("--seg-model", choices=sorted(SEG_PRESETS), help="segmentor preset (default: the preset's)")
-    p.add_argument("--infer-batch", type=int, default=4, help="crops per segmentation forward")
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps after the warm-up")
-    p.add_argument("--warmup", type=int, default=10, help="steps not timed (CUDA/cuDNN set-up, allocator)")
-    p.add_argument("--repeats", type=int, default=10, help="timed inference calls (median)")
-    p.add_argument("--infer-warmup", type=int, default=3)
+    p.add_argument("--infer-batch", type=cli.positive_int, default=4, help="crops per segmentation forward")
+    p.add_argument("--steps", type=cli.positive_int, default=20, help="timed optimizer steps after the warm-up")
+    p.add_argument("--warmup", type=cli.non_negative_int, default=10,
+                   help="steps not timed (CUDA/cuDNN set-up, allocator)")
+    p.add_argument("--repeats", type=cli.positive_int, default=10, help="timed inference calls (median)")
+    p.add_argument("--infer-warmup", type=cli.non_negative_int, default=3, help="inference calls not timed")
     p.add_argument("--gradient-checkpointing", action="store_true", help="for both diffusion scripts")
-    p.add_argument("--only", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS))
-    p.add_argument("--images", type=int, default=8, help="street scenes drawn for the data folder")
-    p.add_argument("--workers", type=int, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
-    p.add_argument("--timeout", type=float, default=600, help="seconds per training script")
+    p.add_argument("--only", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS), help="scripts to time")
+    p.add_argument("--images", type=cli.positive_int, default=8, help="street scenes drawn for the data folder")
+    p.add_argument("--workers", type=cli.non_negative_int, help="DataLoader workers (default: 4 on CUDA, 0 on CPU)")
+    p.add_argument("--timeout", type=cli.positive, default=600, help="seconds per training script")
     p.add_argument("--workdir", help="build here and keep it (default: a temporary folder, removed)")
     p.add_argument("--write", help="append the table to this markdown file")
     a = p.parse_args(argv)
@@ -318,7 +319,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BenchError as e:
-        sys.exit(f"bench/training.py: {e}")
+    sys.exit(cli.run_cli(lambda argv: main(argv) and 0))  # a BenchError (a RuntimeError) is one line

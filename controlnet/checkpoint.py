@@ -39,6 +39,7 @@ import torch
 
 from controlnet.model import ControlNet, ControlNetConfig
 from ldm import checkpoint as sd_checkpoint
+from ldm import cli
 from ldm import diffusers_keys as dk
 from ldm import formats
 from ldm.config import UNetConfig
@@ -344,10 +345,25 @@ def convert(src, dst, to: str, dtype: torch.dtype | None = None, variant: str | 
     return save_controlnet(dst, model, layout=to, dtype=dtype, variant=variant, overwrite=overwrite)
 
 
+_CLI = dict(prog="python -m controlnet.checkpoint", description=__doc__.split("\n")[0], kinds=KINDS,
+           only=CONTROLNET.name, examples="""examples:
+    python -m controlnet.checkpoint inspect /path/to/ControlNet_UNet-S
+    python -m controlnet.checkpoint convert /path/to/ControlNet_UNet-S dginstyle_cn.safetensors --to native
+    python -m controlnet.checkpoint convert control_v11p_sd15_seg.pth cn_diffusers --to diffusers --dtype fp16""")
+
+
+def get_parser():
+    return formats.build_parser(**_CLI)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return formats.main(argv, prog="python -m controlnet.checkpoint", description=__doc__.split("\n")[0],
-                        kinds=KINDS, convert=convert, only=CONTROLNET.name)
+    return formats.main(argv, **_CLI, convert=convert)
+
+
+def command() -> int:
+    """The ``controlnet-checkpoint`` console script: `main` with every known error as one line."""
+    return cli.run_cli(main)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

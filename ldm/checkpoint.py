@@ -32,8 +32,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from ldm import cli, formats, weights
 from ldm import diffusers_keys as dk
-from ldm import formats, weights
 from ldm.atomic import atomic_dir
 from ldm.clip import CLIPTextModel
 from ldm.config import SD15_CLIP, SD15_UNET, SD15_VAE, AutoencoderConfig, CLIPTextConfig, UNetConfig
@@ -314,10 +314,25 @@ def convert(src, dst, to: str, dtype: torch.dtype | None = None, ema: bool = Fal
     return formats.save_as(dst, models, to, KINDS, dtype=dtype, variant=variant, overwrite=overwrite)
 
 
+_CLI = dict(prog="python -m ldm.checkpoint", description=__doc__.split("\n")[0], kinds=KINDS, examples="""examples:
+    python -m ldm.checkpoint inspect v1-5-pruned-emaonly.safetensors
+    python -m ldm.checkpoint convert v1-5-pruned-emaonly.safetensors sd15_diffusers --to diffusers --dtype fp16
+    python -m ldm.checkpoint convert sd15_diffusers sd15.safetensors --to native
+    python -m ldm.checkpoint convert sd15_diffusers sd15.ckpt --to compvis --ema""")
+
+
+def get_parser():
+    return formats.build_parser(**_CLI)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return formats.main(argv, prog="python -m ldm.checkpoint", description=__doc__.split("\n")[0], kinds=KINDS,
-                        convert=convert)
+    return formats.main(argv, **_CLI, convert=convert)
+
+
+def command() -> int:
+    """The ``ldm-checkpoint`` console script: `main` with every known error as one line."""
+    return cli.run_cli(main)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ldm import cli
 from ldm import diffusers_keys as dk
 from ldm import weights
 from ldm.atomic import atomic_dir
@@ -660,32 +661,38 @@ def format_description(d: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None, *, prog: str, description: str, kinds: Sequence[Kind],
-         convert: Callable[..., Path], only: str | None = None) -> int:
-    """``inspect PATH`` and ``convert SRC DST --to FORMAT`` over `kinds`; `only`: a CLI for one
-    component, whose ``--json`` is `flatten`'s. `convert(src, dst, to, dtype=, variant=,
-    overwrite=, allow_unexpected=[, ema=])` is the package's."""
+def build_parser(*, prog: str, description: str, examples: str, kinds: Sequence[Kind],
+                 only: str | None = None) -> argparse.ArgumentParser:
+    """The ``inspect`` / ``convert`` command line over `kinds` (see `main`)."""
     served = [kind_named(kinds, only)] if only else list(kinds)
     targets = ("native", "diffusers", *dict.fromkeys(k.file_format for k in served))
-    has_ema = any(k.ema_key is not None for k in served)
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = cli.parser(prog, f"{description}\n\n{examples}", common=False)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("inspect", help="print format, components, configs, dtypes, parameter counts, fit, extras")
+    p = cli.add_subcommand(sub, "inspect", "print format, components, configs, dtypes, parameter counts, fit, extras")
     p.add_argument("path", help="file, component folder, pipeline folder or ORG/NAME[/sub] in the local HF cache")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--variant", default=None, help="diffusers weight variant, e.g. fp16")
-    p = sub.add_parser("convert", help=f"convert to {', '.join(targets)}")
-    p.add_argument("src")
+    p = cli.add_subcommand(sub, "convert", f"convert to {', '.join(targets)}")
+    p.add_argument("src", help="the checkpoint to convert (anything inspect reads)")
     p.add_argument("dst", help="a .safetensors file, a .ckpt/.pth file (prefixed formats) or a folder (diffusers)")
-    p.add_argument("--to", required=True, choices=targets)
+    p.add_argument("--to", required=True, choices=targets, help="the layout to write")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="cast floating tensors (default: keep)")
-    if has_ema:
+    if any(k.ema_key is not None for k in served):
         p.add_argument("--ema", action="store_true", help="take the U-Net from the CompVis EMA weights")
     p.add_argument("--variant", default=None, help="diffusers weight variant to read and write, e.g. fp16")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     p.add_argument("--allow-unexpected", action="append", default=[], metavar="PATTERN",
                    help="tolerate extra keys matching this fnmatch pattern (repeatable)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None, *, prog: str, description: str, examples: str, kinds: Sequence[Kind],
+         convert: Callable[..., Path], only: str | None = None) -> int:
+    """``inspect PATH`` and ``convert SRC DST --to FORMAT`` over `kinds`; `only`: a CLI for one
+    component, whose ``--json`` is `flatten`'s. `convert(src, dst, to, dtype=, variant=,
+    overwrite=, allow_unexpected=[, ema=])` is the package's. A `CheckpointError` is one line on
+    stderr and status 1 (``ldm.cli.fail``)."""
+    args = build_parser(prog=prog, description=description, examples=examples, kinds=kinds, only=only).parse_args(argv)
     try:
         if args.cmd == "inspect":
             d = describe(args.path, kinds, only=only, variant=args.variant)
@@ -693,9 +700,8 @@ def main(argv: list[str] | None, *, prog: str, description: str, kinds: Sequence
         else:
             out = convert(args.src, args.dst, args.to, dtype=DTYPES.get(args.dtype), variant=args.variant,
                           overwrite=args.overwrite, allow_unexpected=args.allow_unexpected,
-                          **({"ema": args.ema} if has_ema else {}))
+                          **({"ema": args.ema} if hasattr(args, "ema") else {}))
             print(f"wrote {out}")
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return cli.fail(e, args.debug)
     return 0

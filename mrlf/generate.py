@@ -7,12 +7,16 @@
     torchrun --nproc_per_node=8 -m mrlf.generate ...   # shards samples over ranks, no duplicates
 
 Jobs come from a label folder (rare-class sampling picks (class, file) pairs), a gen-file JSON
-(the original's format) or single label maps. Sample i gets its own seed derived from
-(--seed, i): a numpy Generator for the crop and the weather words, then a CPU torch.Generator for
-the diffusion noise, so any sample regenerates alone, bit-identically (`--only i`), on any rank,
-after any resume (same device and dtype). Outputs: images/, labels/ (void stays 255), vis/
-(image | colour label | overlay) and manifest.jsonl; every file is written atomically and a
-sample counts as done only once its manifest line is written, so a killed run resumes cleanly.
+(the original's format) or single label maps, each --images-per-label times; every input is
+checked before anything is written. Sample i gets its own seed derived from (--seed, i): a numpy
+Generator for the crop and the weather words, then a CPU torch.Generator for the diffusion noise,
+so any sample regenerates alone, bit-identically (`--only i`), on any rank, after any resume (same
+device and dtype). Outputs: images/, labels/ (void stays 255), vis/ (image | colour label |
+overlay), manifest.jsonl and run.json (the settings of every sample in the folder); every file is
+written atomically and a sample counts as done only once its manifest line is written, so a
+killed run resumes cleanly. Re-running into the folder with other settings (size, steps, seed,
+models, inputs, ...) is refused, naming them: resume with the same ones, choose another --out, or
+--overwrite.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -30,17 +35,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.atomic import atomic_file, clean_stale
+from ldm import cli
+from ldm.atomic import atomic_file, clean_stale, write_text
 from ldm.checkpoint import DTYPES
 from mrlf.bundle import SHIPPED, BundleError, load_bundle, shipped_bundle
 from mrlf.jobs import build_jobs, read_gen_file
 from mrlf.pipeline import DATASET, DEMO, MRLFSettings, Pipeline, SamplingSettings
 from mrlf.prompts import PromptConfig, make_prompt
 from samplers import SAMPLERS
-from segmentation.labels import TRAIN_ID_SUFFIX, colorize, load_label, save_label
+from segmentation.labels import TRAIN_ID_SUFFIX, LabelError, colorize, load_label, save_label
 from segmentation.rcs import class_stats, place_crop
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "segmentation" / "examples"
+RUN_FILE = "run.json"
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -48,30 +55,52 @@ def sample_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def sample_id(index: int, job: dict) -> str:
+def sample_id(index: int, job: dict, seed: int) -> str:
+    """``000012_s0_<label stem>``: the global seed in the id keeps ids of runs with other seeds apart."""
     stem = Path(job["file"]).name.removesuffix(TRAIN_ID_SUFFIX).removesuffix(".png")
-    return f"{index:06d}_{stem}"
+    return f"{index:06d}_s{seed}_{stem}"
 
 
 def make_jobs(args) -> list[dict]:
+    """The (label file, class) job of every sample, each repeated --images-per-label times."""
     if args.jobs:
-        return read_gen_file(args.jobs)
-    if args.label_maps:
-        return [{"class": None, "class_name": None, "file": str(p)} for p in args.label_maps]
-    folder = Path(args.labels or EXAMPLES)
-    cache = args.labels is not None and not args.labels_shipped  # never write a cache into the installed package
-    stats = class_stats(folder, pattern=args.pattern, cache=cache)
-    return build_jobs(stats, args.num_samples, seed=args.seed, crop_size=args.size)
+        jobs = read_gen_file(args.jobs)
+    elif args.label_maps:
+        jobs = [{"class": None, "class_name": None, "file": str(p)} for p in args.label_maps]
+    else:
+        folder = Path(args.labels or EXAMPLES)
+        cache = args.labels is not None and not args.labels_shipped  # never write a cache into the installed package
+        stats = class_stats(folder, pattern=args.pattern, cache=cache)
+        jobs = build_jobs(stats, args.num_samples, seed=args.seed, crop_size=(args.height, args.width))
+    return [job for job in jobs for _ in range(args.images_per_label)]
 
 
-def crop_label(label: np.ndarray, job: dict, size: int, rng: np.random.Generator, faithful: bool, source: str):
-    """The (size x size) crop the sample is generated for, and its box (x1, y1, x2, y2)."""
+def check_inputs(jobs: list[dict], height: int, width: int, full: bool) -> None:
+    """Every label file before anything is generated: readable, at least the crop's size and, with
+    `full` (label maps given one by one; folders and gen files are checked when read), valid."""
+    for f in dict.fromkeys(job["file"] for job in jobs):
+        if full:
+            h, w = load_label(f).shape
+        else:
+            try:
+                with Image.open(f) as im:
+                    w, h = im.size
+            except OSError as e:
+                raise LabelError(f"{f}: cannot read label image ({e})") from e
+        if h < height or w < width:
+            raise LabelError(f"{f}: label {w}x{h} is smaller than the crop {width}x{height} (WxH)")
+
+
+def crop_label(label: np.ndarray, job: dict, size: tuple[int, int], rng: np.random.Generator, faithful: bool,
+               source: str):
+    """The (height, width) crop the sample is generated for, and its box (x1, y1, x2, y2)."""
     H, W = label.shape
-    if H < size or W < size:
-        raise ValueError(f"{source}: label {W}x{H} is smaller than the crop size {size}")
+    ch, cw = size
+    if H < ch or W < cw:
+        raise ValueError(f"{source}: label {W}x{H} is smaller than the crop size {cw}x{ch}")
     if job["class"] is None:  # a plain label map: centre crop
-        y, x = (H - size) // 2, (W - size) // 2
-        return label[y:y + size, x:x + size], (x, y, x + size, y + size)
+        y, x = (H - ch) // 2, (W - cw) // 2
+        return label[y:y + ch, x:x + cw], (x, y, x + cw, y + ch)
     crop = place_crop(label, int(job["class"]), rng, crop_size=size, faithful=faithful, source=source)
     x1, y1, x2, y2 = crop.box
     return label[y1:y2, x1:x2], crop.box
@@ -91,25 +120,73 @@ def vis_grid(image: Image.Image, label: np.ndarray) -> Image.Image:
     return grid
 
 
+class RunMismatch(ValueError):
+    """An output folder holds samples of other settings than the run asked for."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def setting_differences(saved: dict, now: dict) -> list[str]:
+    """``"sampling.steps: 4 in the folder, 6 now"`` for every setting that differs."""
+    a, b = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(now)))
+    return [f"{k}: {json.dumps(a.get(k))} in the folder, {json.dumps(b.get(k))} now"
+            for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
 class Output:
-    """The output folder: images/, labels/, vis/, manifest.jsonl (appended with one write per line)."""
+    """The output folder: images/, labels/, vis/, manifest.jsonl (appended with one write per line)
+    and run.json, the settings every sample of the folder was made with."""
+
+    SUBFOLDERS = ("images", "labels", "vis")
 
     def __init__(self, root: Path):
         self.root = root
+        self.created = [p for p in (root, *(root / s for s in self.SUBFOLDERS)) if not p.exists()]
+        self.wrote = False
         try:
-            for sub in ("images", "labels", "vis"):
+            for sub in self.SUBFOLDERS:
                 (root / sub).mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=root).close()
         except OSError as e:
             raise SystemExit(f"error: output folder {root} is not writable: {e}") from e
-        for folder in (root, root / "images", root / "labels", root / "vis"):
+        for folder in (root, *(root / s for s in self.SUBFOLDERS)):
             clean_stale(folder)  # temporary files of a killed run
         self.manifest = root / "manifest.jsonl"
+        self.run_file = root / RUN_FILE
+        self.settings: dict | None = None
         if self.manifest.exists() and self.manifest.stat().st_size:
             with open(self.manifest, "rb+") as f:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     f.write(b"\n")  # end a line torn by a kill, so the next record starts clean
+
+    def open_run(self, settings: dict, overwrite: bool = False) -> None:
+        """Check `settings` against the folder's run.json (written with the first sample): samples
+        of other settings are never mixed in. `overwrite` deletes the folder's samples first."""
+        if overwrite:
+            for name in (RUN_FILE, "manifest.jsonl"):
+                (self.root / name).unlink(missing_ok=True)
+            for sub in self.SUBFOLDERS:
+                shutil.rmtree(self.root / sub, ignore_errors=True)
+                (self.root / sub).mkdir()
+        if self.run_file.exists():
+            diff = setting_differences(json.loads(self.run_file.read_text()), settings)
+            if diff:
+                raise RunMismatch(f"{self.root} holds a run with other settings ({'; '.join(diff)}): run with its "
+                                  f"settings to resume it, choose another --out, or pass --overwrite to delete its "
+                                  f"samples and start again")
+        elif self.done():
+            raise RunMismatch(f"{self.root} holds samples but no {RUN_FILE} with their settings: choose another "
+                              f"--out, or pass --overwrite to delete its samples and start again")
+        self.settings = settings
 
     def done(self) -> set[str]:
         if not self.manifest.exists():
@@ -124,12 +201,18 @@ class Output:
                 continue  # a torn last line from a killed run: that sample is redone
         return ids
 
-    def write(self, sid: str, image: Image.Image, label: np.ndarray | None, record: dict) -> None:
-        """The sample's files, then its manifest line; an unlabelled sample (label None) has no label or vis."""
+    def write(self, sid: str, image: Image.Image, label: np.ndarray | None, record: dict | None) -> None:
+        """The sample's files, then its manifest line (None: the files only, the line exists); an
+        unlabelled sample (label None) has no label or vis."""
+        if not self.wrote and self.settings is not None and not self.run_file.exists():
+            write_text(self.run_file, json.dumps(self.settings, indent=1, sort_keys=True) + "\n")
+        self.wrote = True
         _atomic_png(image, self.root / "images" / f"{sid}.png")
         if label is not None:
             save_label(label, self.root / "labels" / f"{sid}{TRAIN_ID_SUFFIX}")
             _atomic_png(vis_grid(image, label), self.root / "vis" / f"{sid}.png")
+        if record is None:
+            return
         line = (json.dumps(record, sort_keys=True) + "\n").encode()
         fd = os.open(self.manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -137,18 +220,13 @@ class Output:
         finally:
             os.close(fd)
 
-
-class Progress:
-    def __init__(self, total: int, prefix: str = ""):
-        self.total, self.prefix, self.n, self.t0 = total, prefix, 0, time.perf_counter()
-
-    def update(self, note: str = "") -> None:
-        self.n += 1
-        el = time.perf_counter() - self.t0
-        eta = el / self.n * (self.total - self.n)
-        bar = "#" * int(30 * self.n / max(self.total, 1))
-        print(f"\r{self.prefix}[{bar:<30}] {self.n}/{self.total} {el:6.0f}s elapsed, ETA {eta:6.0f}s {note[:40]:<40}",
-              end="" if self.n < self.total else "\n", file=sys.stderr, flush=True)
+    def remove_if_unused(self) -> None:
+        """Remove the folders this run created when nothing was written into them (a failed run)."""
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # not empty (another rank wrote), or already gone
 
 
 def load_models(args, device, dtype):
@@ -197,15 +275,42 @@ def settings_from_args(args) -> tuple[SamplingSettings, MRLFSettings, PromptConf
     return sampling, fusion, prompts
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mrlf.generate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _where(path: str | None) -> str | None:
+    """A path as an absolute one (so a resume from another folder compares equal); other names as given."""
+    return None if path is None else (str(Path(path).resolve()) if Path(path).exists() else path)
+
+
+def run_settings(args, sampling: SamplingSettings, fusion: MRLFSettings, prompts: PromptConfig,
+                 dtype: torch.dtype) -> dict:
+    """Everything a sample's content depends on (run.json): a folder holds samples of one such record.
+    -n is not part of it (more jobs extend the same job list), nor are speed knobs (view batch, graphs)."""
+    if args.jobs:
+        inputs = {"jobs": _where(args.jobs)}
+    elif args.label_maps:
+        inputs = {"label_maps": [_where(p) for p in args.label_maps]}
+    else:
+        inputs = {"labels": _where(str(args.labels or EXAMPLES)), "pattern": args.pattern}
+    return {"seed": args.seed, "height": args.height, "width": args.width, "images_per_label": args.images_per_label,
+            "inputs": inputs, "faithful": args.faithful, "sampling": asdict(sampling),
+            "mrlf": {k: v for k, v in asdict(fusion).items() if k != "view_batch"}, "prompt": asdict(prompts),
+            "base": _where(args.base), "bundle": _where(args.bundle), "controlnet": _where(args.controlnet),
+            "style_source": _where(args.style_source),
+            "style": args.style, "dtype": str(dtype)}
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = cli.parser("python -m mrlf.generate", __doc__)
     src = p.add_argument_group("inputs (default: the bundle's label maps)")
-    src.add_argument("--labels", help="folder of *_labelTrainIds.png; RCS picks (class, file) jobs")
+    src.add_argument("--labels", metavar="FOLDER", help="folder of trainId label PNGs; rare-class sampling picks "
+                                                        "(class, file) jobs")
     src.add_argument("--pattern", default="*_labelTrainIds.png", help="label file pattern in --labels")
-    src.add_argument("-n", "--num-samples", type=int, help="samples drawn from --labels (default 4)")
-    src.add_argument("--jobs", help="gen-file JSON: [{class, class_name, file_name}, ...]")
-    src.add_argument("--label-maps", nargs="+", help="single label maps (centre crop)")
+    src.add_argument("-n", "--num-samples", type=cli.positive_int, metavar="N",
+                     help="jobs drawn from --labels (each gives --images-per-label samples; default: the "
+                          "bundle's, else 4)")
+    src.add_argument("--jobs", metavar="GEN_FILE", help="gen-file JSON: [{class, class_name, file_name}, ...]")
+    src.add_argument("--label-maps", nargs="+", metavar="PNG", help="single label maps (centre crop)")
+    src.add_argument("--images-per-label", type=cli.positive_int, default=1, metavar="K",
+                     help="samples per job or label map, each with its own seed (and crop, for rare-class jobs)")
     m = p.add_argument_group("models")
     m.add_argument("--base", help="U^P: SD-1.5 file, folder or local HF cache id (default: the bundle's prior)")
     m.add_argument("--bundle", help="a model bundle folder (bundle.json: prior, ControlNet, U^S, label maps and "
@@ -215,7 +320,7 @@ def parse_args(argv=None):
                    help="a tiny randomly initialised model instead (a smoke run: the images are noise)")
     m.add_argument("--controlnet", help="ControlNet checkpoint (file or diffusers folder)")
     m.add_argument("--style-source", help="U^S checkpoint for the style knob (U-Net weights interpolated)")
-    m.add_argument("--style", type=float, default=0.0, help="0 = DGInStyle's swap (U^P), 1 = no swap (U^S)")
+    m.add_argument("--style", type=cli.fraction, default=0.0, help="0 = DGInStyle's swap (U^P), 1 = no swap (U^S)")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     m.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     m.add_argument("--cuda-graphs", action="store_true",
@@ -225,27 +330,51 @@ def parse_args(argv=None):
                    help="dataset: stride 8, threshold 20000; demo: stride 16, threshold 30000")
     s.add_argument("--faithful", action="store_true",
                    help="the original's crop index draw (rng.integers(0, n-1)); refuses the non-original options")
-    s.add_argument("--size", type=int, default=None, help="crop / base size in pixels (default 512; 256 with the tiny model)")
+    s.add_argument("--size", type=cli.positive_int, default=None,
+                   help="square crop / base size in pixels (default 512; 256 with the tiny model)")
+    s.add_argument("--height", type=cli.positive_int, default=None, help="crop height in pixels (default: --size)")
+    s.add_argument("--width", type=cli.positive_int, default=None, help="crop width in pixels (default: --size)")
     s.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="ddim (the original), euler, dpmpp_2m")
-    s.add_argument("--steps", type=int, default=None, help="sampler steps (default 20; 10 with the tiny model)")
-    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
-    s.add_argument("--control-scale", type=float, default=1.0)
-    s.add_argument("--scale-factor", type=int, help="MRLF factor (1 = plain controlled generation)")
-    s.add_argument("--window", type=int, help="latent view size of the tiled pass")
-    s.add_argument("--stride", type=int, help="latent view stride of the tiled pass")
-    s.add_argument("--threshold", type=int, help="large-component area threshold (pixels)")
-    s.add_argument("--inpaint-level", choices=["faithful", "matched"])
-    s.add_argument("--posterior", choices=["sample", "mean"])
-    s.add_argument("--blend", choices=["uniform", "tent", "gaussian"])
-    s.add_argument("--view-batch", type=int, help="views per network call (default 8)")
-    s.add_argument("--weather-prob", type=float, help="share of prompts with a weather word (default 0.5)")
-    s.add_argument("--weather-words", nargs="+")
-    s.add_argument("--negative-prompt", default="")
+    s.add_argument("--steps", type=cli.positive_int, default=None,
+                   help="sampler steps (default 20; 10 with the tiny model)")
+    s.add_argument("--guidance", type=cli.finite, help="classifier-free guidance scale (default: the bundle's, "
+                                                       "else 7.5)")
+    s.add_argument("--control-scale", type=cli.finite, default=1.0, help="scale of the ControlNet residuals")
+    s.add_argument("--scale-factor", type=cli.positive_int,
+                   help="MRLF factor of the tiled pass (default 2; 1 = plain controlled generation)")
+    s.add_argument("--window", type=cli.positive_int, help="latent view size of the tiled pass (default 64)")
+    s.add_argument("--stride", type=cli.positive_int,
+                   help="latent view stride of the tiled pass (default: the preset's)")
+    s.add_argument("--threshold", type=cli.non_negative_int,
+                   help="large-component area threshold in pixels (default: the preset's)")
+    s.add_argument("--inpaint-level", choices=["faithful", "matched"],
+                   help="noise level of the re-injected pass-1 latents (default faithful: the original's "
+                        "t-1)")
+    s.add_argument("--posterior", choices=["sample", "mean"],
+                   help="how pass 1 is re-encoded for pass 2 (default sample, as the original)")
+    s.add_argument("--blend", choices=["uniform", "tent", "gaussian"],
+                   help="view weights of the tiled pass (default uniform: the original's average)")
+    s.add_argument("--view-batch", type=cli.positive_int, help="views per network call (default 8)")
+    s.add_argument("--weather-prob", type=cli.fraction,
+                   help="share of prompts with a weather word (default: the bundle's, else 0.5)")
+    s.add_argument("--weather-words", nargs="+", metavar="WORD",
+                   help="weather words drawn from (default: the original's)")
+    s.add_argument("--negative-prompt", default="", help="negative prompt of the guidance (default: none)")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default="outputs/dginstyle_demo")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--only", type=int, nargs="+", help="generate only these sample indices")
-    o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--out", default="outputs/dginstyle_demo",
+                   help="output folder; re-running into it resumes (with the same settings only)")
+    o.add_argument("--overwrite", action="store_true",
+                   help="delete the samples already in --out (and their settings) and start again")
+    o.add_argument("--seed", type=cli.non_negative_int, default=0,
+                   help="global seed; sample i's seed is drawn from (seed, i)")
+    o.add_argument("--only", type=cli.non_negative_int, nargs="+", metavar="I",
+                   help="(re)generate only these sample indices")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    return p
+
+
+def parse_args(argv=None):
+    p = get_parser()
     args = p.parse_args(argv)
     args.labels_shipped = False
     if args.random_tiny and (args.base or args.bundle):
@@ -259,8 +388,6 @@ def parse_args(argv=None):
         p.error("--controlnet needs --base")
     if args.style_source is None and args.style != 0.0:
         p.error("--style needs --style-source")
-    if not 0.0 <= args.style <= 1.0:
-        p.error("--style must be in [0, 1]")
     if args.faithful:
         unfaithful = [f"--{k.replace('_', '-')} {v}" for k, v in
                       (("blend", args.blend), ("inpaint_level", args.inpaint_level), ("posterior", args.posterior),
@@ -269,14 +396,30 @@ def parse_args(argv=None):
         if unfaithful or args.negative_prompt:
             p.error(f"--faithful reproduces the original; it cannot be combined with "
                     f"{', '.join(unfaithful + (['--negative-prompt'] if args.negative_prompt else []))}")
+    if args.overwrite and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        p.error("--overwrite deletes the folder's samples: run it on one process, not under torchrun")
     tiny = args.base is None  # the tiny random model: a quick smoke run unless told otherwise
     args.size = args.size or (256 if tiny else 512)
+    args.height, args.width = args.height or args.size, args.width or args.size
+    for name in ("height", "width"):
+        if getattr(args, name) % 8:
+            p.error(f"--{name} {getattr(args, name)}: the crop must be a multiple of 8 pixels")
     args.steps = args.steps or (10 if tiny else 20)
     if tiny:
         args.stride = args.stride or 16
-        args.window = args.window or min(64, args.size // 8)
-        args.threshold = args.threshold if args.threshold is not None else (args.size ** 2) // 13
+        args.window = args.window or min(64, min(args.height, args.width) // 8)
+        args.threshold = args.threshold if args.threshold is not None else (args.height * args.width) // 13
     return args
+
+
+def device_and_dtype(device: str, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """--device (auto: CUDA when available; under torchrun the rank's GPU LOCAL_RANK) and --dtype
+    (default fp16 on CUDA, fp32 on CPU)."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dev.index or 0)))
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev, DTYPES[dtype] if dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
 
 
 def apply_bundle(args, parser) -> None:
@@ -300,14 +443,6 @@ def apply_bundle(args, parser) -> None:
         if getattr(args, key, None) is None:
             setattr(args, key, tuple(value) if isinstance(value, list) else value)
     args.bundle = str(bundle.root)
-def device_and_dtype(device: str, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    """--device (auto: CUDA when available; under torchrun the rank's GPU LOCAL_RANK) and --dtype
-    (default fp16 on CUDA, fp32 on CPU)."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dev.index or 0)))
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev, DTYPES[dtype] if dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
 
 
 def main(argv=None) -> int:
@@ -317,43 +452,66 @@ def main(argv=None) -> int:
     if args.cuda_graphs and device.type != "cuda":
         raise SystemExit(f"error: --cuda-graphs needs a CUDA device, got {device}")
     sampling, fusion, prompt_cfg = settings_from_args(args)
-    out = Output(Path(args.out))
-    jobs = make_jobs(args)
-    indices = args.only if args.only else range(len(jobs))
+    size = (args.height, args.width)
+    jobs = make_jobs(args)  # every input is checked before anything is written
+    check_inputs(jobs, *size, full=bool(args.label_maps))
+    indices = list(dict.fromkeys(args.only)) if args.only else range(len(jobs))
     bad = [i for i in indices if not 0 <= i < len(jobs)]
     if bad:
         raise SystemExit(f"error: --only {bad}: there are {len(jobs)} samples")
-    done = out.done()
-    todo = [i for i in indices if i % world == rank and (args.only or sample_id(i, jobs[i]) not in done)]
-    print(f"rank {rank}/{world}: {len(jobs)} samples, {len(todo)} to generate here -> {out.root}", file=sys.stderr)
-    if not todo:
-        return 0
-    sd, cn = load_models(args, device, dtype)
-    pipe = Pipeline(sd, cn, cuda_graphs=args.cuda_graphs)
-    settings = {"sampling": asdict(sampling), "mrlf": asdict(fusion), "size": args.size, "faithful": args.faithful,
-                "prompt": asdict(prompt_cfg), "base": args.base, "bundle": args.bundle, "controlnet": args.controlnet,
-                "style_source": args.style_source, "style": args.style, "dtype": str(dtype), "device": device.type}
-    progress = None if args.no_progress else Progress(len(todo), f"rank {rank} " if world > 1 else "")
-    for i in todo:
-        job, sid, seed = jobs[i], sample_id(i, jobs[i]), sample_seed(args.seed, i)
-        tic = time.perf_counter()
-        rng = np.random.default_rng(seed)  # crop placement first, then the weather draws
-        label = load_label(job["file"])
-        crop, box = crop_label(label, job, args.size, rng, args.faithful, job["file"])
-        prompt = make_prompt(crop, rng, prompt_cfg)
-        result = pipe.mrlf(crop, prompt.text, torch.Generator("cpu").manual_seed(seed), settings=sampling,
-                           fusion=fusion, negative_prompt=prompt_cfg.negative_prompt, source=job["file"])
-        record = {"id": sid, "index": i, "seed": seed, "global_seed": args.seed, "prompt": prompt.text,
-                  "weather": prompt.weather, "class": job["class"], "class_name": job["class_name"],
-                  "source": str(job["file"]), "crop_box": list(map(int, box)),
-                  "large_components": [asdict(c) for c in result.components],
-                  "image": f"images/{sid}.png", "label": f"labels/{sid}{TRAIN_ID_SUFFIX}",
-                  "settings": settings, "timing_s": {**result.timings, "total_s": time.perf_counter() - tic}}
-        out.write(sid, result.image, crop, record)
-        if progress:
-            progress.update(sid)
+    settings = run_settings(args, sampling, fusion, prompt_cfg, dtype)
+    out = Output(Path(args.out))
+    try:
+        out.open_run(settings, overwrite=args.overwrite)
+        done = out.done()
+        todo = [i for i in indices if i % world == rank and (args.only or sample_id(i, jobs[i], args.seed) not in done)]
+        print(f"rank {rank}/{world}: {len(jobs)} samples, {len(todo)} to generate here -> {out.root}", file=sys.stderr)
+        if todo:
+            generate(args, out, jobs, todo, done, settings, device, dtype, sampling, fusion, prompt_cfg, rank, world)
+    finally:
+        if not out.wrote:
+            out.remove_if_unused()
     return 0
 
 
+def generate(args, out: Output, jobs, todo, done, settings, device, dtype, sampling, fusion, prompt_cfg, rank, world):
+    sd, cn = load_models(args, device, dtype)
+    pipe = Pipeline(sd, cn, cuda_graphs=args.cuda_graphs)
+    size = (args.height, args.width)
+    pipe._check_size(*size)  # before the first sample: the crop fits the model's latent grid
+    record_settings = {**settings, "view_batch": fusion.view_batch, "device": device.type}
+    steps = sampling.steps * (2 if fusion.scale_factor > 1 else 1)  # sampler steps of one sample (both passes)
+    progress = cli.Progress(len(todo) * steps, f"rank {rank}" if world > 1 else "", "steps",
+                            enabled=not args.no_progress)
+    try:
+        for k, i in enumerate(todo, 1):
+            job, sid, seed = jobs[i], sample_id(i, jobs[i], args.seed), sample_seed(args.seed, i)
+            note = f"sample {k}/{len(todo)} {sid}"
+            tic = time.perf_counter()
+            rng = np.random.default_rng(seed)  # crop placement first, then the weather draws
+            label = load_label(job["file"])
+            crop, box = crop_label(label, job, size, rng, args.faithful, job["file"])
+            prompt = make_prompt(crop, rng, prompt_cfg)
+            result = pipe.mrlf(crop, prompt.text, torch.Generator("cpu").manual_seed(seed), settings=sampling,
+                               fusion=fusion, negative_prompt=prompt_cfg.negative_prompt, source=job["file"],
+                               callback=lambda pass_index, step, t, z: progress.update(1, note))
+            record = {"id": sid, "index": i, "seed": seed, "global_seed": args.seed, "prompt": prompt.text,
+                      "weather": prompt.weather, "class": job["class"], "class_name": job["class_name"],
+                      "source": str(job["file"]), "crop_box": list(map(int, box)),
+                      "large_components": [asdict(c) for c in result.components],
+                      "image": f"images/{sid}.png", "label": f"labels/{sid}{TRAIN_ID_SUFFIX}",
+                      "settings": record_settings, "timing_s": {**result.timings, "total_s": time.perf_counter() - tic}}
+            out.write(sid, result.image, crop, None if sid in done else record)  # --only a done sample: no new line
+            done.add(sid)
+            progress.update(0, note, flush=True)
+    finally:
+        progress.close()
+
+
+def command() -> int:
+    """The ``dginstyle-generate`` console script: `main` with every known error as one line."""
+    return cli.run_cli(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(command())

@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ldm import cli
 from ldm.atomic import write_text
 from segmentation.labels import CLASS_NAMES, NUM_CLASSES, LabelError, class_id, load_label
 from segmentation.rcs import (DEFAULT_MIN_PIXELS, DEFAULT_PATTERN, DEFAULT_TEMPERATURE, ClassStats, RareClassSampler,
@@ -128,15 +129,22 @@ def read_gen_file(path: str | os.PathLike, root: str | os.PathLike | None = None
     return jobs
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mrlf.jobs",
-                                 description="write a gen file of N rare-class-sampled (class, file) jobs")
+def get_parser() -> argparse.ArgumentParser:
+    ap = cli.parser("python -m mrlf.jobs", """Write a gen file of N rare-class-sampled (class, file) jobs.
+
+example:
+    python -m mrlf.jobs data/gta/labels -n 6000 -o gen.json --crop-size 512
+    python -m mrlf.generate --jobs gen.json ...""")
     add_stats_arguments(ap)
-    ap.add_argument("-n", type=int, required=True, help="number of jobs")
+    ap.add_argument("-n", type=cli.positive_int, required=True, help="number of jobs")
     ap.add_argument("-o", "--output", required=True, help="gen file (JSON) to write")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--crop-size", type=int, default=None, help="skip files smaller than this")
-    args = ap.parse_args(argv)
+    ap.add_argument("--seed", type=cli.non_negative_int, default=0, help="seed of the draws")
+    ap.add_argument("--crop-size", type=cli.positive_int, default=None, help="skip files smaller than this")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
     jobs = build_jobs(stats_from_args(args), args.n, args.seed, args.temperature, args.min_pixels, args.crop_size)
     write_gen_file(jobs, args.output)
     print(f"wrote {len(jobs)} jobs to {args.output}")
@@ -144,4 +152,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_cli(main))

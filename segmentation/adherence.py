@@ -1,6 +1,7 @@
 """Label adherence of generated data: segment each generated image and score it against the
 label it was generated from, to find and drop samples whose layout drifted.
 
+example:
     python -m segmentation.adherence --checkpoint CKPT --generated OUT_DIR \\
         [--min-miou 0.5 --write-filtered OUT_DIR/manifest_filtered.jsonl] [--report PREFIX]
 
@@ -28,7 +29,8 @@ from typing import Callable
 
 import torch
 
-from ldm.atomic import write_text
+from ldm import cli
+from ldm.atomic import atomic_file, write_text
 
 from .datasets import SegDataset, find_pairs, get_layout, read_manifest
 from .evaluate import predict_logits
@@ -43,12 +45,14 @@ def _clean(v: float):
 @torch.no_grad()
 def score_samples(model: Callable, dataset: SegDataset, ids: list[str] | None = None, *, mode: str = "whole",
                   crop: int = 512, stride: int = 256, device="cpu", num_classes: int = NUM_CLASSES,
-                  log: Callable[[str], None] | None = None) -> dict:
-    """{"samples": [{id, image, label, mIoU, aAcc, IoU{class: v}}, ...], "pooled": summary}."""
+                  progress: bool = False) -> dict:
+    """{"samples": [{id, image, label, mIoU, aAcc, IoU{class: v}}, ...], "pooled": summary}.
+    `progress`: show it (``ldm.cli.Progress``)."""
     if hasattr(model, "eval"):
         model.eval()
     samples = []
     pooled = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    bar = cli.Progress(len(dataset), "adherence", "samples", enabled=progress)
     for i in range(len(dataset)):
         item = dataset[i]
         label = item["label"].to(device)
@@ -61,8 +65,7 @@ def score_samples(model: Callable, dataset: SegDataset, ids: list[str] | None = 
         samples.append({"id": ids[i] if ids else Path(img).stem, "image": str(img), "label": str(lab),
                         "mIoU": _clean(nanmean(iou)), "aAcc": _clean(aacc),
                         "IoU": {n: _clean(v) for n, v in zip(CLASS_NAMES, iou.tolist()) if not math.isnan(v)}})
-        if log is not None and (i + 1) % 100 == 0:
-            log(f"  {i + 1}/{len(dataset)} samples")
+        bar.update()
     return {"samples": samples, "pooled": summarize(pooled)}
 
 
@@ -71,7 +74,7 @@ def write_report(result: dict, prefix: str | os.PathLike) -> tuple[Path, Path]:
     js, cs = prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".csv")
     write_text(js, json.dumps(result, indent=1))
     rows = sorted(result["samples"], key=lambda s: (s["mIoU"] is None, s["mIoU"] if s["mIoU"] is not None else 0))
-    with open(cs, "w", newline="") as f:
+    with atomic_file(cs) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "mIoU", "aAcc", "image", "label"])
         for s in rows:
@@ -92,21 +95,28 @@ def write_filtered(records: list[dict], scores: list[dict], min_miou: float, pat
     return len(keep)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m segmentation.adherence", description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True)
+def get_parser() -> argparse.ArgumentParser:
+    ap = cli.parser("python -m segmentation.adherence", __doc__)
+    ap.add_argument("--checkpoint", required=True, help="segmentor file (trained on real data, e.g. GTA)")
     ap.add_argument("--config", default=None, help="preset name, for files that carry no config")
     ap.add_argument("--generated", required=True, help="DGInStyle output folder (manifest.jsonl, images/, labels/)")
     ap.add_argument("--layout", default="dginstyle", help="dginstyle (default) or folder")
-    ap.add_argument("--mode", choices=("whole", "slide"), default="whole")
-    ap.add_argument("--crop", type=int, default=512)
-    ap.add_argument("--stride", type=int, default=256)
-    ap.add_argument("--test-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+    ap.add_argument("--mode", choices=("whole", "slide"), default="whole",
+                    help="whole-image or sliding-window inference")
+    ap.add_argument("--crop", type=cli.positive_int, default=512, help="sliding window (--mode slide)")
+    ap.add_argument("--stride", type=cli.positive_int, default=256, help="window stride (--mode slide)")
+    ap.add_argument("--test-scale", type=cli.positive_int, nargs=2, default=None, metavar=("LONG", "SHORT"),
                     help="resize images (keep ratio) before inference; default: native size")
-    ap.add_argument("--min-miou", type=float, default=None, help="keep samples with mIoU >= this")
+    ap.add_argument("--min-miou", type=cli.non_negative, default=None, help="keep samples with mIoU >= this")
     ap.add_argument("--write-filtered", default=None, help="write the kept manifest records here")
     ap.add_argument("--report", default=None, help="report prefix (default: GENERATED/adherence)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    return ap
+
+
+def parse_args(argv=None):
+    ap = get_parser()
     a = ap.parse_args(argv)
     if (a.min_miou is None) != (a.write_filtered is None):
         ap.error("--min-miou and --write-filtered go together")
@@ -132,7 +142,7 @@ def main(argv=None) -> int:
     model = load_segmentor(args.checkpoint, args.config, device=args.device)
     print(f"scoring {len(ds)} samples of {root} with {args.checkpoint}")
     result = score_samples(model, ds, ids, mode=args.mode, crop=args.crop, stride=args.stride,
-                           device=args.device, num_classes=model.cfg.num_classes, log=print)
+                           device=args.device, num_classes=model.cfg.num_classes, progress=not args.no_progress)
     result["checkpoint"], result["generated"] = str(args.checkpoint), str(root)
     vals = [s["mIoU"] for s in result["samples"] if s["mIoU"] is not None]
     if vals:
@@ -148,4 +158,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_cli(main))

@@ -50,8 +50,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .labels import (IGNORE, LUTS, NUM_CLASSES, TRAIN_ID_SUFFIX, LabelError, read_png_indices, to_train_ids,
-                     train_id_path, validate_label)
+from .labels import IGNORE, LUTS, NUM_CLASSES, TRAIN_ID_SUFFIX, LabelError, read_png_indices, to_train_ids, train_id_path
+from .labels import load_label as read_train_ids
 from .rcs import DEFAULT_MIN_PIXELS, DEFAULT_TEMPERATURE, ClassStats, RareClassSampler, class_stats
 from .transforms import TestPipeline, TrainPipeline, resize_label
 
@@ -406,10 +406,9 @@ class SegDataset(Dataset):
 
     def load_label(self, i: int) -> np.ndarray:
         path = self.pairs[i][1]
-        raw = read_png_indices(path)
         if self.layout.converter is not None:
-            return to_train_ids(raw, self.layout.converter)
-        return validate_label(raw, source=str(path))
+            return to_train_ids(read_png_indices(path), self.layout.converter)
+        return read_train_ids(path)
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         img_path, lab_path = self.pairs[i]

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ldm import cli
 from ldm.atomic import write_text
 
 from .datasets import BENCHMARKS, SegDataset, parse_spec
@@ -110,10 +111,11 @@ def is_hr_model(model) -> bool:
 
 def evaluate_dataset(model, dataset: SegDataset, *, mode: str = "slide", crop=None, stride=None,
                      device="cpu", autocast_dtype: torch.dtype | None = None, limit: int | None = None,
-                     window_batch: int = 4, log: Callable[[str], None] | None = None,
+                     window_batch: int = 4, progress: str | None = None,
                      num_classes: int = NUM_CLASSES) -> torch.Tensor:
     """Confusion matrix of ``model`` over ``dataset`` (sharded over ranks and all-reduced when a
-    process group is initialised). ``crop`` / ``stride`` default to ``default_window(model)``."""
+    process group is initialised). ``crop`` / ``stride`` default to ``default_window(model)``.
+    `progress`: a name to show rank 0's progress under (``ldm.cli.Progress``; None: quiet)."""
     rank, world = _dist_info()
     crop = default_window(model)[0] if crop is None else crop
     stride = default_window(model)[1] if stride is None else stride
@@ -121,7 +123,7 @@ def evaluate_dataset(model, dataset: SegDataset, *, mode: str = "slide", crop=No
     model.eval()
     meter = ConfusionMeter(num_classes, IGNORE, device=device)
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    tic = time.perf_counter()
+    bar = cli.Progress(len(range(rank, n, world)), progress or "", "images", enabled=progress is not None and rank == 0)
     for i in range(rank, n, world):
         item = dataset[i]
         image = item["image"][None].to(device)
@@ -130,8 +132,7 @@ def evaluate_dataset(model, dataset: SegDataset, *, mode: str = "slide", crop=No
                             enabled=autocast_dtype is not None):
             logits = predict_logits(model, image, mode, crop, stride, tuple(label.shape), num_classes, window_batch)
         meter.update(logits.argmax(1)[0], label)
-        if log is not None and rank == 0 and (i // world) % 50 == 0:
-            log(f"  {i + 1}/{n} images ({time.perf_counter() - tic:.1f} s)")
+        bar.update()
     model.train(was_training)
     return meter.result()
 
@@ -165,8 +166,8 @@ def _init_distributed() -> bool:
     return True
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m segmentation.evaluate", description=__doc__.split("\n")[0])
+def get_parser() -> argparse.ArgumentParser:
+    ap = cli.parser("python -m segmentation.evaluate", __doc__)
     ap.add_argument("--checkpoint", required=True, help="segmentor file: a training checkpoint or an export")
     ap.add_argument("--config", default=None, help="preset name, for files that carry no config")
     ap.add_argument("--diff-unet", default=None, metavar="PATH",
@@ -175,20 +176,26 @@ def parse_args(argv=None):
     ap.add_argument("--dataset", nargs="+", required=True, metavar="LAYOUT:PATH",
                     help=f"datasets to evaluate; benchmarks: {', '.join(BENCHMARKS)}")
     ap.add_argument("--split", default=None, help="split (default: each layout's validation split)")
-    ap.add_argument("--mode", choices=("slide", "whole"), default="slide")
-    ap.add_argument("--crop", type=int, default=None, help="sliding window (default: 512, HRDA 1024)")
-    ap.add_argument("--stride", type=int, default=None, help="window stride (default: 256, HRDA 512)")
-    ap.add_argument("--window-batch", type=int, default=4, help="sliding windows per forward")
-    ap.add_argument("--test-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+    ap.add_argument("--mode", choices=("slide", "whole"), default="slide",
+                    help="sliding-window or whole-image inference")
+    ap.add_argument("--crop", type=cli.positive_int, default=None, help="sliding window (default: 512, HRDA 1024)")
+    ap.add_argument("--stride", type=cli.positive_int, default=None, help="window stride (default: 256, HRDA 512)")
+    ap.add_argument("--window-batch", type=cli.positive_int, default=4, help="sliding windows per forward")
+    ap.add_argument("--test-scale", type=cli.non_negative_int, nargs=2, default=None, metavar=("LONG", "SHORT"),
                     help="override every dataset's test resize (keep ratio); 0 0 keeps the size")
     ap.add_argument("--hr", action=argparse.BooleanOptionalAction, default=None,
                     help="double the datasets' default test scales (the 1024 configs; default: on for HRDA "
                          "checkpoints); an explicit --test-scale is used as given")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N images of each dataset")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--amp", choices=("fp16", "bf16"), default=None, help="autocast dtype (CUDA)")
+    ap.add_argument("--limit", type=cli.positive_int, default=None, help="evaluate the first N images of each dataset")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    ap.add_argument("--amp", choices=("fp16", "bf16"), default=None, help="autocast dtype (CUDA; default: fp32)")
     ap.add_argument("--out", default=None, help="JSON output (default: <checkpoint>_eval.json)")
-    return ap.parse_args(argv)
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    return ap
+
+
+def parse_args(argv=None):
+    return get_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -230,8 +237,8 @@ def main(argv=None) -> int:
         log(f"{name}: {len(ds)} images from {path} (test scale {scale}, {args.mode})")
         tic = time.perf_counter()
         cm = evaluate_dataset(model, ds, mode=args.mode, crop=args.crop, stride=args.stride, device=device,
-                              autocast_dtype=amp, limit=args.limit, window_batch=args.window_batch, log=log,
-                              num_classes=model.cfg.num_classes)
+                              autocast_dtype=amp, limit=args.limit, window_batch=args.window_batch,
+                              progress=None if args.no_progress else name, num_classes=model.cfg.num_classes)
         results[name] = summarize(cm.cpu())
         results[name]["confusion_matrix"] = cm.cpu().tolist()
         meta[name] = {"path": str(path), "images": len(ds) if args.limit is None else min(args.limit, len(ds)),
@@ -249,4 +256,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_cli(main))

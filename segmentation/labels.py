@@ -8,12 +8,16 @@ Conventions (DGInStyle's ``training_classes.py``):
   saved as they came.
 
 Raw ids -> trainIds (SegModel's ``tools/convert_datasets``): GTA and Cityscapes share the Cityscapes label ids, Mapillary Vistas
-v1.2 has its own table. ``convert_folder`` (CLI: ``python -m segmentation.labels convert --source
-gta|cityscapes|mapillary FOLDER``) writes ``*_labelTrainIds.png`` next to the raw files.
+v1.2 has its own table; colour labels in the trainId colours map colour by colour. ``convert_folder``
+writes ``*_labelTrainIds.png`` next to the raw files.
+
+    python -m segmentation.labels convert --source gta data/gta/labels
+    python -m segmentation.labels convert --source cityscapes --recursive data/cityscapes/gtFine
+    python -m segmentation.labels convert --source color my_colour_labels/
+    python -m segmentation.labels check data/gta/labels
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ldm import cli
 from ldm.atomic import atomic_file
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -119,14 +124,30 @@ LUTS: dict[str, np.ndarray] = {
     "cityscapes": _make_lut(CITYSCAPES_TO_TRAIN),
     "mapillary": _make_lut(MAPILLARY_TO_TRAIN),
 }
-SOURCES = tuple(LUTS)
+SOURCES = (*LUTS, "color")  # "color": colour labels in the trainId colours (Cityscapes' *_color.png too)
+
+
+def colors_to_train_ids(rgb) -> np.ndarray:
+    """(..., 3) uint8 colours -> train ids: each class's colour (`PALETTE`) gives its id, any other
+    colour 255 (Cityscapes' non-train classes have colours of their own)."""
+    a = np.asarray(rgb)
+    if a.dtype != np.uint8 or a.shape[-1:] != (3,):
+        raise LabelError(f"colour labels must be uint8 (..., 3), got {a.dtype} {a.shape}")
+    code = (a[..., 0].astype(np.int32) << 16) | (a[..., 1].astype(np.int32) << 8) | a[..., 2]
+    out = np.full(code.shape, IGNORE, np.uint8)
+    for i, (r, g, b) in enumerate(PALETTE.astype(np.int32)):
+        out[code == (r << 16 | g << 8 | b)] = i
+    return out
 
 
 def to_train_ids(array, source: str) -> np.ndarray:
-    """Map raw label ids (0..255) of ``source`` ("gta", "cityscapes", "mapillary") to train ids.
-    Returns a new uint8 array; unmapped ids become 255."""
-    if source not in LUTS:
+    """Map raw label ids (0..255) of ``source`` ("gta", "cityscapes", "mapillary") to train ids, or
+    the (..., 3) colours of a "color" label (`colors_to_train_ids`). Returns a new uint8 array;
+    unmapped ids (colours) become 255."""
+    if source not in SOURCES:
         raise ValueError(f"unknown label source {source!r}; expected one of {SOURCES}")
+    if source == "color":
+        return colors_to_train_ids(array)
     a = np.asarray(array)
     if a.dtype != np.uint8:
         if not np.issubdtype(a.dtype, np.integer):
@@ -179,27 +200,48 @@ def validate_label(arr, source: str = "label", allow_void_19: bool = False) -> n
 def read_png_indices(path: str | os.PathLike) -> np.ndarray:
     """The stored values of a single-channel PNG: grey levels for mode L, palette *indices* for
     mode P (not the colours), and 16/32-bit integer images checked to fit 0..255. uint8 (H, W)."""
+    return _read_png(path)[0]
+
+
+def _read_png(path: str | os.PathLike) -> tuple[np.ndarray, list[int] | None]:
+    """`read_png_indices` and, for mode P, the palette (flat RGB list)."""
     path = Path(path)
     try:
         with Image.open(path) as im:
             mode = im.mode
             if mode in ("L", "P"):
-                return np.array(im, dtype=np.uint8)
+                return np.array(im, dtype=np.uint8), (im.getpalette() or []) if mode == "P" else None
             if mode in ("I", "I;16", "I;16B", "I;16L"):
                 a = np.array(im).astype(np.int64)
                 if a.size and (a.min() < 0 or a.max() > 255):
                     bad = np.unique(a[(a < 0) | (a > 255)])
                     raise LabelError(f"{path}: values must fit 0..255, found {_fmt_values(bad)}")
-                return a.astype(np.uint8)
+                return a.astype(np.uint8), None
     except OSError as e:
         raise LabelError(f"{path}: cannot read label image ({e})") from e
     raise LabelError(f"{path}: label PNG must be single-channel (mode L or P), got mode {mode!r}")
 
 
-def load_label(path: str | os.PathLike) -> np.ndarray:
+def load_label(path: str | os.PathLike, palette_ids: bool = False) -> np.ndarray:
     """Load a trainId label PNG (mode L or P; for P the index values) as uint8 (H, W), validated:
-    values outside 0..18 and 255 raise ``LabelError`` naming the file and the values."""
-    return validate_label(read_png_indices(path), source=str(path))
+    values outside 0..18 and 255 raise ``LabelError`` naming the file and the values.
+
+    A palette (mode P) file is read as train ids only when its palette gives each class it holds
+    that class's colour (`save_label(palette=True)` writes such files) or `palette_ids` says its
+    indices are train ids: a colour label saved as a palette PNG holds palette slots, not classes,
+    and is refused with the command that converts it."""
+    a, palette = _read_png(path)
+    a = validate_label(a, source=str(path))
+    if palette is not None and not palette_ids:
+        present = np.flatnonzero(np.bincount(a.ravel(), minlength=256)[:NUM_CLASSES])
+        table = np.zeros((256, 3), np.int64)
+        table[: len(palette) // 3] = np.asarray(palette[: len(palette) // 3 * 3]).reshape(-1, 3)
+        if not np.array_equal(table[present], PALETTE[present]):
+            raise LabelError(f"{path}: a palette PNG whose colours are not the trainId colours, so its indices "
+                             f"are palette slots, not train ids; convert a colour label with `python -m "
+                             f"segmentation.labels convert --source color FOLDER` (or, if the indices are train ids, "
+                             f"load it with palette_ids=True)")
+    return a
 
 
 def save_label(label, path: str | os.PathLike, palette: bool = False) -> None:
@@ -279,9 +321,9 @@ def train_id_path(raw_path: str | os.PathLike) -> Path:
 
 def find_raw_labels(folder: str | os.PathLike, source: str, recursive: bool = False) -> list[Path]:
     """Raw label PNGs of a folder, sorted. Cityscapes: ``*_labelIds.png`` (the folders also hold
-    ``_color``/``_instanceIds`` files); GTA and Mapillary: every ``*.png`` that is not a
-    ``*_labelTrainIds.png``. Hidden files are skipped."""
-    if source not in LUTS:
+    ``_color``/``_instanceIds`` files); GTA, Mapillary and colour labels: every ``*.png`` that is
+    not a ``*_labelTrainIds.png``. Hidden files are skipped."""
+    if source not in SOURCES:
         raise ValueError(f"unknown label source {source!r}; expected one of {SOURCES}")
     folder = Path(folder)
     if not folder.is_dir():
@@ -297,7 +339,15 @@ def convert_file(raw_path: str | os.PathLike, source: str, overwrite: bool = Fal
     out = train_id_path(raw_path)
     if out.exists() and not overwrite:
         return False
-    save_label(to_train_ids(read_png_indices(raw_path), source), out)
+    if source == "color":
+        try:
+            with Image.open(raw_path) as im:
+                raw = np.array(im.convert("RGB"))
+        except OSError as e:
+            raise LabelError(f"{raw_path}: cannot read label image ({e})") from e
+    else:
+        raw = read_png_indices(raw_path)
+    save_label(to_train_ids(raw, source), out)
     return True
 
 
@@ -325,13 +375,19 @@ def convert_folder(folder: str | os.PathLike, source: str, recursive: bool = Fal
     return report
 
 
+def label_files(folder: str | os.PathLike, pattern: str = "*" + TRAIN_ID_SUFFIX, recursive: bool = False) -> list[Path]:
+    """The files of `folder` matching `pattern`, sorted; ``FileNotFoundError`` for a missing folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"not a folder: {folder}")
+    return sorted(p for p in (folder.rglob(pattern) if recursive else folder.glob(pattern)) if p.is_file())
+
+
 def check_folder(folder: str | os.PathLike, pattern: str = "*" + TRAIN_ID_SUFFIX,
                  recursive: bool = False) -> list[str]:
     """Validate every trainId label of a folder; returns the error messages (empty when all pass)."""
-    folder = Path(folder)
-    files = sorted(folder.rglob(pattern) if recursive else folder.glob(pattern))
     errors = []
-    for p in files:
+    for p in label_files(folder, pattern, recursive):
         try:
             load_label(p)
         except LabelError as e:
@@ -339,30 +395,39 @@ def check_folder(folder: str | os.PathLike, pattern: str = "*" + TRAIN_ID_SUFFIX
     return errors
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m segmentation.labels", description=__doc__.split("\n")[0])
+def get_parser():
+    ap = cli.parser("python -m segmentation.labels", __doc__, common=False)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("convert", help="raw label ids -> *_labelTrainIds.png next to them")
-    c.add_argument("folder")
-    c.add_argument("--source", required=True, choices=SOURCES)
+    c = cli.add_subcommand(sub, "convert", "raw label ids (or trainId colours) -> *_labelTrainIds.png next to them")
+    c.add_argument("folder", help="folder of raw label PNGs")
+    c.add_argument("--source", required=True, choices=SOURCES,
+                   help="what the files hold: GTA / Cityscapes / Mapillary ids, or trainId colours (color)")
     c.add_argument("--recursive", action="store_true", help="also convert sub-folders")
     c.add_argument("--overwrite", action="store_true", help="re-convert existing outputs")
-    c.add_argument("--workers", type=int, default=1)
-    k = sub.add_parser("check", help="validate *_labelTrainIds.png files (values 0..18, 255)")
-    k.add_argument("folder")
-    k.add_argument("--pattern", default="*" + TRAIN_ID_SUFFIX)
-    k.add_argument("--recursive", action="store_true")
-    args = ap.parse_args(argv)
+    c.add_argument("--workers", type=cli.positive_int, default=1, help="processes converting files")
+    k = cli.add_subcommand(sub, "check", "validate *_labelTrainIds.png files (values 0..18, 255)")
+    k.add_argument("folder", help="folder of trainId label PNGs")
+    k.add_argument("--pattern", default="*" + TRAIN_ID_SUFFIX, help="file name pattern")
+    k.add_argument("--recursive", action="store_true", help="also check sub-folders")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
     if args.cmd == "convert":
         r = convert_folder(args.folder, args.source, args.recursive, args.overwrite, args.workers)
         print(f"converted {len(r['written'])}, skipped {len(r['skipped'])} (already converted)")
         return 0
+    files = label_files(args.folder, args.pattern, args.recursive)
+    if not files:
+        raise LabelError(f"{args.folder}: no file matches {args.pattern!r}"
+                         + ("" if args.recursive else " (sub-folders: --recursive)"))
     errors = check_folder(args.folder, args.pattern, args.recursive)
     for e in errors:
         print(e, file=sys.stderr)
-    print(f"{len(errors)} invalid file(s)")
+    print(f"{len(files)} file(s) checked, {len(errors)} invalid")
     return 1 if errors else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_cli(main))

@@ -31,6 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ldm import cli
 from ldm.atomic import write_text
 
 from .labels import CLASS_NAMES, IGNORE, NUM_CLASSES, TRAIN_ID_SUFFIX, LabelError, load_label
@@ -61,6 +62,7 @@ class ClassStats:
     counts: np.ndarray  # (F, 19) int64
     void: np.ndarray  # (F,) int64
     shapes: np.ndarray  # (F, 2) int64
+    pattern: str = DEFAULT_PATTERN  # the file names counted
 
     def path(self, i: int) -> Path:
         return self.folder / self.files[i]
@@ -170,6 +172,7 @@ def class_stats(folder: str | os.PathLike, pattern: str = DEFAULT_PATTERN, recur
         counts=np.array([e["counts"] for e in entries], dtype=np.int64).reshape(n, NUM_CLASSES),
         void=np.array([e["void"] for e in entries], dtype=np.int64).reshape(n),
         shapes=np.array([[e["height"], e["width"]] for e in entries], dtype=np.int64).reshape(n, 2),
+        pattern=pattern,
     )
 
 
@@ -205,6 +208,8 @@ class RareClassSampler:
     def __init__(self, stats: ClassStats, temperature: float = DEFAULT_TEMPERATURE,
                  min_pixels: int = DEFAULT_MIN_PIXELS, crop_size=None):
         self.stats = stats
+        if not stats.files:
+            raise RCSError(f"{stats.folder}: no file matches {stats.pattern!r}")
         classes, probs = stats.class_probs(temperature)
         self.files = {int(c): stats.eligible(int(c), min_pixels, crop_size) for c in classes}
         keep = np.array([self.files[int(c)].size > 0 for c in classes], dtype=bool)
@@ -311,10 +316,12 @@ def add_stats_arguments(p: argparse.ArgumentParser) -> None:
     """The label-folder arguments of the command lines built on `class_stats` (this module's
     ``stats``; ``python -m mrlf.jobs``); `stats_from_args` reads them."""
     p.add_argument("folder", help="label folder (trainId PNGs)")
-    p.add_argument("--pattern", default=DEFAULT_PATTERN)
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
-    p.add_argument("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--pattern", default=DEFAULT_PATTERN, help="label file name pattern")
+    p.add_argument("--temperature", type=cli.positive, default=DEFAULT_TEMPERATURE,
+                   help="RCS temperature T of softmax((1 - f_c) / T)")
+    p.add_argument("--min-pixels", type=cli.non_negative_int, default=DEFAULT_MIN_PIXELS,
+                   help="files eligible for class c: more than this many pixels of c")
+    p.add_argument("--workers", type=cli.positive_int, default=1, help="processes counting pixels")
     p.add_argument("--cache", default=None, help=f"statistics cache file (default FOLDER/{CACHE_NAME})")
     p.add_argument("--no-cache", action="store_true", help="do not read or write a cache")
 
@@ -324,12 +331,17 @@ def stats_from_args(args: argparse.Namespace) -> ClassStats:
     return class_stats(args.folder, pattern=args.pattern, cache=cache, workers=args.workers)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m segmentation.rcs", description="Rare class sampling tools "
-                                 "(gen files of RCS-drawn jobs: python -m mrlf.jobs)")
+def get_parser() -> argparse.ArgumentParser:
+    ap = cli.parser("python -m segmentation.rcs", "Rare class sampling tools (gen files of RCS-drawn jobs: "
+                    "python -m mrlf.jobs).\n\nexample:\n    python -m segmentation.rcs stats data/gta/labels",
+                    common=False)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    add_stats_arguments(sub.add_parser("stats", help="class statistics and RCS probabilities of a label folder"))
-    args = ap.parse_args(argv)
+    add_stats_arguments(cli.add_subcommand(sub, "stats", "class statistics and RCS probabilities of a label folder"))
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
     stats = stats_from_args(args)
     classes, probs = stats.class_probs(args.temperature)
     tot = stats.totals()
@@ -342,4 +354,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_cli(main))

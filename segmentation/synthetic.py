@@ -34,10 +34,13 @@ import argparse
 import functools
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+from ldm import cli
 
 # Cityscapes trainIds (segmentation/labels.py holds names and palette; only the ids are needed here).
 (ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, TRAFFIC_LIGHT, TRAFFIC_SIGN, VEGETATION, TERRAIN, SKY,
@@ -534,17 +537,26 @@ def write_examples(out: str, n: int, seed: int = 0, height: int = 512, width: in
     return paths
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Write synthetic street-scene label maps (trainIds, mode L PNG).")
+DESCRIPTION = "Write synthetic street-scene label maps (trainIds, mode L PNG)."
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = cli.parser("python -m segmentation.synthetic", f"{DESCRIPTION}\n\nexample:\n"
+                   "    python -m segmentation.synthetic --out data/synthetic_labels --n 100 --height 512 --width 1024")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--n", type=int, default=4, help="number of maps")
-    p.add_argument("--seed", type=int, default=0, help="global seed; map i uses seed sequence [seed, i]")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=1024)
-    a = p.parse_args(argv)
+    p.add_argument("--n", type=cli.positive_int, default=4, help="number of maps")
+    p.add_argument("--seed", type=cli.non_negative_int, default=0,
+                   help="global seed; map i uses seed sequence [seed, i]")
+    p.add_argument("--height", type=cli.integer(16), default=512, help="map height in pixels")
+    p.add_argument("--width", type=cli.integer(16), default=1024, help="map width in pixels")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = get_parser().parse_args(argv)
     for path in write_examples(a.out, a.n, a.seed, a.height, a.width):
         print(path)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_cli(main))

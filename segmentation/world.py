@@ -24,12 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ldm import cli
 from ldm.atomic import atomic_file, write_text
 from segmentation.labels import CLASS_NAMES, TRAIN_ID_SUFFIX, save_label
 from segmentation.synthetic import (BICYCLE, BUILDING, BUS, CAR, FENCE, MOTORCYCLE, PERSON, POLE, RIDER, ROAD,
@@ -436,19 +438,29 @@ def write_world(root: str | os.PathLike, spec: WorldSpec = WorldSpec()) -> Path:
     return root
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m segmentation.world",
-                                description="Render the miniature world's datasets (source, prior, evaluation).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def get_parser() -> argparse.ArgumentParser:
+    p = cli.parser("python -m segmentation.world", """Render the miniature world's datasets (source, prior, evaluation).
+
+example:
+    python -m segmentation.world --out data/world""")
     p.add_argument("--out", required=True, help="output folder")
     d = WorldSpec()
-    names = ("base", "source", "prior", "eval", "oracle", "styles", "seed")
-    for name in names:
-        p.add_argument(f"--{name}", type=int, default=getattr(d, name))
-    a = p.parse_args(argv)
-    write_world(a.out, WorldSpec(**{n: getattr(a, n) for n in names}))
+    helps = {"base": "scene height in pixels (scenes are base x 2*base)", "source": "labelled source-style scenes",
+             "prior": "captioned prior-style scenes", "eval": "labelled scenes per evaluation style",
+             "oracle": "labelled scenes in every style (an oracle segmenter's training set)",
+             "styles": "crops per style for the style classifier", "seed": "global seed"}
+    for name in helps:
+        p.add_argument(f"--{name}", type=cli.integer(8) if name == "base" else cli.non_negative_int,
+                       default=getattr(d, name), help=helps[name])
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = get_parser().parse_args(argv)
+    write_world(a.out, WorldSpec(**{n: getattr(a, n) for n in ("base", "source", "prior", "eval", "oracle",
+                                                                  "styles", "seed")}))
     print(a.out)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_cli(main))

@@ -125,7 +125,7 @@ def test_bad_inputs_fail_clearly(labels, tmp_path):
     with pytest.raises(ValueError, match="smaller than the crop"):
         generate.main(["--label-maps", str(labels / "00000_labelTrainIds.png"), "--out", str(tmp_path / "o3"),
                        "--size", "128", "--steps", "1", "--no-progress"])
-    assert not any((tmp_path / "o3" / "images").iterdir())  # nothing half-written
+    assert not (tmp_path / "o3").exists()  # nothing half-written, not even an empty output tree
 
 
 def test_unwritable_output(labels, tmp_path):
@@ -162,3 +162,105 @@ def test_sampler_flag(full_run, labels, tmp_path, sampler):
 
 def test_sample_seed_is_stable():
     assert generate.sample_seed(0, 5) == generate.sample_seed(0, 5) != generate.sample_seed(1, 5)
+
+
+# ---------------------------------------------------------------------------------------
+# Runs that must not mix, numbers that must mean something, inputs checked up front
+# ---------------------------------------------------------------------------------------
+
+def test_resume_with_other_settings_is_refused(full_run, labels, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(full_run, out)
+    before = (out / "manifest.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=r"steps.*2.*3") as e:
+        _run(out, labels, "--steps", "3", n=4)
+    assert "--overwrite" in str(e.value)
+    with pytest.raises(ValueError, match=r"seed.*0.*1"):
+        _run(out, labels, "--seed", "1")
+    with pytest.raises(ValueError, match="size|height"):
+        generate.main(["--labels", str(labels), "-n", "3", "--out", str(out), *FAST[2:], "--size", "128"])
+    assert (out / "manifest.jsonl").read_bytes() == before  # nothing was added
+    assert _run(out, labels, n=4) == 0  # the same settings resume (here: one more sample)
+    assert [r["index"] for r in _manifest(out)] == [0, 1, 2, 3]
+
+    assert _run(out, labels, "--steps", "3", "--overwrite", n=2) == 0  # an explicit fresh start
+    rows = _manifest(out)
+    assert [r["index"] for r in rows] == [0, 1] and {r["settings"]["sampling"]["steps"] for r in rows} == {3}
+    assert sorted(os.listdir(out / "images")) == sorted(os.path.basename(r["image"]) for r in rows)
+
+
+def test_sample_ids_differ_across_seeds(labels, tmp_path):
+    ids = []
+    for seed in ("0", "1"):
+        assert generate.main(["--label-maps", str(labels / "00000_labelTrainIds.png"), "--seed", seed,
+                              "--out", str(tmp_path / seed), *FAST]) == 0
+        ids += [r["id"] for r in _manifest(tmp_path / seed)]
+    assert len(set(ids)) == 2
+
+
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["-n", "-3"], ["--guidance", "nan"], ["--guidance", "inf"],
+                                 ["--size", "0"], ["--seed", "-1"], ["--weather-prob", "1.5"], ["--view-batch", "0"],
+                                 ["--stride", "0"], ["--only", "-1"], ["--control-scale", "nan"], ["--threads", "0"]])
+def test_numbers_are_checked_when_parsed(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        generate.parse_args(bad)
+    assert e.value.code == 2 and bad[0] in capsys.readouterr().err
+
+
+def test_only_an_existing_sample_adds_no_manifest_line(labels, tmp_path):
+    assert _run(tmp_path, labels, "--only", "1") == 0
+    first = (tmp_path / "images").iterdir().__next__().read_bytes()
+    assert _run(tmp_path, labels, "--only", "1", "1") == 0
+    rows = _manifest(tmp_path)
+    assert [r["index"] for r in rows] == [1]
+    assert next((tmp_path / "images").iterdir()).read_bytes() == first
+
+
+def test_every_input_is_checked_before_anything_is_written(labels, tmp_path):
+    good = labels / "00000_labelTrainIds.png"
+    bad = tmp_path / "bad_labelTrainIds.png"
+    Image.fromarray(np.full((96, 128), 42, np.uint8)).save(bad)
+    with pytest.raises(ValueError, match="bad_labelTrainIds"):
+        generate.main(["--label-maps", str(good), str(bad), "--out", str(tmp_path / "o"), *FAST])
+    small = tmp_path / "small_labelTrainIds.png"
+    save_label(np.zeros((32, 32), np.uint8), small)
+    with pytest.raises(ValueError, match="small_labelTrainIds.*smaller"):
+        generate.main(["--label-maps", str(good), str(small), "--out", str(tmp_path / "o"), *FAST])
+    assert not (tmp_path / "o").exists()  # a failed run leaves no (empty) output tree
+
+
+def test_a_folder_without_label_files_names_the_pattern(tmp_path):
+    (tmp_path / "empty").mkdir()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "empty" / "a.png")
+    with pytest.raises(ValueError, match=r"no file.*_labelTrainIds\.png"):
+        generate.main(["--labels", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), *FAST])
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_square_crops_and_several_images_per_label(labels, tmp_path):
+    src = labels / "00001_labelTrainIds.png"
+    assert generate.main(["--label-maps", str(src), "--out", str(tmp_path), *FAST, "--height", "64", "--width", "128",
+                          "--images-per-label", "3"]) == 0
+    rows = _manifest(tmp_path)
+    assert [r["index"] for r in rows] == [0, 1, 2] and len({r["seed"] for r in rows}) == 3
+    assert len({r["id"] for r in rows}) == 3
+    images = [np.asarray(Image.open(tmp_path / r["image"])) for r in rows]
+    assert all(im.shape == (64, 128, 3) for im in images)
+    assert not np.array_equal(images[0], images[1])
+    assert all(r["crop_box"] == [0, 16, 128, 80] for r in rows)  # the centre crop of the 96x128 map
+    assert np.asarray(Image.open(tmp_path / rows[0]["label"])).shape == (64, 128)
+
+
+def test_progress_follows_the_steps_and_writes_lines_into_a_log(labels, tmp_path, capsys, monkeypatch):
+    from ldm import cli
+
+    calls = []
+    update = cli.Progress.update
+    monkeypatch.setattr(cli.Progress, "update", lambda self, n=1, *a, **k: (calls.append(n), update(self, n, *a, **k)))
+    assert generate.main(["--labels", str(labels), "-n", "2", "--out", str(tmp_path), *FAST[:-1]]) == 0
+    assert calls.count(1) == sum(calls) == 2 * 2 * 2  # two samples, two passes of two steps: one update per step
+    err = capsys.readouterr().err
+    assert "\r" not in err  # not a terminal: whole lines
+    assert "8/8 steps" in err and "sample 2/2" in err

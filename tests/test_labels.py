@@ -246,3 +246,39 @@ def test_convert_cityscapes_and_cli(tmp_path):
     assert L.main(["check", "--recursive", str(tmp_path)]) == 0
     _write(sub / "b_labelTrainIds.png", np.array([[77]], np.uint8), "L")
     assert L.main(["check", "--recursive", str(tmp_path)]) == 1
+
+
+def test_a_colour_label_saved_as_a_palette_png_is_refused(tmp_path):
+    """Palette indices are train ids only under the trainId palette (or when the caller says so)."""
+    colours = L.PALETTE[[13, 0, 10]]  # car, road, sky
+    rgb = colours[np.array([[0, 1], [2, 2]])]
+    Image.fromarray(rgb).quantize(colors=3).save(tmp_path / "colour.png")  # slots 0..2 in the order PIL picks
+    assert _mode(tmp_path / "colour.png") == "P"
+    with pytest.raises(L.LabelError, match=r"colour\.png.*palette.*segmentation\.labels convert --source color"):
+        L.load_label(tmp_path / "colour.png")
+    assert L.load_label(tmp_path / "colour.png", palette_ids=True).max() <= 2  # told: the indices are ids
+
+    ids = np.array([[0, 13, 255], [10, 2, 2]], np.uint8)
+    grey = _write(tmp_path / "grey.png", ids, "P", palette=[v for i in range(256) for v in (i, i, i)])
+    with pytest.raises(L.LabelError, match="palette"):
+        L.load_label(grey)
+    np.testing.assert_array_equal(L.load_label(grey, palette_ids=True), ids)
+
+    # the suggested conversion: colours -> train ids, other colours -> 255
+    Image.fromarray(np.concatenate([rgb, [[[81, 0, 81], [0, 0, 0]]]]).astype(np.uint8)).save(tmp_path / "rgb.png")
+    assert L.main(["convert", "--source", "color", str(tmp_path)]) == 0
+    assert L.load_label(tmp_path / "colour_labelTrainIds.png").tolist() == [[13, 0], [10, 10]]
+    assert L.load_label(tmp_path / "rgb_labelTrainIds.png").tolist() == [[13, 0], [10, 10], [255, 255]]
+
+
+def test_check_refuses_a_missing_folder_and_a_folder_without_labels(tmp_path, capsys):
+    from ldm.cli import run_cli
+
+    with pytest.raises(FileNotFoundError, match="does_not_exist"):
+        L.main(["check", str(tmp_path / "does_not_exist")])
+    (tmp_path / "x.png").write_bytes(b"")
+    with pytest.raises(L.LabelError, match=r"no file matches '\*_labelTrainIds\.png'"):
+        L.main(["check", str(tmp_path)])
+    assert run_cli(L.main, ["check", str(tmp_path / "does_not_exist")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "does_not_exist" in err

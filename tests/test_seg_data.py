@@ -471,3 +471,19 @@ def test_evaluate_cli_table_and_json(tmp_path, capsys):
     assert "road" in printed and "mIoU" in printed and f"{100 * cs['mIoU']:.1f}" in printed
     table = format_table({"x": {"mIoU": 0.51234, "IoU": {"road": 0.9876, "sidewalk": None}}})
     assert "98.8" in table and "51.2" in table and "-" in table.splitlines()[3]
+
+
+def test_evaluate_and_adherence_show_progress(tmp_path, capsys):
+    from segmentation.evaluate import main as evaluate_main
+
+    write_generated(tmp_path / "gen", 3, size=32)
+    ckpt = save_segmentor(build_segmentor("tiny"), tmp_path / "m.safetensors")
+    evaluate_main(["--checkpoint", str(ckpt), "--dataset", f"dginstyle:{tmp_path / 'gen'}", "--mode", "whole",
+                   "--device", "cpu", "--out", str(tmp_path / "res.json")])
+    err = capsys.readouterr().err
+    assert "dginstyle: 3/3 images (100%)" in err and "ETA" in err and "\r" not in err  # a log gets lines
+    adherence_main(["--checkpoint", str(ckpt), "--generated", str(tmp_path / "gen"), "--device", "cpu"])
+    assert "adherence: 3/3 samples (100%)" in capsys.readouterr().err
+    adherence_main(["--checkpoint", str(ckpt), "--generated", str(tmp_path / "gen"), "--device", "cpu",
+                    "--no-progress"])
+    assert "samples (100%)" not in capsys.readouterr().err

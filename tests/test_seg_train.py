@@ -252,3 +252,29 @@ def test_two_process_gloo_run(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed from" in (out / "log.txt").read_text()
     assert [p.name for p in (out / "checkpoints").glob("*.pt")] == ["step_0000006.pt"]
+
+
+def test_divergence_stops_the_run_with_finite_checkpoints_only(tmp_path, one_thread):
+    from train.common import TrainingDiverged, list_checkpoints, load_checkpoint, non_finite
+
+    src = write_scenes(tmp_path / "src", 3, size=48)
+    gen = write_scenes(tmp_path / "gen", 3, size=32, seed=1, generated=True)
+    out = tmp_path / "a"
+    with pytest.raises(TrainingDiverged, match="non-finite|NaN"):
+        main(_args(out, src, gen, "--max-iters", "60", "--ckpt-every", "1", "--keep-last", "2", "--lr", "1e6",
+                   "--warmup-iters", "0", "--max-bad-steps", "3"))
+    kept = list_checkpoints(out / "checkpoints")
+    assert kept and not any(non_finite(load_checkpoint(p)["model"]) for p in kept)
+    assert not (out / "model.safetensors").exists()
+
+
+def test_resume_uses_the_new_learning_rate(tmp_path, one_thread):
+    src = write_scenes(tmp_path / "src", 3, size=48)
+    gen = write_scenes(tmp_path / "gen", 3, size=32, seed=1, generated=True)
+    main(_args(tmp_path / "a", src, gen, "--max-iters", "6"))
+    main(_args(tmp_path / "b", src, gen, "--max-iters", "3", "--ckpt-every", "3"))
+    main(_args(tmp_path / "b", src, gen, "--max-iters", "6", "--resume", "auto", "--lr", "2e-3"))
+    lr = lambda out: [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    a, b = lr(tmp_path / "a"), lr(tmp_path / "b")
+    assert b[-1] == pytest.approx(2 * a[-1])  # step 6, where both schedules have the same factor
+    assert "lr: 0.001 -> 0.002" in (tmp_path / "b" / "log.txt").read_text()

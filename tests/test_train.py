@@ -625,3 +625,126 @@ def test_two_processes_gloo(gta, tmp_path, script):
         _assert_same_tensors(load_controlnet(out / "controlnet.safetensors").state_dict(), ck["model"])
     else:
         _assert_same_tensors(ckpt_io.load_unet(out / "unet.safetensors").state_dict(), ck["model"])
+
+
+# ---------------------------------------------------------------------------------------
+# Faults: divergence, changed settings on resume, unreadable checkpoints, leftovers
+# ---------------------------------------------------------------------------------------
+
+def _all_finite(state) -> bool:
+    return all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+def test_divergence_stops_with_an_error_and_keeps_the_finite_checkpoints(gta, tmp_path):
+    """--lr 1e4 diverges within a few steps: the run stops with one clear error, every checkpoint left is
+    finite (the rotation never deletes the last finite one) and nothing is exported."""
+    out = tmp_path / "out"
+    with pytest.raises(common.TrainingDiverged, match=r"non-finite.*--lr") as e:
+        run_controlnet(gta, out, lr=1e4, max_steps=40, ckpt_every=1, keep_last=2, batch_size=2, grad_accum=1,
+                       max_bad_steps=3)
+    assert "\n" not in str(e.value)
+    kept = common.list_checkpoints(out / "checkpoints")
+    assert kept and all(_all_finite(common.load_checkpoint(p)["model"]) for p in kept)
+    assert not (out / "controlnet.safetensors").exists() and not (out / "controlnet").exists()
+    log = (out / "log.txt").read_text()
+    assert "skipped" in log and "non-finite" in log
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_non_finite_steps_are_skipped_then_the_run_stops(gta, tmp_path, monkeypatch, precision):
+    """A NaN loss skips its update (weights untouched, as AMP's loss scaling does under fp16); N in a row
+    stop the run."""
+    real = finetune_unet.diffusion_loss
+    calls = []
+
+    def loss(*a):
+        calls.append(1)
+        value = real(*a)
+        return value * float("nan") if len(calls) in (3, 5, 6) or len(calls) >= 9 else value
+
+    monkeypatch.setattr(finetune_unet, "diffusion_loss", loss)
+    out = tmp_path / "out"
+    with pytest.raises(common.TrainingDiverged, match="3 optimizer steps in a row"):
+        run_finetune(gta / "images", out, max_steps=20, batch_size=1, grad_accum=1, ckpt_every=1, keep_last=100,
+                     lr=1e-3, max_bad_steps=3, mixed_precision=precision, no_export=True)
+    steps = {int(p.stem[5:]): common.load_checkpoint(p)["model"] for p in common.list_checkpoints(out / "checkpoints")}
+    assert all(_all_finite(m) for m in steps.values())
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(steps[2], steps[3]) and not same(steps[3], steps[4])  # step 3 skipped, step 4 trained
+    assert same(steps[4], steps[6]) and not same(steps[6], steps[7])  # two bad steps in a row do not stop
+    assert max(steps) == 10 and same(steps[8], steps[10])  # 9, 10 skipped; the third in a row (11) stops
+    assert "3 optimizer steps in a row" in (out / "log.txt").read_text()
+
+
+def test_resume_applies_changed_hyper_parameters_and_says_so(gta, tmp_path):
+    out = tmp_path / "out"
+    run_finetune(gta / "images", out, max_steps=2, lr=2e-6, ckpt_every=1, no_export=True)
+    metrics = run_finetune(gta / "images", out, max_steps=3, lr=1e-3, batch_size=2, resume="auto", no_export=True)
+    assert [m["lr"] for m in metrics] == [2e-6, 2e-6, 1e-3]
+    assert len(metrics[-1]["samples"][0]) == 2
+    log = (out / "log.txt").read_text()
+    assert "lr: 2e-06 -> 0.001" in log and "batch_size: 1 -> 2" in log
+
+
+def test_resume_auto_falls_back_from_an_unreadable_checkpoint(gta, tmp_path):
+    kw = dict(max_steps=3, lr=1e-3, ckpt_every=1, no_export=True)
+    run_finetune(gta / "images", tmp_path / "full", **kw)
+    out = tmp_path / "out"
+    run_finetune(gta / "images", out, **{**kw, "max_steps": 2})
+    latest = common.checkpoint_path(out / "checkpoints", 2)
+    latest.write_bytes(latest.read_bytes()[:1000])  # a checkpoint cut short (a disk that filled up, a copy)
+    with pytest.raises(Exception, match="step_0000002.pt"):
+        run_finetune(gta / "images", out, **kw, resume=str(latest))  # asked for by name: an error naming it
+    run_finetune(gta / "images", out, **kw, resume="auto")
+    log = (out / "log.txt").read_text()
+    assert "step_0000002.pt" in log and "falling back to" in log and "step_0000001.pt" in log
+    _assert_same_tensors(_ckpt(out, 3)["model"], _ckpt(tmp_path / "full", 3)["model"])
+    assert (out / "checkpoints" / "step_0000002.pt.unreadable").exists()  # kept aside, out of the rotation
+
+
+def test_resume_removes_what_a_killed_export_left(gta, tmp_path):
+    out = tmp_path / "out"
+    run_finetune(gta / "images", out, max_steps=1, ckpt_every=1, no_export=True)
+    stale = out / ".controlnet.12345-0badf00d.tmp"
+    (stale / "unet").mkdir(parents=True)
+    os.utime(stale, (1, 1))
+    run_finetune(gta / "images", out, max_steps=2, resume="auto", no_export=True)
+    assert not stale.exists()
+
+
+def test_training_logs_progress_eta_and_says_whether_tensorboard_writes(gta, tmp_path, monkeypatch):
+    import types
+
+    scalars = []
+
+    class Writer:
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, step))
+
+        def add_image(self, *a, **k):
+            pass
+
+        def close(self):
+            pass
+
+    run_finetune(gta / "images", tmp_path / "a", max_steps=2, no_export=True)
+    log = (tmp_path / "a" / "log.txt").read_text()
+    assert "step       2/2" in log and "ETA" in log and "samples_per_s" in log
+    assert "TensorBoard" in log  # on or off, the log says so
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    run_finetune(gta / "images", tmp_path / "b", max_steps=2, no_export=True)
+    assert ("loss", 1) in scalars and ("loss", 2) in scalars
+    assert "TensorBoard" in finetune_unet.get_parser().format_help()
+
+
+@pytest.mark.parametrize("bad", [["--batch-size", "0"], ["--grad-accum", "0"], ["--max-steps", "-1"], ["--lr", "nan"],
+                                 ["--lr", "0"], ["--ema-decay", "1.5"], ["--resolution", "0"], ["--keep-last", "-1"],
+                                 ["--max-bad-steps", "0"]])
+@pytest.mark.parametrize("module", [finetune_unet, train_controlnet])
+def test_numbers_are_checked_when_parsed(module, bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.get_parser().parse_args(["--tiny", "--data", "x", "--output-dir", "y", *bad])
+    assert e.value.code == 2 and bad[0] in capsys.readouterr().err

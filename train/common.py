@@ -10,9 +10,11 @@ Typical use, top to bottom::
 
     d, log, tb, amp_dtype = start_run(args)      # torchrun env -> process group, device; seeds; rank-0 log
     ddp = DDP(model, ...) if d.distributed else model
-    state = resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt, scaler=scaler)
+    state = resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt, scaler=scaler,
+                              config=vars(args))
     step = state["step"] if state is not None else 0
     meter = Meter(step)
+    guard, progress = DivergenceGuard(args.max_bad_steps, log), step_progress(step, args.max_steps, d)
     ...
     for micro in range(accum):
         with no_sync(ddp, sync=micro == accum - 1):     # all-reduce grads on the last micro-step only
@@ -20,14 +22,25 @@ Typical use, top to bottom::
                 loss = ...
             scaler.scale(loss / accum).backward()
         meter.add(loss=loss)
+    grad_norm = optimizer_step(opt, scaler, max_grad_norm=1.0)  # skipped when not finite
+    step += 1
+    guard.check(grad_norm, step)                 # stops a run that keeps diverging
+    progress.update()
     ...
     metrics = meter.means(d)                     # the same numbers on every rank
-    log_metrics(log, out, step, metrics, d, tb)  # rank 0: the log line and out/metrics.jsonl
+    log_metrics(log, out, step, metrics, d, tb, progress)  # rank 0: the log line and out/metrics.jsonl
     save_checkpoint(ckpt_dir, step, {"model": model.state_dict(), ...}, d, keep_last=3)
     ...
     finish_run(log, tb)                          # wait for rank 0's exports
-    # and in `if __name__ == "__main__":`, after main(args) has returned:
-    cleanup_distributed()
+    # and in `if __name__ == "__main__":`, main(args) then cleanup_distributed(), one-line errors:
+    sys.exit(cli.run_cli(lambda argv: run(main, get_parser().parse_args(argv))))
+
+Faults: `optimizer_step` skips an update whose loss or gradient is not finite (as AMP's loss
+scaling does under fp16) and `DivergenceGuard` stops the run with `TrainingDiverged` after
+``--max-bad-steps`` such steps in a row; `save_checkpoint` and the exports refuse non-finite
+tensors, so the rotation never replaces the last finite checkpoint. `resume_checkpoint` applies
+(and logs) hyper-parameters changed on the command line, and ``--resume auto`` falls back from an
+unreadable latest checkpoint to the one before.
 
 Checkpoints (``step_0001000.pt``) hold whatever state dict the script passes, plus ``step``,
 ``world_size`` and ``rng``: the python / numpy / torch CPU / CUDA generator states of *every* rank
@@ -60,6 +73,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from ldm import cli
 from ldm.atomic import atomic_file, clean_stale
 from segmentation.datasets import (DatasetError, IndexStream, MixedDataset, RCSConfig, SegDataset, TrainSource,
                                    parse_ratio, parse_spec)
@@ -194,18 +208,29 @@ def requires_grad(model: nn.Module, flag: bool = True) -> nn.Module:
 # A run: its command-line groups, its start and its end
 # ---------------------------------------------------------------------------------------
 
+RUN_HELP = """OUTPUT holds log.txt, metrics.jsonl and checkpoints/. The log lines show step / max steps,
+samples/s and the ETA (a terminal also gets a progress bar). TensorBoard: when the tensorboard
+package is installed, the scalars also go to OUTPUT/tensorboard (the log's first lines say whether
+they do); it is not a dependency."""
+
+
 def add_run_arguments(p: argparse.ArgumentParser, *, num_workers: int, log_every: int, ckpt_every: int,
                       keep_last: int):
     """The "run" argument group of every script (defaults per script); returns it for the script's own."""
-    g = p.add_argument_group("run")
-    g.add_argument("--output-dir", required=True)
-    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run", RUN_HELP)
+    g.add_argument("--output-dir", required=True, metavar="OUTPUT", help="where logs, checkpoints and exports go")
+    g.add_argument("--seed", type=cli.non_negative_int, default=0, help="global seed (rank r uses seed * world + r)")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--num-workers", type=int, default=num_workers)
-    g.add_argument("--log-every", type=int, default=log_every)
-    g.add_argument("--ckpt-every", type=int, default=ckpt_every)
-    g.add_argument("--keep-last", type=int, default=keep_last, help="checkpoints kept")
-    g.add_argument("--resume", help="'auto' (latest in OUTPUT/checkpoints, if any) or a checkpoint path")
+    g.add_argument("--num-workers", type=cli.non_negative_int, default=num_workers, help="DataLoader workers per rank")
+    g.add_argument("--log-every", type=cli.positive_int, default=log_every, help="optimizer steps between log lines")
+    g.add_argument("--ckpt-every", type=cli.positive_int, default=ckpt_every,
+                   help="optimizer steps between checkpoints")
+    g.add_argument("--keep-last", type=cli.non_negative_int, default=keep_last, help="checkpoints kept (0: all)")
+    g.add_argument("--resume", help="'auto' (latest readable checkpoint in OUTPUT/checkpoints, if any) or a checkpoint "
+                                    "path; changed hyper-parameters are applied and logged")
+    g.add_argument("--max-bad-steps", type=cli.positive_int, default=20,
+                   help="stop after this many optimizer steps in a row with a non-finite loss or gradient (each is "
+                        "skipped; fp16 loss scaling skips a few while it finds its scale)")
     return g
 
 
@@ -214,23 +239,23 @@ def add_diffusion_optimisation(p: argparse.ArgumentParser, *, batch_size: int, g
     """The "optimisation" group of the diffusion scripts (U-Net fine-tuning, ControlNet training):
     AdamW with a constant lr, clipping, mixed precision with fp32 master weights, EMA."""
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=batch_size, help="micro-batch per GPU")
-    g.add_argument("--grad-accum", type=int, default=grad_accum, help="micro-batches per optimizer step")
-    g.add_argument("--max-steps", type=int, default=max_steps)
-    g.add_argument("--lr", type=float, default=lr)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--weight-decay", type=float, default=1e-2)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--batch-size", type=cli.positive_int, default=batch_size, help="micro-batch per GPU")
+    g.add_argument("--grad-accum", type=cli.positive_int, default=grad_accum, help="micro-batches per optimizer step")
+    g.add_argument("--max-steps", type=cli.non_negative_int, default=max_steps, help="optimizer steps in all")
+    g.add_argument("--lr", type=cli.positive, default=lr, help="AdamW learning rate (constant)")
+    g.add_argument("--adam-beta1", type=cli.real(0, 1, open_max=True), default=0.9, help="AdamW beta1")
+    g.add_argument("--adam-beta2", type=cli.real(0, 1, open_max=True), default=0.999, help="AdamW beta2")
+    g.add_argument("--weight-decay", type=cli.non_negative, default=1e-2, help="AdamW (decoupled) weight decay")
+    g.add_argument("--adam-eps", type=cli.positive, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--max-grad-norm", type=cli.positive, default=1.0, help="gradient clipping norm")
     g.add_argument("--mixed-precision", choices=PRECISIONS, default="auto",
                    help="autocast dtype with fp32 master weights (frozen models are cast to it); "
                         "auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass (the trained model and a frozen U-Net)")
     g.add_argument("--ema", action="store_true", help="keep an EMA of the trained weights (exports then hold it)")
-    g.add_argument("--ema-decay", type=float, default=0.9999)
-    g.add_argument("--no-tf32", dest="tf32", action="store_false", help="disable TF32 matmuls on CUDA")
+    g.add_argument("--ema-decay", type=cli.fraction, default=0.9999, help="EMA decay per optimizer step")
+    g.add_argument("--no-tf32", dest="tf32", action="store_false", help="disable TF32 matmuls on CUDA (on by default)")
     return g
 
 
@@ -245,6 +270,8 @@ def start_run(args) -> tuple[Dist, logging.Logger, Any, torch.dtype]:
     tb = open_tensorboard(args.output_dir, d)
     amp_dtype = compute_dtype(args.mixed_precision, d.device)
     log.info(f"rank {d.rank}/{d.world_size} on {d.device}, compute dtype {amp_dtype}; args: {json.dumps(vars(args))}")
+    log.info(f"TensorBoard: scalars in {Path(args.output_dir) / 'tensorboard'}" if tb is not None else
+             "TensorBoard: not installed, no scalars (metrics.jsonl has them; pip install tensorboard for the plots)")
     return d, log, tb, amp_dtype
 
 
@@ -254,6 +281,14 @@ def finish_run(log: logging.Logger, tb=None) -> None:
     log.info("done")
     if tb is not None:
         tb.close()
+
+
+def run(main, args) -> int:
+    """A script's command line: ``main(args)``, then the process group ends once main's locals (the
+    DDP wrapper, its pending work) are freed. Under ``ldm.cli.run_cli``, a known error is one line."""
+    main(args)
+    cleanup_distributed()
+    return 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -308,7 +343,7 @@ def add_segmentation_arguments(p: argparse.ArgumentParser) -> None:
     """The model, data, optimisation and feature-distance groups of the segmentation scripts (the
     DGInStyle-SegModel recipe; see train/train_segmentation.py's docstring)."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="daformer_mitb5", choices=sorted(PRESETS))
+    g.add_argument("--model", default="daformer_mitb5", choices=sorted(PRESETS), help="segmentor preset")
     g.add_argument("--tiny", action="store_true", help="the 'tiny' preset (random, for smoke tests)")
     g.add_argument("--pretrained", help="official ImageNet MiT weights (mit_b5.pth), loaded strictly")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs")
@@ -331,34 +366,37 @@ def add_segmentation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mix-ratio", default=None, help="source:generated sampling ratio, e.g. 1:1 "
                                                      "(default: uniform over the union of files)")
     g.add_argument("--rcs", action="store_true", help="rare-class sampling for the source data")
-    g.add_argument("--rcs-temperature", type=float, default=0.01)
-    g.add_argument("--rcs-min-pixels", type=int, default=3000)
-    g.add_argument("--rcs-min-crop-ratio", type=float, default=0.5)
-    g.add_argument("--source-scale", type=int, nargs="*", default=[1280, 720], metavar="EDGE",
+    g.add_argument("--rcs-temperature", type=cli.positive, default=0.01, help="rare-class sampling temperature")
+    g.add_argument("--rcs-min-pixels", type=cli.non_negative_int, default=3000,
+                   help="files eligible for class c: > this many pixels of c")
+    g.add_argument("--rcs-min-crop-ratio", type=cli.non_negative, default=0.5,
+                   help="re-crop until the crop holds this x the min pixels of the class")
+    g.add_argument("--source-scale", type=cli.positive_int, nargs="*", default=[1280, 720], metavar="EDGE",
                    help="resize source images to fit LONG SHORT (keep ratio); nothing: no resize")
-    g.add_argument("--gen-scale", type=int, nargs="*", default=None, metavar="EDGE",
+    g.add_argument("--gen-scale", type=cli.positive_int, nargs="*", default=None, metavar="EDGE",
                    help="resize generated images to fit LONG SHORT (e.g. 1024 1024 for HR configs)")
-    g.add_argument("--crop", type=int, default=512,
+    g.add_argument("--crop", type=cli.positive_int, default=512,
                    help="training crop (HR configs / HRDA: 1024, with --source-scale 2560 1440 --gen-scale 1024 1024)")
-    g.add_argument("--cat-max-ratio", type=float, default=0.75)
+    g.add_argument("--cat-max-ratio", type=cli.fraction, default=0.75,
+                   help="re-draw a crop in which one class covers more than this share")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=2, help="per GPU")
-    g.add_argument("--max-iters", type=int, default=40000)
-    g.add_argument("--lr", type=float, default=6e-5)
-    g.add_argument("--head-lr-mult", type=float, default=10.0)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup-iters", type=int, default=1500)
-    g.add_argument("--warmup-ratio", type=float, default=1e-6)
-    g.add_argument("--poly-power", type=float, default=1.0)
+    g.add_argument("--batch-size", type=cli.positive_int, default=2, help="per GPU")
+    g.add_argument("--max-iters", type=cli.non_negative_int, default=40000, help="optimizer steps in all")
+    g.add_argument("--lr", type=cli.positive, default=6e-5, help="AdamW learning rate (peak of the poly schedule)")
+    g.add_argument("--head-lr-mult", type=cli.positive, default=10.0, help="learning rate factor of the head")
+    g.add_argument("--weight-decay", type=cli.non_negative, default=0.01, help="AdamW weight decay")
+    g.add_argument("--warmup-iters", type=cli.non_negative_int, default=1500, help="linear warm-up steps")
+    g.add_argument("--warmup-ratio", type=cli.fraction, default=1e-6, help="warm-up start as a share of --lr")
+    g.add_argument("--poly-power", type=cli.non_negative, default=1.0, help="power of the poly decay")
     g.add_argument("--mixed-precision", choices=PRECISIONS, default="auto",
                    help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     g = p.add_argument_group("ImageNet feature distance on thing classes (DAFormer; DGInStyle: --fd-lambda 0.005)")
-    g.add_argument("--fd-lambda", type=float, default=0.0,
+    g.add_argument("--fd-lambda", type=cli.non_negative, default=0.0,
                    help="weight of the feature distance to the frozen initial (ImageNet) backbone; 0 = off. "
                         "The DGInStyle recipe (DAFormer / HRDA, dacs_fdthings_srconly) uses 0.005")
     g.add_argument("--fd-classes", type=int, nargs="+", default=list(THING_CLASSES), metavar="ID",
                    help="trainIds whose (downscaled) cells count; the default is DAFormer's thing classes")
-    g.add_argument("--fd-min-ratio", type=float, default=0.75,
+    g.add_argument("--fd-min-ratio", type=cli.fraction, default=0.75,
                    help="a feature cell takes its majority class only if it covers this share of the cell")
 
 
@@ -366,14 +404,19 @@ def add_segmentation_eval_arguments(p: argparse.ArgumentParser) -> None:
     """The evaluation group of the segmentation scripts."""
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", nargs="*", default=[], metavar="LAYOUT:PATH", help="e.g. cityscapes:data/cityscapes")
-    g.add_argument("--eval-split", default=None)
-    g.add_argument("--eval-every", type=int, default=4000)
-    g.add_argument("--eval-mode", choices=("slide", "whole"), default="slide")
-    g.add_argument("--eval-crop", type=int, default=None, help="sliding window (default: the model's, 512; HRDA 1024)")
-    g.add_argument("--eval-stride", type=int, default=None, help="its stride (default: the model's, 256; HRDA 512)")
+    g.add_argument("--eval-split", default=None,
+                   help="split of the evaluation sets (default: each layout's validation split)")
+    g.add_argument("--eval-every", type=cli.non_negative_int, default=4000,
+                   help="optimizer steps between evaluations (0: none)")
+    g.add_argument("--eval-mode", choices=("slide", "whole"), default="slide",
+                   help="sliding-window or whole-image inference")
+    g.add_argument("--eval-crop", type=cli.positive_int, default=None,
+                   help="sliding window (default: the model's, 512; HRDA 1024)")
+    g.add_argument("--eval-stride", type=cli.positive_int, default=None,
+                   help="its stride (default: the model's, 256; HRDA 512)")
     g.add_argument("--eval-hr", action=argparse.BooleanOptionalAction, default=None,
                    help="double the layouts' test scales (the 1024 configs; default: on for HRDA models)")
-    g.add_argument("--eval-limit", type=int, default=None, help="first N images per dataset")
+    g.add_argument("--eval-limit", type=cli.positive_int, default=None, help="first N images per dataset")
 
 
 def check_segmentation_arguments(p: argparse.ArgumentParser, a) -> None:
@@ -578,7 +621,7 @@ def create_logger(output_dir: str | os.PathLike | None, d: Dist, name: str = "tr
     logger.propagate = False
     if d.is_main:
         fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+        handlers: list[logging.Handler] = [_TerminalHandler(sys.stdout)]
         if output_dir is not None:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             handlers.append(logging.FileHandler(Path(output_dir) / "log.txt"))
@@ -589,6 +632,14 @@ def create_logger(output_dir: str | os.PathLike | None, d: Dist, name: str = "tr
     else:
         logger.addHandler(logging.NullHandler())
     return logger
+
+
+class _TerminalHandler(logging.StreamHandler):
+    """Log lines on stdout that first erase the progress bar a terminal shows (redrawn at the next step)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        cli.clear_live_bar()
+        super().emit(record)
 
 
 def open_tensorboard(output_dir: str | os.PathLike, d: Dist):
@@ -602,27 +653,90 @@ def open_tensorboard(output_dir: str | os.PathLike, d: Dist):
     return SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
 
-def optimizer_step(opt, scaler, params, max_grad_norm: float | None = None):
+def optimizer_step(opt, scaler, params=None, max_grad_norm: float | None = None) -> torch.Tensor:
     """One update after the (accumulated) backward passes: unscale (fp16), clip, step, update the
-    scaler, zero the grads. Returns the gradient norm before clipping (None without clipping)."""
-    norm = None
+    scaler, zero the grads. Returns the gradient norm before clipping (`params`: the optimizer's
+    when None).
+
+    A non-finite norm (a NaN or inf in the loss or a gradient) skips the update: weights and
+    optimizer state stay as they were, as AMP's loss scaling does under fp16, where the scaler
+    also lowers its scale. `DivergenceGuard` stops a run whose steps keep being skipped."""
+    params = [p for g in opt.param_groups for p in g["params"]] if params is None else list(params)
+    scaler.unscale_(opt)
     if max_grad_norm is not None:
-        scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    scaler.step(opt)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if torch.isfinite(norm):
+        scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
     return norm
 
 
-def log_metrics(log, output_dir: str | os.PathLike, step: int, metrics: Mapping[str, Any], d: Dist, tb=None) -> None:
-    """Log one line on rank 0 (numbers only; with the peak CUDA memory) and append the metrics to
-    ``metrics.jsonl`` / TensorBoard."""
+class TrainingDiverged(RuntimeError):
+    """Training produced non-finite losses, gradients or weights; nothing non-finite is saved."""
+
+
+class DivergenceGuard:
+    """Counts the optimizer steps `optimizer_step` skipped for a non-finite gradient; `max_bad` in a
+    row stop the run with `TrainingDiverged` (the same on every rank: DDP's gradients are all-reduced)."""
+
+    def __init__(self, max_bad: int, logger: logging.Logger):
+        self.max_bad, self.log, self.bad = int(max_bad), logger, 0
+
+    def check(self, grad_norm: torch.Tensor, step: int) -> None:
+        if torch.isfinite(grad_norm):
+            self.bad = 0
+            return
+        self.bad += 1
+        self.log.warning(f"step {step}: non-finite loss or gradient (norm {float(grad_norm)}): update skipped "
+                         f"({self.bad} in a row; the run stops at {self.max_bad})")
+        if self.bad >= self.max_bad:
+            msg = (f"training diverged: {self.bad} optimizer steps in a row had a non-finite loss or gradient (the "
+                   f"last at step {step}); the weights were not updated by them and every checkpoint written is "
+                   f"finite. Lower --lr (or keep --max-grad-norm clipping, or train in bf16/fp32), then --resume")
+            self.log.error(msg)
+            raise TrainingDiverged(msg)
+
+
+def non_finite(state: Any, prefix: str = "") -> list[str]:
+    """Names of the floating tensors in a (nested) state that hold NaN or inf."""
+    if torch.is_tensor(state):
+        return [prefix or "tensor"] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    if isinstance(state, Mapping):
+        return [n for k, v in state.items() for n in non_finite(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(state, (list, tuple)):
+        return [n for i, v in enumerate(state) for n in non_finite(v, f"{prefix}[{i}]")]
+    return []
+
+
+def check_finite(state: Any, what: str) -> None:
+    """`TrainingDiverged` naming the first tensors of `state` that hold NaN or inf (nothing is written)."""
+    bad = non_finite(state)
+    if bad:
+        raise TrainingDiverged(f"{what}: {len(bad)} tensor(s) hold NaN or inf ({', '.join(bad[:3])}"
+                               f"{', ...' if len(bad) > 3 else ''}), not written; training diverged. Lower --lr and "
+                               f"--resume from the last checkpoint")
+
+
+def log_metrics(log, output_dir: str | os.PathLike, step: int, metrics: Mapping[str, Any], d: Dist, tb=None,
+                progress: cli.Progress | None = None) -> None:
+    """Log one line on rank 0 (numbers only; with the peak CUDA memory and, given the run's
+    `progress`, step / max steps, elapsed time and ETA) and append the metrics to ``metrics.jsonl`` /
+    TensorBoard."""
     if d.device.type == "cuda":
         metrics = {**metrics, "max_mem_gb": torch.cuda.max_memory_allocated(d.device) / 2**30}
     nums = "  ".join(f"{k} {v:.5g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-    log.info(f"step {step:7d}  {nums}")
+    where = f"step {step:7d}" + (f"/{progress.total}" if progress is not None else "")
+    log.info(f"{where}  {nums}" + (f"  | {progress.timing()}" if progress is not None else ""))
     write_metrics(output_dir, step, metrics, d, tb)
+
+
+def step_progress(step: int, max_steps: int, d: Dist) -> cli.Progress:
+    """The run's progress over optimizer steps: a bar on rank 0's terminal (stderr) between the log
+    lines, nothing in a log (the log lines carry step / max steps and the ETA)."""
+    return cli.Progress(max_steps, "train", "steps", initial=step, lines=False, enabled=d.is_main)
 
 
 class Meter:
@@ -816,6 +930,7 @@ def save_checkpoint(checkpoint_dir: str | os.PathLike, step: int, state: Mapping
     with `generators`). Rank 0 writes a temporary file in the same folder and renames it, then
     deletes all but the newest `keep_last` checkpoints; every rank waits for it (barrier).
     """
+    check_finite({k: state[k] for k in state if k != "config"}, f"checkpoint of step {step}")
     rngs = gather_objects(rng_state(generators), d)
     path = checkpoint_path(checkpoint_dir, step)
     if d.is_main:
@@ -849,21 +964,95 @@ def restore_rng(ckpt: Mapping, d: Dist, generators: Mapping[str, torch.Generator
     return True
 
 
+# Settings that may change on a resume without a word: how long to run, where and how often to log,
+# save, sample or evaluate, and the command line's own.
+RESUME_FREE = {"resume", "output_dir", "max_steps", "max_iters", "log_every", "ckpt_every", "keep_last", "num_workers",
+               "device", "threads", "debug", "max_bad_steps", "no_progress", "num_samples", "num_validation"}
+RESUME_FREE_PREFIXES = ("sample_", "validation_", "eval", "export")
+
+
+def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``"lr: 2e-06 -> 0.001"`` for every training setting that differs between a checkpoint's
+    config and this run's arguments (`RESUME_FREE` ones aside)."""
+    out = []
+    for k in sorted(saved.keys() & now.keys()):
+        if k in RESUME_FREE or k.startswith(RESUME_FREE_PREFIXES):
+            continue
+        a, b = json.loads(json.dumps(saved[k], default=str)), json.loads(json.dumps(now[k], default=str))
+        if a != b:
+            out.append(f"{k}: {json.dumps(a)} -> {json.dumps(b)}")
+    return out
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that cannot be loaded (cut short, corrupt, not a checkpoint)."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """`load_checkpoint`, with any failure as `UnreadableCheckpoint` naming the file."""
+    try:
+        return load_checkpoint(path)
+    except Exception as e:  # torch.load reports a cut-short zip as RuntimeError, others as EOFError, pickle errors ...
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UnreadableCheckpoint(f"{path}: cannot read the checkpoint ({reason})") from e
+
+
+def load_resumable(path: Path, auto: bool, d: Dist, logger: logging.Logger) -> tuple[Path, dict] | None:
+    """The checkpoint at `path` (and that path); with `auto`, an unreadable one is set aside
+    (renamed ``*.unreadable`` by rank 0, out of the rotation) and the previous one is tried, down
+    to a fresh start (None) when none is readable."""
+    while True:
+        try:
+            return path, read_checkpoint(path)
+        except UnreadableCheckpoint as e:
+            if not auto:
+                raise
+            earlier = [p for p in list_checkpoints(path.parent) if p != path and int(CHECKPOINT_RE.match(p.name)[1]) <
+                       int(CHECKPOINT_RE.match(path.name)[1])]
+            logger.warning(f"{e}: falling back to " + (str(earlier[-1]) if earlier else "a fresh start") +
+                           f" ({path.name} is kept as {path.name}.unreadable)")
+            barrier()  # every rank has tried the file before rank 0 moves it
+            if d.is_main and path.exists():
+                os.replace(path, path.with_name(path.name + ".unreadable"))
+            if not earlier:
+                return None
+            path = earlier[-1]
+
+
 def resume_checkpoint(resume: str | None, checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, d: Dist,
                       logger: logging.Logger, *, model: nn.Module, optimizer, scaler=None,
-                      ema: nn.Module | None = None) -> dict | None:
+                      ema: nn.Module | None = None, config: Mapping[str, Any] | None = None) -> dict | None:
     """``--resume``: the checkpoint to continue from (`resolve_resume`), or None for a fresh start.
 
     Loads the model, optimizer and grad-scaler states (and the EMA's: the model's for a checkpoint
     saved without one), puts this rank's RNG states back (`restore_rng`) and drops the
     ``metrics.jsonl`` rows logged after the checkpoint's step, which the resumed run logs again.
-    Returns the checkpoint, for ``step`` and the script's own entries."""
+    Returns the checkpoint, for ``step`` and the script's own entries.
+
+    With "auto", an unreadable latest checkpoint (cut short by a full disk, say) is set aside as
+    ``step_*.pt.unreadable`` and the one before it is used, with a warning. The optimizer's
+    hyper-parameters (lr, betas, weight decay, ...) are this run's, as `config` (the script's
+    ``vars(args)``) may change them: every setting that differs from the checkpoint's ``config`` is
+    logged. Temporary files a killed run left in `output_dir` and its sub-folders are removed."""
+    for folder in (Path(output_dir), *(p for p in Path(output_dir).glob("*") if p.is_dir())):
+        clean_stale(folder)
     path = resolve_resume(resume, checkpoint_dir)
     if path is None:
         return None
-    state = load_checkpoint(path)
+    found = load_resumable(path, auto=resume == "auto", d=d, logger=logger)
+    if found is None:
+        return None
+    path, state = found
     model.load_state_dict(state["model"])
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    for group, hyper in zip(optimizer.param_groups, fresh):
+        group.update(hyper)
+    if config is not None:
+        changed = changed_settings(state.get("config") or {}, config)
+        if changed:
+            logger.warning("resuming with changed settings, which apply from here on (the run no longer continues "
+                           f"the checkpoint's exactly): {'; '.join(changed)}")
     if scaler is not None:
         scaler.load_state_dict(state["scaler"])
     if ema is not None:

@@ -17,8 +17,8 @@ training from scratch. --train-text-encoder trains the text encoder too (--text-
 --lr-scheduler cosine with --lr-warmup-steps suits training from scratch.
 
 Single GPU:
-    python -m train.finetune_unet --base stable-diffusion-v1-5/stable-diffusion-v1-5 \
-        --data data/gta/images --output-dir runs/unet_s \
+    python -m train.finetune_unet --base stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --data data/gta/images --output-dir runs/unet_s \\
         --batch-size 1 --grad-accum 2 --max-steps 30000 --gradient-checkpointing
 N GPUs on one machine (batch and accumulation are per GPU; the effective batch is N x B x A):
     torchrun --standalone --nproc_per_node=N -m train.finetune_unet ...same arguments...
@@ -42,6 +42,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -51,6 +52,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ldm import checkpoint as ckpt_io
 from ldm.clip import CLIPTextModel
 from ldm.config import CLIPTextConfig, UNetConfig, preset
+from ldm import cli
+from ldm.atomic import atomic_file
 from ldm.sd import StableDiffusion
 from ldm.unet import UNetModel
 from mrlf.pipeline import Pipeline, SamplingSettings
@@ -165,6 +168,7 @@ def sample_grid(sd: StableDiffusion, unet, prompts: list[str], n: int, resolutio
 
 
 def export(args, unet, sd: StableDiffusion, base_folder: Path | None, out: Path, log) -> None:
+    common.check_finite(unet.state_dict(), "the U-Net to export")
     dtype = ckpt_io.DTYPES[args.export_dtype]
     unet = unet.to("cpu", torch.float32).eval()
     vae = sd.vae.to("cpu", torch.float32)
@@ -227,8 +231,8 @@ def main(args):
                 if args.train_text_encoder else ""))
 
     step, position = 0, 0  # optimizer steps; items this rank has drawn from its sampler stream
-    state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=unet, optimizer=opt,
-                                     scaler=scaler, ema=ema)
+    state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=unet, optimizer=opt, scaler=scaler,
+                                     ema=ema, config=vars(args))
     if state is not None:
         step, position = state["step"], state.get("sampler", {}).get("position", 0)
         if args.train_text_encoder:
@@ -261,6 +265,8 @@ def main(args):
     amp = common.autocast(d.device, amp_dtype)
     batches = iter(loader)
     meter = common.Meter(step)
+    guard = common.DivergenceGuard(args.max_bad_steps, log)
+    progress = common.step_progress(step, args.max_steps, d)
     descs = []
     while step < args.max_steps:
         for g in opt.param_groups:
@@ -277,22 +283,24 @@ def main(args):
                 scaler.scale(loss / args.grad_accum).backward()
             meter.add(loss=loss)
         grad_norm = common.optimizer_step(opt, scaler, [p for g in groups for p in g["params"]], args.max_grad_norm)
+        step += 1
+        guard.check(grad_norm, step)
         if ema is not None:
             common.update_ema(ema, unet, args.ema_decay)
-        step += 1
+        progress.update()
 
         if step % args.log_every == 0 or step == args.max_steps:
             metrics = meter.means(d) | {"grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
                                         "samples_per_s": meter.samples_per_s(step, per_step * d.world_size),
                                         "samples": common.gather_objects(list(descs), d)}
-            common.log_metrics(log, out, step, metrics, d, tb)
+            common.log_metrics(log, out, step, metrics, d, tb, progress)
             meter.restart(step)
 
         if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps) and d.is_main:
             grid = sample_grid(sd, ema if ema is not None else unet, args.sample_prompt, args.num_samples,
                                args.resolution, args.sample_steps, args.seed, amp, te)
-            (out / "samples").mkdir(parents=True, exist_ok=True)
-            grid.save(out / "samples" / f"step_{step:07d}.png")
+            with atomic_file(out / "samples" / f"step_{step:07d}.png") as tmp:
+                grid.save(tmp, format="PNG")
             if tb is not None:
                 import numpy as np
                 tb.add_image("samples", np.asarray(grid), step, dataformats="HWC")
@@ -306,14 +314,14 @@ def main(args):
             path = common.save_checkpoint(ckpt_dir, step, state, d, keep_last=args.keep_last)
             log.info(f"saved {path}")
 
+    progress.close()
     if d.is_main and args.export:
         export(args, ema if ema is not None else unet, sd, base_folder, out, log)
     common.finish_run(log, tb)
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("python -m train.finetune_unet", __doc__)
     g = p.add_argument_group("model and data")
     g.add_argument("--base", help="SD-1.5 weights: a diffusers pipeline folder, a CompVis single file, our native file, "
                                   "or a model id in the local HF cache")
@@ -321,7 +329,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", required=True, help="folder of training images (searched recursively), or an image "
                                                  f"folder with captions in {METADATA_FILE}")
     g.add_argument("--caption-column", default="text", help=f"the caption key of {METADATA_FILE}")
-    g.add_argument("--proportion-empty-prompts", type=float, default=0.0,
+    g.add_argument("--proportion-empty-prompts", type=cli.fraction, default=0.0,
                    help="share of captions replaced by the empty prompt (for classifier-free guidance)")
     g.add_argument("--random-flip", action="store_true", help="flip images horizontally with probability 1/2")
     g.add_argument("--vae", help="the VAE from this checkpoint instead of --base's")
@@ -330,9 +338,9 @@ def get_parser() -> argparse.ArgumentParser:
                                          "instead of --base's: training from scratch")
     g.add_argument("--text-encoder-config", help="a freshly initialised text encoder of this config")
     g.add_argument("--train-text-encoder", action="store_true", help="train the text encoder with the U-Net")
-    g.add_argument("--text-encoder-lr", type=float, help="its learning rate (default: --lr)")
-    g.add_argument("--resolution", type=int, default=512)
-    g.add_argument("--scales", type=float, nargs="+", default=list(DREAMBOOTH_SCALES),
+    g.add_argument("--text-encoder-lr", type=cli.positive, help="its learning rate (default: --lr)")
+    g.add_argument("--resolution", type=cli.integer(8), default=512, help="training crop side in pixels")
+    g.add_argument("--scales", type=cli.positive, nargs="+", default=list(DREAMBOOTH_SCALES),
                    help="random rescale ratios applied before the crop")
     g.add_argument("--center-crop", action="store_true", help="centre crop instead of a random crop")
     g.add_argument("--prompt", default="", help="instance prompt (DGInStyle: empty)")
@@ -340,17 +348,17 @@ def get_parser() -> argparse.ArgumentParser:
                    help="cache VAE moments in DIR (needs a deterministic view: --center-crop and a single --scales)")
     g = common.add_diffusion_optimisation(p, batch_size=1, grad_accum=2, max_steps=30000, lr=2e-6)
     g.add_argument("--lr-scheduler", choices=("constant", "cosine"), default="constant")
-    g.add_argument("--lr-warmup-steps", type=int, default=0)
+    g.add_argument("--lr-warmup-steps", type=cli.non_negative_int, default=0, help="linear warm-up steps")
     g = common.add_run_arguments(p, num_workers=2, log_every=10, ckpt_every=1000, keep_last=3)
-    g.add_argument("--sample-every", type=int, default=200, help="0: no sample grids")
+    g.add_argument("--sample-every", type=cli.non_negative_int, default=200,
+                   help="optimizer steps between sample grids (0: none)")
     g.add_argument("--sample-prompt", nargs="+", default=[SAMPLE_PROMPT], help="one grid row per prompt")
-    g.add_argument("--sample-steps", type=int, default=25)
-    g.add_argument("--num-samples", type=int, default=4)
+    g.add_argument("--sample-steps", type=cli.positive_int, default=25, help="DDIM steps of the sample grids")
+    g.add_argument("--num-samples", type=cli.positive_int, default=4, help="images per sample grid")
     g.add_argument("--no-export", dest="export", action="store_false", help="skip the final exports")
-    g.add_argument("--export-dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    g.add_argument("--export-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of the exports")
     return p
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
-    common.cleanup_distributed()  # after main's locals (the DDP wrapper, its pending work) are freed
+    sys.exit(cli.run_cli(lambda argv: common.run(main, get_parser().parse_args(argv))))

@@ -13,7 +13,7 @@ and, with --prior PATH, swapped onto U^P (the Style Swap check the original skip
 --inference_basemodel_path was unused).
 
 Single GPU (the original: batch 2 x accumulation 4):
-    python -m train.train_controlnet --base runs/unet_s/diffusers --prior stable-diffusion-v1-5/stable-diffusion-v1-5 \
+    python -m train.train_controlnet --base runs/unet_s/diffusers --prior stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --data data/gta --output-dir runs/controlnet --batch-size 2 --grad-accum 4 --max-steps 100000
 N GPUs on one machine (batch and accumulation are per GPU):
     torchrun --standalone --nproc_per_node=N -m train.train_controlnet ...same arguments...
@@ -22,7 +22,7 @@ Resume (exact: same world size): add --resume auto or --resume PATH.
 (--layout paired), the original's dataset file (.jsonl) or any other trainId layout of
 segmentation/datasets.py (--layout NAME).
 Smoke run on CPU with random tiny models:
-    python -m train.train_controlnet --tiny --data some/paired_root --layout paired --output-dir /tmp/cn \
+    python -m train.train_controlnet --tiny --data some/paired_root --layout paired --output-dir /tmp/cn \\
         --resolution 64 --max-steps 20
 
 Outputs in --output-dir: log.txt, metrics.jsonl, label_stats.json (pixels seen per class, all ranks),
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from controlnet.checkpoint import load_controlnet, save_controlnet
 from controlnet.model import ControlNet
 from ldm import checkpoint as ckpt_io
+from ldm import cli
+from ldm.atomic import atomic_file, write_text
 from ldm.sd import StableDiffusion
 from mrlf.pipeline import Pipeline, SamplingSettings
 from mrlf.prompts import class_stack
@@ -194,7 +197,7 @@ def main(args):
     step, position = 0, 0  # optimizer steps; items this rank has drawn from its sampler stream
     label_totals = torch.zeros(len(CLASS_NAMES) + 1, dtype=torch.float64)  # + void; all ranks, previous runs
     state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=controlnet, optimizer=opt,
-                                     scaler=scaler, ema=ema)
+                                     scaler=scaler, ema=ema, config=vars(args))
     if state is not None:
         step, position = state["step"], state.get("sampler", {}).get("position", 0)
         label_totals = state.get("label_totals", label_totals).double()
@@ -225,6 +228,8 @@ def main(args):
     amp = common.autocast(d.device, amp_dtype)
     batches = iter(loader)
     meter = common.Meter(step)
+    guard = common.DivergenceGuard(args.max_bad_steps, log)
+    progress = common.step_progress(step, args.max_steps, d)
     label_counts = torch.zeros(256, dtype=torch.int64, device=d.device)
     descs = []
     while step < args.max_steps:
@@ -244,22 +249,24 @@ def main(args):
                 scaler.scale(loss / args.grad_accum).backward()
             meter.add(loss=loss)
         grad_norm = common.optimizer_step(opt, scaler, controlnet.parameters(), args.max_grad_norm)
+        step += 1
+        guard.check(grad_norm, step)
         if ema is not None:
             common.update_ema(ema, controlnet, args.ema_decay)
-        step += 1
+        progress.update()
 
         if step % args.log_every == 0 or step == args.max_steps:
             metrics = meter.means(d) | {"grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
                                         "samples_per_s": meter.samples_per_s(step, per_step * d.world_size),
                                         "samples": common.gather_objects(list(descs), d)}
-            common.log_metrics(log, out, step, metrics, d, tb)
+            common.log_metrics(log, out, step, metrics, d, tb, progress)
             meter.restart(step)
 
         if args.validation_every and (step % args.validation_every == 0 or step == args.max_steps) and d.is_main:
             grid, prompts = validate(sd, prior, ema if ema is not None else controlnet, val_labels, args, amp)
             log.info(f"validation grid at step {step}: prompts {prompts}")
-            (out / "validation").mkdir(parents=True, exist_ok=True)
-            grid.save(out / "validation" / f"step_{step:07d}.png")
+            with atomic_file(out / "validation" / f"step_{step:07d}.png") as tmp:
+                grid.save(tmp, format="PNG")
             if tb is not None:
                 tb.add_image("validation", np.asarray(grid), step, dataformats="HWC")
 
@@ -275,12 +282,14 @@ def main(args):
             path = common.save_checkpoint(ckpt_dir, step, state, d, keep_last=args.keep_last)
             if d.is_main:
                 names = list(CLASS_NAMES) + ["others"]
-                (out / "label_stats.json").write_text(json.dumps(
+                write_text(out / "label_stats.json", json.dumps(
                     {"step": step, "pixels": {n: int(v) for n, v in zip(names, totals.tolist())}}, indent=1) + "\n")
             log.info(f"saved {path}")
 
+    progress.close()
     if d.is_main and args.export:
         final = (ema if ema is not None else controlnet).to("cpu", torch.float32).eval()
+        common.check_finite(final.state_dict(), "the ControlNet to export")
         dtype = ckpt_io.DTYPES[args.export_dtype]
         p = save_controlnet(out / "controlnet.safetensors", final, "native", dtype=dtype, overwrite=True)
         log.info(f"exported {p} (native)")
@@ -290,8 +299,7 @@ def main(args):
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("python -m train.train_controlnet", __doc__)
     g = p.add_argument_group("models")
     g.add_argument("--base", help="U^S (fine-tuned SD-1.5): pipeline folder, CompVis file, native pipeline file")
     g.add_argument("--tiny", action="store_true", help="random tiny models instead of --base (tests, smoke runs)")
@@ -306,30 +314,33 @@ def get_parser() -> argparse.ArgumentParser:
                    help="a layout of segmentation.datasets with trainId labels; auto: gta, cityscapes or jsonl by "
                         "what --data holds")
     g.add_argument("--split", default="train", help="split of the split-based layouts (cityscapes, mapillary, ...)")
-    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--resolution", type=cli.integer(8), default=512, help="training crop side in pixels")
     g.add_argument("--crop", choices=("rcs", "random", "center"), default="rcs",
                    help="rcs: rare-class sampling; center: the original's default without RCS")
-    g.add_argument("--rcs-temperature", type=float, default=0.01)
-    g.add_argument("--rcs-min-pixels", type=int, default=3000, help="files eligible for class c: > this many pixels of c")
-    g.add_argument("--rcs-tries", type=int, default=1, help="crop placements per item (1: the original, no check)")
-    g.add_argument("--rcs-min-crop-ratio", type=float, default=0.01,
+    g.add_argument("--rcs-temperature", type=cli.positive, default=0.01, help="rare-class sampling temperature")
+    g.add_argument("--rcs-min-pixels", type=cli.non_negative_int, default=3000,
+                   help="files eligible for class c: > this many pixels of c")
+    g.add_argument("--rcs-tries", type=cli.positive_int, default=1,
+                   help="crop placements per item (1: the original, no check)")
+    g.add_argument("--rcs-min-crop-ratio", type=cli.fraction, default=0.01,
                    help="with --rcs-tries > 1: accept a crop with more than this fraction of class-c pixels")
-    g.add_argument("--resize-ratios", type=float, nargs="+",
+    g.add_argument("--resize-ratios", type=cli.positive, nargs="+",
                    help="random rescale ratios (default: 1.0; Cityscapes: 0.5 0.75 1 1.25 1.5)")
-    g.add_argument("--proportion-empty-prompts", type=float, default=0.0, help="caption dropout probability")
+    g.add_argument("--proportion-empty-prompts", type=cli.fraction, default=0.0, help="caption dropout probability")
     g.add_argument("--cache-latents", metavar="DIR", help="cache VAE moments in DIR (only with --crop center)")
     common.add_diffusion_optimisation(p, batch_size=2, grad_accum=4, max_steps=100000, lr=1e-5)
     g = common.add_run_arguments(p, num_workers=4, log_every=10, ckpt_every=2000, keep_last=3)
-    g.add_argument("--validation-every", type=int, default=1000, help="0: no validation")
+    g.add_argument("--validation-every", type=cli.non_negative_int, default=1000,
+                   help="optimizer steps between validation grids (0: none)")
     g.add_argument("--validation-labels", nargs="+", help="trainId label PNGs or a .jsonl validation file")
-    g.add_argument("--num-validation", type=int, default=4, help="training labels used when none are given")
-    g.add_argument("--validation-images", type=int, default=2, help="images per label and U-Net")
-    g.add_argument("--validation-steps", type=int, default=20, help="DDIM steps")
-    g.add_argument("--no-export", dest="export", action="store_false")
-    g.add_argument("--export-dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    g.add_argument("--num-validation", type=cli.positive_int, default=4,
+                   help="training labels used when none are given")
+    g.add_argument("--validation-images", type=cli.positive_int, default=2, help="images per label and U-Net")
+    g.add_argument("--validation-steps", type=cli.positive_int, default=20, help="DDIM steps")
+    g.add_argument("--no-export", dest="export", action="store_false", help="skip the final exports")
+    g.add_argument("--export-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of the exports")
     return p
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
-    common.cleanup_distributed()  # after main's locals (the DDP wrapper, its pending work) are freed
+    sys.exit(cli.run_cli(lambda argv: common.run(main, get_parser().parse_args(argv))))

@@ -44,9 +44,9 @@ N GPUs on one machine (batch is per GPU; mmseg's recipe is 1 GPU x 2):
     torchrun --standalone --nproc_per_node=N -m train.train_segmentation ...same arguments...
 HRDA with the HR data settings of exp 61 (1024 crops of GTA resized to 2560x1440, generated images
 resized to 1024x1024, RCS with min crop ratio 2.0, feature distance):
-    python -m train.train_segmentation --model hrda_daformer_mitb5 --pretrained pretrained/mit_b5.pth \
-        --source gta:data/gta --generated data/dginstyle_gen --crop 1024 --source-scale 2560 1440 \
-        --gen-scale 1024 1024 --rcs --rcs-min-crop-ratio 2.0 --fd-lambda 0.005 --shade \
+    python -m train.train_segmentation --model hrda_daformer_mitb5 --pretrained pretrained/mit_b5.pth \\
+        --source gta:data/gta --generated data/dginstyle_gen --crop 1024 --source-scale 2560 1440 \\
+        --gen-scale 1024 1024 --rcs --rcs-min-crop-ratio 2.0 --fd-lambda 0.005 --shade \\
         --eval cityscapes:data/cityscapes --output-dir runs/hrda
 DIFF on SD-1.5 (crops of 512, batch 1 per GPU as the original):
     python -m train.train_segmentation --model diff_sd15 --diff-unet stable-diffusion-v1-5/stable-diffusion-v1-5 \
@@ -67,11 +67,13 @@ segmentor with its config; for segmentation.evaluate / adherence).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ldm import cli
 from segmentation.models import save_segmentor
 from segmentation.models.shade import attach_style_hallucination, compute_basis, style_consistency_loss
 from train import common
@@ -97,7 +99,8 @@ def main(args):
     model, ddp, opt, scaler = common.segmentation_optimizer(args, model, d, log, amp_dtype)
 
     step = 0
-    state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt, scaler=scaler)
+    state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt, scaler=scaler,
+                                     config=vars(args))
     if state is not None:
         step = int(state["step"])
         common.restore_feature_distance(state, fd, args, log)
@@ -137,6 +140,8 @@ def main(args):
     if diff is not None:  # the model's IPKL loss: CE of both passes and the weighted consistency MSE
         terms += ["loss_uncond"] + (["loss_cond", "loss_consistency"] if diff.ipkl else [])
     meter, gen_n = common.Meter(step), 0  # gen_n: generated samples among this rank's since the last log line
+    guard = common.DivergenceGuard(args.max_bad_steps, log)
+    progress = common.step_progress(step, args.max_iters, d)
     for batch in loader:
         common.set_poly_lr(opt, args, step)
         image = batch["image"].to(d.device, non_blocking=True)
@@ -157,17 +162,19 @@ def main(args):
         loss = loss_ce + loss_fd + loss_sc
         res |= {"loss": loss, "loss_ce": loss_ce, "loss_fd": loss_fd, "loss_shade": loss_sc}
         scaler.scale(loss).backward()
-        common.optimizer_step(opt, scaler, None)
+        grad_norm = common.optimizer_step(opt, scaler)
         step += 1
+        guard.check(grad_norm, step)
         meter.add(**{k: res[k] for k in terms})
         gen_n += int((batch["group"] == 1).sum())
+        progress.update()
 
         if step % args.log_every == 0 or step == args.max_iters:
             metrics = meter.means(d)
             metrics |= {"lr": opt.param_groups[0]["lr"],
                         "generated_share": common.all_reduce_mean(gen_n / (meter.n * args.batch_size), d),
                         "samples_per_s": meter.samples_per_s(step, args.batch_size * d.world_size)}
-            common.log_metrics(log, out, step, metrics, d, tb)
+            common.log_metrics(log, out, step, metrics, d, tb, progress)
             meter.restart(step)
             gen_n = 0
 
@@ -186,26 +193,29 @@ def main(args):
         if step >= args.max_iters:
             break
 
+    progress.close()
     if d.is_main:
+        common.check_finite(common.unwrap(model).state_dict(), "the segmentor to export")
         path = save_segmentor(common.unwrap(model), out / "model.safetensors")
         log.info(f"exported {path}")
     common.finish_run(log, tb)
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("python -m train.train_segmentation", __doc__)
     common.add_segmentation_arguments(p)
     g = p.add_argument_group("SHADE style hallucination + style consistency (DGInStyle exp 61: --shade)")
     g.add_argument("--shade", action="store_true",
                    help="style hallucination on the MiT stage-1 output ([clean; hallucinated] batches, labels "
                         "duplicated) and the style-consistency loss")
-    g.add_argument("--shade-lambda", type=float, default=10.0, help="weight of the style-consistency loss")
-    g.add_argument("--shade-basis", type=int, default=64, help="number of basis styles (farthest-point sampled)")
-    g.add_argument("--shade-concentration", type=float, default=0.0156,
+    g.add_argument("--shade-lambda", type=cli.non_negative, default=10.0, help="weight of the style-consistency loss")
+    g.add_argument("--shade-basis", type=cli.positive_int, default=64,
+                   help="number of basis styles (farthest-point sampled)")
+    g.add_argument("--shade-concentration", type=cli.positive, default=0.0156,
                    help="Dirichlet concentration of the style combination weights")
-    g.add_argument("--shade-interval", type=int, default=4000,
+    g.add_argument("--shade-interval", type=cli.positive_int, default=4000,
                    help="recompute the basis after every N steps (and before the first)")
-    g.add_argument("--shade-images", type=int, default=None,
+    g.add_argument("--shade-images", type=cli.positive_int, default=None,
                    help="cap a basis pass at N source images (a fresh seeded draw each pass; default: all, "
                         "as the original)")
     common.add_segmentation_eval_arguments(p)
@@ -225,5 +235,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
-    common.cleanup_distributed()  # after main's locals (the DDP wrapper, its pending work) are freed
+    sys.exit(cli.run_cli(lambda argv: common.run(main, parse_args(argv))))
