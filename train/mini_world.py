@@ -139,7 +139,8 @@ def train_stages(out: Path, r: Recipe, run: Runner, args) -> dict:
     stage("render", w / "world.json", lambda: write_world(w, spec))
     stage("vae", out / "vae" / "vae.safetensors", lambda: run("vae", "train.train_vae", [
         "--data", w / "source" / "images", w / "prior" / "images", "--config", "mini",
-        "--resolution", r.vae_crop, "--batch-size", r.vae_batch, "--max-steps", r.vae_steps, "--lr", "1e-3",
+        "--resolution", r.vae_crop, "--batch-size", r.vae_batch, "--max-steps", r.vae_steps, "--lr", "3e-3",
+        "--rec-loss", "l2",
         "--warmup-steps", 100, "--ema", "--ema-decay", "0.99", "--sample-every", max(r.vae_steps // 4, 1),
         "--output-dir", out / "vae", "--num-workers", 0]))
     te = (["--text-encoder-config", "mini", "--train-text-encoder"] if r.text_encoder == "train"
