@@ -22,7 +22,6 @@ autocast of the trainable part):
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import platform
@@ -38,7 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.training import BenchError, make_workspace, run_script, steady_rate, time_median  # noqa: E402
+from bench.training import make_workspace, run_script, steady_rate, time_median  # noqa: E402
+from ldm import cli  # noqa: E402
 from ldm.formats import DTYPES  # noqa: E402
 from segmentation.models import PRESETS, build_segmentor  # noqa: E402
 
@@ -108,22 +108,22 @@ def training_row(a, base: Path, data: Path, work: Path) -> tuple:
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.parser("python bench/diff.py", __doc__)
     p.add_argument("--preset", choices=sorted(SIZES), default="tiny", help="sizes of the random diffusion weights")
     p.add_argument("--model", help="DIFF segmentor preset (default: diff_mini for tiny, diff_sd15 for sd15)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast of the trainable part")
-    p.add_argument("--size", type=int, help="crop side (default: 64 for tiny, 512 for sd15)")
-    p.add_argument("--batch", type=int, default=2, help="crops per extraction call")
-    p.add_argument("--classes", type=int, default=2, help="prompted classes present in the conditional pass")
-    p.add_argument("--train-batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=4, help="timed training steps")
-    p.add_argument("--train-warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup-calls", type=int, default=1)
-    p.add_argument("--images", type=int, default=4, help="street scenes drawn for the data folder")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the training run")
-    p.add_argument("--timeout", type=float, default=900, help="seconds for the training run")
+    p.add_argument("--size", type=cli.positive_int, help="crop side (default: 64 for tiny, 512 for sd15)")
+    p.add_argument("--batch", type=cli.positive_int, default=2, help="crops per extraction call")
+    p.add_argument("--classes", type=cli.non_negative_int, default=2, help="prompted classes present in the conditional pass")
+    p.add_argument("--train-batch", type=cli.positive_int, default=2, help="batch of the training run")
+    p.add_argument("--steps", type=cli.positive_int, default=4, help="timed training steps")
+    p.add_argument("--train-warmup", type=cli.non_negative_int, default=2, help="untimed training steps first")
+    p.add_argument("--repeats", type=cli.positive_int, default=3, help="timed calls per row (median)")
+    p.add_argument("--warmup-calls", type=cli.non_negative_int, default=1, help="untimed calls before a row")
+    p.add_argument("--images", type=cli.positive_int, default=4, help="street scenes drawn for the data folder")
+    p.add_argument("--workers", type=cli.non_negative_int, default=0, help="DataLoader workers of the training run")
+    p.add_argument("--timeout", type=cli.positive, default=900, help="seconds for the training run")
     p.add_argument("--no-train", action="store_true", help="extraction rows only")
     p.add_argument("--workdir", help="build here and keep it (default: a temporary folder, removed)")
     p.add_argument("--write", help="append the table to this markdown file")
@@ -160,7 +160,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BenchError as e:
-        sys.exit(f"bench/diff.py: {e}")
+    sys.exit(cli.run_cli(lambda argv: main(argv) and 0))  # a BenchError (a RuntimeError) is one line

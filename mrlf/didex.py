@@ -56,7 +56,8 @@ import numpy as np
 from PIL import Image
 
 from ldm.checkpoint import DTYPES
-from mrlf.generate import Output, Progress, device_and_dtype, load_models, sample_id, sample_seed
+from ldm import cli
+from mrlf.generate import Output, device_and_dtype, load_models, sample_id, sample_seed
 from mrlf.pipeline import Pipeline, SamplingSettings, from_pil
 from segmentation.datasets import SegDataset, pair_class_stats, parse_spec
 from segmentation.labels import CLASS_NAMES, IGNORE, NUM_CLASSES, TRAIN_ID_SUFFIX
@@ -244,48 +245,55 @@ def back_to_source(image: Image.Image, hw: tuple[int, int], size: tuple[int, int
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mrlf.didex", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_parser() -> argparse.ArgumentParser:
+    p = cli.parser("python -m mrlf.didex", __doc__)
     src = p.add_argument_group("inputs")
     src.add_argument("--source", required=True, metavar="LAYOUT:PATH",
                      help="labelled source images, e.g. gta:data/gta or folder:PATH (segmentation.datasets layouts)")
     src.add_argument("--source-split", default="train", help="split for split-based layouts")
-    src.add_argument("-n", "--num-samples", type=int, default=None,
+    src.add_argument("-n", "--num-samples", type=cli.positive_int, default=None,
                      help="samples (default: one per source image; more cycle over them)")
     src.add_argument("--shuffle", action="store_true", help="visit the source images in a seeded random order")
     m = p.add_argument_group("models")
     m.add_argument("--base", help="SD-1.5 file, folder or local HF cache id (default: tiny random model)")
     m.add_argument("--controlnet", help="label ControlNet (for --generator controlnet)")
     m.add_argument("--style-source", help="U^S checkpoint for the style knob (U-Net weights interpolated)")
-    m.add_argument("--style", type=float, default=0.0, help="0 = DGInStyle's swap (U^P), 1 = no swap (U^S)")
+    m.add_argument("--style", type=cli.fraction, default=0.0,
+                   help="0 = DGInStyle's swap (U^P), 1 = no swap (U^S)")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     m.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     g = p.add_argument_group("generation (defaults: DIDEX's)")
-    g.add_argument("--generator", choices=GENERATORS, default="img2img")
-    g.add_argument("--scale", type=float, default=0.5, help="source size factor for generation")
-    g.add_argument("--strength", type=float, default=None,
+    g.add_argument("--generator", choices=GENERATORS, default="img2img",
+                   help="img2img from the source image, txt2img from noise, or the label ControlNet")
+    g.add_argument("--scale", type=cli.positive, default=0.5, help="source size factor for generation")
+    g.add_argument("--strength", type=cli.real(0, 1, open_min=True), default=None,
                    help="img2img strength (default 0.9 for img2img, 1 = from noise for the others)")
-    g.add_argument("--steps", type=int, default=None, help="DDIM steps (default 25; 4 with the tiny model)")
-    g.add_argument("--guidance", type=float, default=DIDEX_SAMPLING.guidance_scale)
-    g.add_argument("--eta", type=float, default=DIDEX_SAMPLING.eta)
-    g.add_argument("--control-scale", type=float, default=1.0)
+    g.add_argument("--steps", type=cli.positive_int, default=None, help="DDIM steps (default 25; 4 with the tiny model)")
+    g.add_argument("--guidance", type=cli.finite, default=DIDEX_SAMPLING.guidance_scale,
+                   help="classifier-free guidance scale")
+    g.add_argument("--eta", type=cli.non_negative, default=DIDEX_SAMPLING.eta, help="DDIM eta")
+    g.add_argument("--control-scale", type=cli.finite, default=1.0, help="ControlNet residual scale")
     g.add_argument("--squeeze-padding", action="store_true",
                    help="resize the padded result to the source size, padding included (the original's way)")
     q = p.add_argument_group("prompts")
-    q.add_argument("--template", choices=sorted(TEMPLATES), default=DEFAULT_TEMPLATE)
-    q.add_argument("--base-prompt", default=BASE_PROMPT)
+    q.add_argument("--template", choices=sorted(TEMPLATES), default=DEFAULT_TEMPLATE, help="prompt template")
+    q.add_argument("--base-prompt", default=BASE_PROMPT, help="the prompt's opening")
     q.add_argument("--locations", nargs="+", help="default: the template's (europe, germany[, China, USA, India])")
     q.add_argument("--road-types", nargs="+", help="default: '' Highway City")
     q.add_argument("--conditions", nargs="+", help="default: DIDEX's 21 conditions")
-    q.add_argument("--exclude-classes", type=int, nargs="+", default=[], metavar="ID",
+    q.add_argument("--exclude-classes", type=cli.integer(0, NUM_CLASSES - 1), nargs="+", default=[], metavar="ID",
                    help="never name these train ids as the least-often class (SYNTHIA: 9 14 16)")
-    q.add_argument("--negative-prompt", default="")
+    q.add_argument("--negative-prompt", default="", help="negative prompt of classifier-free guidance")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default="outputs/didex_demo")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--only", type=int, nargs="+", help="generate only these sample indices")
-    o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--out", default="outputs/didex_demo", help="output folder (resumable)")
+    o.add_argument("--seed", type=cli.integer(0), default=0, help="global seed; sample i uses sample_seed(seed, i)")
+    o.add_argument("--only", type=cli.non_negative_int, nargs="+", help="generate only these sample indices")
+    o.add_argument("--no-progress", action="store_true", help="no progress output")
+    return p
+
+
+def parse_args(argv=None):
+    p = get_parser()
     args = p.parse_args(argv)
     if args.controlnet and not args.base:
         p.error("--controlnet needs --base")
@@ -293,10 +301,6 @@ def parse_args(argv=None):
         p.error("--generator controlnet needs --controlnet")
     if args.style_source is None and args.style != 0.0:
         p.error("--style needs --style-source")
-    if args.scale <= 0:
-        p.error("--scale must be > 0")
-    if any(not 0 <= c < NUM_CLASSES for c in args.exclude_classes):
-        p.error(f"--exclude-classes takes train ids 0..{NUM_CLASSES - 1}")
     args.strength = args.strength if args.strength is not None else (0.9 if args.generator == "img2img" else 1.0)
     if not 0.0 < args.strength <= 1.0 or (args.generator == "txt2img" and args.strength < 1.0):
         p.error("--strength must be in (0, 1]; txt2img starts from noise (1)")
@@ -324,8 +328,15 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --only {bad}: there are {len(jobs)} samples")
 
     def sid(i: int) -> str:
-        return sample_id(i, {"file": dataset.pairs[jobs[i]["pair"]][1]})
+        return sample_id(i, {"file": dataset.pairs[jobs[i]["pair"]][1]}, args.seed)
 
+    # the settings every sample of the folder shares (run.json): a resumed run must match them
+    settings = {"generator": args.generator, "sampling": asdict(sampling), "scale": args.scale,
+                "squeeze_padding": args.squeeze_padding, "prompt": asdict(prompt_cfg),
+                "exclude_classes": args.exclude_classes, "shuffle": args.shuffle, "base": args.base,
+                "controlnet": args.controlnet, "style_source": args.style_source, "style": args.style,
+                "dtype": str(dtype), "seed": args.seed, "num_samples": len(jobs)}
+    out.open_run(settings)
     done = out.done()
     todo = [i for i in indices if i % world == rank and (args.only or sid(i) not in done)]
     print(f"rank {rank}/{world}: {len(jobs)} samples, {len(todo)} to generate here -> {out.root}", file=sys.stderr)
@@ -334,12 +345,7 @@ def main(argv=None) -> int:
     sd, cn = load_models(args, device, dtype)
     pipe = Pipeline(sd, cn if args.generator == "controlnet" else None)
     multiple = sd.latent_factor * sd.unet.cfg.downsample_factor
-    settings = {"generator": args.generator, "sampling": asdict(sampling), "scale": args.scale,
-                "squeeze_padding": args.squeeze_padding, "prompt": asdict(prompt_cfg),
-                "exclude_classes": args.exclude_classes, "shuffle": args.shuffle, "base": args.base,
-                "controlnet": args.controlnet, "style_source": args.style_source, "style": args.style,
-                "dtype": str(dtype), "device": device.type}
-    progress = None if args.no_progress else Progress(len(todo), f"rank {rank} " if world > 1 else "")
+    progress = cli.Progress(len(todo), f"rank {rank}" if world > 1 else "", "samples", enabled=not args.no_progress)
     for i in todo:
         job, seed = jobs[i], sample_seed(args.seed, i)
         tic = time.perf_counter()
@@ -358,15 +364,15 @@ def main(argv=None) -> int:
                   "least_class": prompt.least_class, "classes": job["classes"], "template": args.template,
                   "generator": args.generator, "source_image": str(image_path), "source_label": str(label_path),
                   "generation_size": [int(init.shape[-1]), int(init.shape[-2])],
-                  "image": f"images/{sid(i)}.png", "settings": settings,
+                  "image": f"images/{sid(i)}.png", "settings": {**settings, "device": device.type},
                   "timing_s": {"total_s": time.perf_counter() - tic}}
         if labelled:
             record["label"] = f"labels/{sid(i)}{TRAIN_ID_SUFFIX}"
         out.write(sid(i), result, label if labelled else None, record)
-        if progress:
-            progress.update(sid(i))
+        progress.update(1, sid(i))
+    progress.close()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(cli.run_cli(main))

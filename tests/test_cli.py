@@ -134,7 +134,8 @@ def test_progress_eta_counts_this_runs_units_only(monkeypatch):
 
 CLIS = ["mrlf.generate", "mrlf.jobs", "ldm.checkpoint", "controlnet.checkpoint", "segmentation.labels",
         "segmentation.rcs", "segmentation.evaluate", "segmentation.adherence", "segmentation.synthetic",
-        "segmentation.world", "train.finetune_unet", "train.train_controlnet", "train.train_segmentation"]
+        "segmentation.world", "mrlf.didex", "train.finetune_unet", "train.train_controlnet", "train.train_segmentation",
+        "train.train_uda", "train.train_vae", "train.train_classifier", "train.mini_world"]
 BENCH = sorted(p.stem for p in (ROOT / "bench").glob("*.py"))
 PACKAGES = ("ldm", "controlnet", "samplers", "mrlf", "segmentation", "train")
 
@@ -219,7 +220,7 @@ def test_help_shows_the_command_defaults_and_examples_and_every_option_has_help(
     assert command in (parsers[0].epilog or ""), "an example in the epilog"
     if module == "mrlf.generate":
         text = " ".join(parsers[0].format_help().split())
-        assert "classifier-free guidance scale (default: 7.5)" in text and "(default: outputs/dginstyle_demo)" in text
+        assert "classifier-free guidance scale (default: the bundle's, else 7.5)" in text and "(default: outputs/dginstyle_demo)" in text
 
 
 @pytest.mark.parametrize("module, argv", [

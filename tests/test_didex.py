@@ -181,7 +181,7 @@ def test_img2img_outputs_and_manifest(img2img_run, source):
 
 def test_only_and_resume_reproduce_samples(img2img_run, source, tmp_path):
     assert _run(tmp_path, source, "--only", "1") == 0  # sample 1 alone: the same bytes and prompt
-    assert _files(tmp_path)["images/000001_00001.png"] == _files(img2img_run)["images/000001_00001.png"]
+    assert _files(tmp_path)["images/000001_s0_00001.png"] == _files(img2img_run)["images/000001_s0_00001.png"]
     assert _manifest(tmp_path)[0]["prompt"] == _manifest(img2img_run)[1]["prompt"]
     assert _run(tmp_path, source) == 0  # the resumed run adds 0 and 2
     assert sorted(r["index"] for r in _manifest(tmp_path)) == [0, 1, 2]

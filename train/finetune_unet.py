@@ -347,7 +347,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-latents", metavar="DIR",
                    help="cache VAE moments in DIR (needs a deterministic view: --center-crop and a single --scales)")
     g = common.add_diffusion_optimisation(p, batch_size=1, grad_accum=2, max_steps=30000, lr=2e-6)
-    g.add_argument("--lr-scheduler", choices=("constant", "cosine"), default="constant")
+    g.add_argument("--lr-scheduler", choices=("constant", "cosine"), default="constant",
+                   help="constant after the warm-up, or a cosine decay to 0")
     g.add_argument("--lr-warmup-steps", type=cli.non_negative_int, default=0, help="linear warm-up steps")
     g = common.add_run_arguments(p, num_workers=2, log_every=10, ckpt_every=1000, keep_last=3)
     g.add_argument("--sample-every", type=cli.non_negative_int, default=200,

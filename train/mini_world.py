@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from ldm import checkpoint as ckpt_io
+from ldm import cli
 from ldm.atomic import atomic_dir, write_text
 from mrlf.bundle import BUNDLE_FILE, SHIPPED, load_bundle
 from segmentation.labels import TRAIN_ID_SUFFIX
@@ -312,24 +313,30 @@ def run_recipe(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.mini_world", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("command", nargs="?", default="train", choices=("train", "gate"))
+def get_parser() -> argparse.ArgumentParser:
+    p = cli.parser("python -m train.mini_world", __doc__)
+    p.add_argument("command", nargs="?", default="train", choices=("train", "gate"),
+                   help="train: the recipe; gate: the renderer's gate (segmenters on renders alone)")
     p.add_argument("--out", required=True, help="output folder (resumable)")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply data sizes and steps (default 1: 2 CPU cores)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--nproc", type=int, default=1, help="processes per training stage (torchrun)")
+    p.add_argument("--scale", type=cli.positive, default=1.0,
+                   help="multiply data sizes and steps (1: sized for 2 CPU cores)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device of every stage (cpu, cuda, cuda:N)")
+    p.add_argument("--nproc", type=cli.positive_int, default=1, help="processes per training stage (torchrun)")
     p.add_argument("--text-encoder", choices=("train", "frozen"), default="train",
                    help="train the text encoder with U^P, or keep it random and frozen")
     p.add_argument("--install", action="store_true", help="copy the bundle over mrlf/world/ at the end")
     p.add_argument("--smoke", action="store_true", help="a few steps per stage (tests)")
     p.add_argument("--quiet", action="store_true", help="stage output to OUT/logs only")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
     if args.command == "gate":
         return run_gate(args)
     return run_recipe(args)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(cli.run_cli(main))

@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ldm import cli
 from ldm.atomic import write_text
 from segmentation.models.classifier import ClassifierConfig, ImageClassifier, save_classifier
 from train import common
@@ -126,27 +128,24 @@ def main(args):
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.train_classifier", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("python -m train.train_classifier", __doc__)
     g = p.add_argument_group("model and data")
     g.add_argument("--data", required=True, help="ROOT/<class>/... images")
     g.add_argument("--val", help="a validation root of the same layout")
-    g.add_argument("--backbone", default="mit_tiny")
-    g.add_argument("--resolution", type=int, default=64)
-    g.add_argument("--scales", type=float, nargs="+", default=[1.0], help="random rescale ratios before the crop")
+    g.add_argument("--backbone", default="mit_tiny", help="MiT backbone preset")
+    g.add_argument("--resolution", type=cli.integer(8), default=64, help="training crop side in pixels")
+    g.add_argument("--scales", type=cli.positive, nargs="+", default=[1.0], help="random rescale ratios before the crop")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--max-steps", type=int, default=1500)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--warmup-steps", type=int, default=50)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--mixed-precision", choices=common.PRECISIONS, default="auto")
+    g.add_argument("--batch-size", type=cli.positive_int, default=32, help="batch per process")
+    g.add_argument("--max-steps", type=cli.positive_int, default=1500, help="optimizer steps")
+    g.add_argument("--lr", type=cli.positive, default=1e-3, help="peak learning rate (AdamW)")
+    g.add_argument("--warmup-steps", type=cli.non_negative_int, default=50, help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=cli.non_negative, default=0.01, help="AdamW weight decay")
+    g.add_argument("--mixed-precision", choices=common.PRECISIONS, default="auto",
+                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     common.add_run_arguments(p, num_workers=2, log_every=50, ckpt_every=500, keep_last=2)
     return p
 
 
 if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    finally:
-        common.cleanup_distributed()
+    sys.exit(cli.run_cli(lambda argv: common.run(main, get_parser().parse_args(argv))))

@@ -48,10 +48,12 @@ generated_share, samples_per_s; mIoUs), checkpoints/step_*.pt (train_segmentatio
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
+from ldm import cli
 from segmentation import uda
 from segmentation.datasets import TargetSource, UDADataset, find_images, parse_image_spec
 from segmentation.models import save_segmentor
@@ -188,27 +190,26 @@ def main(args):
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.train_uda", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("python -m train.train_uda", __doc__)
     common.add_segmentation_arguments(p)
     g = p.add_argument_group("target domain (unlabelled)")
     g.add_argument("--target", nargs="+", required=True, metavar="[LAYOUT:]PATH",
                    help="target images: a folder (a generation output with manifest.jsonl gives its images, any "
                         "other folder every image below it) or LAYOUT:PATH for a layout's images")
     g.add_argument("--target-split", default="train", help="split for split-based target layouts")
-    g.add_argument("--target-scale", type=int, nargs="*", default=[1024, 512], metavar="EDGE",
+    g.add_argument("--target-scale", type=cli.positive_int, nargs="*", default=[1024, 512], metavar="EDGE",
                    help="resize target images to fit LONG SHORT (keep ratio); nothing: no resize")
     g = p.add_argument_group("self-training (MIC's defaults)")
-    g.add_argument("--alpha", type=float, default=uda.ALPHA, help="the EMA teacher's maximal coefficient")
-    g.add_argument("--pseudo-threshold", type=float, default=uda.PSEUDO_THRESHOLD,
+    g.add_argument("--alpha", type=cli.real(0, 1, open_max=True), default=uda.ALPHA, help="the EMA teacher's maximal coefficient")
+    g.add_argument("--pseudo-threshold", type=cli.fraction, default=uda.PSEUDO_THRESHOLD,
                    help="softmax confidence from which a pixel counts in the pseudo-label weight")
-    g.add_argument("--jitter-strength", type=float, default=0.2, help="colour jitter of the strong augmentation")
-    g.add_argument("--jitter-prob", type=float, default=0.2,
+    g.add_argument("--jitter-strength", type=cli.non_negative, default=0.2, help="colour jitter of the strong augmentation")
+    g.add_argument("--jitter-prob", type=cli.fraction, default=0.2,
                    help="colour jitter is applied when a uniform draw exceeds this")
     g.add_argument("--no-blur", dest="blur", action="store_false", help="no Gaussian blur in the strong augmentation")
-    g.add_argument("--mic-lambda", type=float, default=1.0, help="weight of the masked loss; 0 = no MIC")
-    g.add_argument("--mask-block", type=int, default=uda.MASK_BLOCK, help="MIC block size in pixels")
-    g.add_argument("--mask-ratio", type=float, default=uda.MASK_RATIO, help="share of the blocks masked")
+    g.add_argument("--mic-lambda", type=cli.non_negative, default=1.0, help="weight of the masked loss; 0 = no MIC")
+    g.add_argument("--mask-block", type=cli.positive_int, default=uda.MASK_BLOCK, help="MIC block size in pixels")
+    g.add_argument("--mask-ratio", type=cli.real(0, 1, open_max=True), default=uda.MASK_RATIO, help="share of the blocks masked")
     g.add_argument("--no-mic-aug", dest="mic_aug", action="store_false",
                    help="mask the target crop without the strong augmentation")
     common.add_segmentation_eval_arguments(p)
@@ -222,17 +223,8 @@ def parse_args(argv=None):
     common.check_segmentation_arguments(p, a)
     if a.target_scale and len(a.target_scale) != 2:
         p.error("--target-scale takes two numbers (LONG SHORT) or none")
-    if not 0.0 <= a.alpha < 1.0:
-        p.error("--alpha must be in [0, 1)")
-    if not 0.0 <= a.pseudo_threshold <= 1.0:
-        p.error("--pseudo-threshold must be in [0, 1]")
-    if a.jitter_strength < 0 or not 0.0 <= a.jitter_prob <= 1.0:
-        p.error("--jitter-strength must be >= 0 and --jitter-prob in [0, 1]")
-    if a.mic_lambda < 0 or a.mask_block < 1 or not 0.0 <= a.mask_ratio < 1.0:
-        p.error("--mic-lambda must be >= 0, --mask-block >= 1 and --mask-ratio in [0, 1)")
     return a
 
 
 if __name__ == "__main__":
-    main(parse_args())
-    common.cleanup_distributed()  # after main's locals (the DDP wrapper, its pending work) are freed
+    sys.exit(cli.run_cli(lambda argv: common.run(main, parse_args(argv))))

@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ import torch
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ldm import cli
 from ldm import checkpoint as ckpt_io
 from ldm.config import AutoencoderConfig, preset
 from ldm.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, kl_loss
@@ -203,49 +205,49 @@ def main(args):
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.train_vae", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("python -m train.train_vae", __doc__)
     g = p.add_argument_group("model and data")
     g.add_argument("--data", nargs="+", required=True, help="image folders (searched recursively)")
     g.add_argument("--config", default="mini", help="AutoencoderConfig: a preset name (mini, tiny, sd15) or JSON")
     g.add_argument("--init", help="start from this VAE checkpoint instead (any format ldm.checkpoint reads)")
-    g.add_argument("--resolution", type=int, default=64, help="training crop size")
-    g.add_argument("--scales", type=float, nargs="+", default=[1.0], help="random rescale ratios before the crop")
-    g.add_argument("--num-samples", type=int, default=8, help="validation crops in each sample grid")
-    g.add_argument("--sample-every", type=int, default=500, help="0: no sample grids")
-    g.add_argument("--scale-batches", type=int, default=16, help="batches for measuring the latent scale")
+    g.add_argument("--resolution", type=cli.integer(8), default=64, help="training crop side in pixels")
+    g.add_argument("--scales", type=cli.positive, nargs="+", default=[1.0], help="random rescale ratios before the crop")
+    g.add_argument("--num-samples", type=cli.positive_int, default=8, help="validation crops in each sample grid")
+    g.add_argument("--sample-every", type=cli.non_negative_int, default=500,
+                   help="optimizer steps between sample grids (0: none)")
+    g.add_argument("--scale-batches", type=cli.positive_int, default=16,
+                   help="batches for measuring the latent scale")
     g.add_argument("--no-export", dest="export", action="store_false", help="skip the final exports")
-    g.add_argument("--export-dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    g.add_argument("--export-dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="dtype of the exports")
     g = p.add_argument_group("loss")
-    g.add_argument("--rec-loss", choices=("l1", "l2"), default="l1")
-    g.add_argument("--kl-weight", type=float, default=1e-6, help="SD-1.x's autoencoders used 1e-6")
-    g.add_argument("--disc-weight", type=float, default=0.0, help="0: no discriminator (SD-1.x: 0.5)")
-    g.add_argument("--disc-start", type=int, default=2000, help="step at which the adversarial loss starts")
+    g.add_argument("--rec-loss", choices=("l1", "l2"), default="l1", help="reconstruction loss")
+    g.add_argument("--kl-weight", type=cli.non_negative, default=1e-6, help="SD-1.x's autoencoders used 1e-6")
+    g.add_argument("--disc-weight", type=cli.non_negative, default=0.0,
+                   help="adversarial weight, 0: no discriminator (SD-1.x: 0.5)")
+    g.add_argument("--disc-start", type=cli.non_negative_int, default=2000,
+                   help="step at which the adversarial loss starts")
     g.add_argument("--no-adaptive", dest="adaptive", action="store_false",
                    help="a fixed adversarial weight instead of the gradient-ratio one")
-    g.add_argument("--disc-lr", type=float, default=2e-4)
-    g.add_argument("--disc-width", type=int, default=32)
-    g.add_argument("--disc-layers", type=int, default=2)
+    g.add_argument("--disc-lr", type=cli.positive, default=2e-4, help="the discriminator's learning rate")
+    g.add_argument("--disc-width", type=cli.positive_int, default=32, help="the discriminator's first width")
+    g.add_argument("--disc-layers", type=cli.positive_int, default=2, help="the discriminator's strided layers")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=16, help="batch per GPU")
-    g.add_argument("--max-steps", type=int, default=3000)
-    g.add_argument("--lr", type=float, default=2e-3)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--warmup-steps", type=int, default=100)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--batch-size", type=cli.positive_int, default=16, help="batch per process")
+    g.add_argument("--max-steps", type=cli.positive_int, default=3000, help="optimizer steps")
+    g.add_argument("--lr", type=cli.positive, default=2e-3, help="peak learning rate (AdamW)")
+    g.add_argument("--min-lr", type=cli.non_negative, default=0.0, help="learning rate at the end of the cosine")
+    g.add_argument("--warmup-steps", type=cli.non_negative_int, default=100, help="linear warm-up steps")
+    g.add_argument("--adam-beta1", type=cli.fraction, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam-beta2", type=cli.fraction, default=0.999, help="AdamW beta2")
+    g.add_argument("--weight-decay", type=cli.non_negative, default=0.0, help="AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=cli.positive, default=1.0, help="gradient clipping norm")
     g.add_argument("--mixed-precision", choices=common.PRECISIONS, default="auto",
                    help="autocast dtype with fp32 master weights; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--ema", action="store_true", help="keep an EMA of the weights (exports then hold it)")
-    g.add_argument("--ema-decay", type=float, default=0.999)
+    g.add_argument("--ema-decay", type=cli.fraction, default=0.999, help="EMA decay per step")
     common.add_run_arguments(p, num_workers=2, log_every=50, ckpt_every=1000, keep_last=2)
     return p
 
 
 if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    finally:
-        common.cleanup_distributed()
+    sys.exit(cli.run_cli(lambda argv: common.run(main, get_parser().parse_args(argv))))
