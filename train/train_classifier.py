@@ -78,7 +78,9 @@ def main(args):
     log.info(f"{len(files)} images of {len(classes)} classes ({', '.join(classes)}); "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     step, position = 0, 0
-    state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt)
+    scaler = common.grad_scaler(d.device, amp_dtype)
+    state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt, scaler=scaler,
+                                     config=vars(args))
     if state is not None:
         step, position = state["step"], state["sampler"]["position"]
         del state
@@ -89,6 +91,8 @@ def main(args):
                                 args.num_workers, pin_memory=d.device.type == "cuda"))
     amp = common.autocast(d.device, amp_dtype)
     meter = common.Meter(step)
+    guard = common.DivergenceGuard(args.max_bad_steps, log)
+    progress = common.step_progress(step, args.max_steps, d)
     while step < args.max_steps:
         frac = step / args.max_steps
         lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) * 0.5 * (1 + math.cos(math.pi * frac))
@@ -101,20 +105,23 @@ def main(args):
         with amp:
             logits = ddp(x)
             loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        grad_norm = common.optimizer_step(opt, scaler)
         step += 1
+        guard.check(grad_norm, step)
+        progress.update()
         meter.add(loss=loss, acc=(logits.argmax(-1) == y).float().mean())
         if step % args.log_every == 0 or step == args.max_steps:
-            metrics = meter.means(d) | {"lr": lr, "samples_per_s": meter.samples_per_s(step, args.batch_size * d.world_size)}
-            common.log_metrics(log, out, step, metrics, d, tb)
+            metrics = meter.means(d) | {"lr": lr, "grad_norm": float(grad_norm), "samples_per_s": meter.samples_per_s(step, args.batch_size * d.world_size)}
+            common.log_metrics(log, out, step, metrics, d, tb, progress)
             meter.restart(step)
         if step % args.ckpt_every == 0 or step == args.max_steps:
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": vars(args),
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                     "config": vars(args),
                      "sampler": {"position": position, "world_size": d.world_size}}
             log.info(f"saved {common.save_checkpoint(ckpt_dir, step, state, d, keep_last=args.keep_last)}")
             state = None
+    progress.close()
     if d.is_main:
         if args.val:
             val_classes, vfiles, vlabels = class_folders(args.val)

@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ldm import cli
 from ldm import checkpoint as ckpt_io
+from ldm.atomic import atomic_file
 from ldm.config import AutoencoderConfig, preset
 from ldm.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, kl_loss
 from ldm.vae import AutoencoderKL
@@ -108,7 +109,7 @@ def main(args):
 
     step, position = 0, 0
     state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=vae, optimizer=opt, scaler=scaler,
-                                     ema=ema)
+                                     ema=ema, config=vars(args))
     if state is not None:
         step, position = state["step"], state["sampler"]["position"]
         disc.load_state_dict(state["disc"])
@@ -130,6 +131,8 @@ def main(args):
     amp = common.autocast(d.device, amp_dtype)
     batches = iter(loader)
     meter = common.Meter(step)
+    guard = common.DivergenceGuard(args.max_bad_steps, log)
+    progress = common.step_progress(step, args.max_steps, d)
     gen = torch.Generator()
     while step < args.max_steps:
         for g in opt.param_groups:
@@ -165,13 +168,15 @@ def main(args):
         if ema is not None:
             common.update_ema(ema, vae, args.ema_decay)
         step += 1
+        guard.check(grad_norm, step)
+        progress.update()
         meter.add(loss=loss, rec=rec_loss, kl=kl, g=g_loss, d=d_loss,
                   psnr=torch.tensor(psnr(rec.detach().float(), x.float())))
 
         if step % args.log_every == 0 or step == args.max_steps:
             metrics = meter.means(d) | {"grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
                                         "samples_per_s": meter.samples_per_s(step, args.batch_size * d.world_size)}
-            common.log_metrics(log, out, step, metrics, d, tb)
+            common.log_metrics(log, out, step, metrics, d, tb, progress)
             meter.restart(step)
         if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps) and d.is_main:
             shown = ema if ema is not None else vae
@@ -179,8 +184,8 @@ def main(args):
             shown.eval()
             grid = sample_grid(shown, val.to(d.device))
             shown.train(was)
-            (out / "samples").mkdir(parents=True, exist_ok=True)
-            grid.save(out / "samples" / f"step_{step:07d}.png")
+            with atomic_file(out / "samples" / f"step_{step:07d}.png") as tmp:
+                grid.save(tmp, format="PNG")
         if step % args.ckpt_every == 0 or step == args.max_steps:
             state = {"model": vae.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                      "ema": ema.state_dict() if ema is not None else None, "disc": disc.state_dict(),
@@ -190,6 +195,7 @@ def main(args):
             log.info(f"saved {path}")
             state = None
 
+    progress.close()
     if d.is_main and args.export:
         final = (ema if ema is not None else vae).eval()
         scale_loader = iter(shard_loader(ImageDataset(files, args.resolution, (1.0,), "random", seed=args.seed + 2),
