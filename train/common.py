@@ -416,6 +416,9 @@ def add_segmentation_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="its stride (default: the model's, 256; HRDA 512)")
     g.add_argument("--eval-hr", action=argparse.BooleanOptionalAction, default=None,
                    help="double the layouts' test scales (the 1024 configs; default: on for HRDA models)")
+    g.add_argument("--eval-scale", type=cli.positive_int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+                   help="resize evaluation images to fit LONG x SHORT (keep ratio) instead of the layouts' test "
+                        "scales (a model trained at another scale, e.g. the miniature world's)")
     g.add_argument("--eval-limit", type=cli.positive_int, default=None, help="first N images per dataset")
 
 
@@ -592,8 +595,8 @@ def evaluate_segmentation(args, model: nn.Module, d: Dist, amp_dtype: torch.dtyp
     metrics = {}
     for spec in args.eval:
         layout, path = parse_spec(spec)
-        scale = layout.test_scale
-        if eval_hr and scale is not None:
+        scale = tuple(args.eval_scale) if args.eval_scale else layout.test_scale
+        if eval_hr and scale is not None and not args.eval_scale:
             scale = (2 * scale[0], 2 * scale[1])
         ds = SegDataset(path, layout, args.eval_split, test_scale=scale)
         cm = evaluate_dataset(unwrap(model), ds, mode=args.eval_mode, crop=args.eval_crop, stride=args.eval_stride,

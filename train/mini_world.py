@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ldm import checkpoint as ckpt_io
 from ldm import cli
@@ -55,6 +56,7 @@ STAGES = ("render", "vae", "prior", "unet_s", "controlnet", "oracle", "classifie
 SAMPLE_PROMPTS = [f"A city street scene with road sidewalk building vegetation sky car, in {s.word} weather."
                   for s in PRIOR_STYLES[:4]]
 BUNDLE_LABELS = 8  # label maps shipped with the bundle
+ORACLE_ZOOM = 2  # the oracle segmenter sees scenes at twice the world's size (small objects stay visible)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class Recipe:
     oracle_batch: int = 16
     classifier_steps: int = 600
     text_encoder: str = "train"  # "train" (jointly with U^P) or "frozen" (random)
+    log_every: int = 50
+    sample_grids: bool = True  # the prior's sample grids and the ControlNet's validation images
 
     def scaled(self, s: float) -> "Recipe":
         n = lambda v: max(1, int(round(v * s)))  # noqa: E731
@@ -84,10 +88,10 @@ class Recipe:
                        oracle_steps=n(self.oracle_steps), classifier_steps=n(self.classifier_steps))
 
 
-# A recipe small enough for a smoke run (tests): every stage runs, a few steps each.
-SMOKE = Recipe(world=WorldSpec(source=24, prior=40, eval=4, oracle=26, styles=4), vae_steps=6, vae_batch=4,
-               prior_steps=6, prior_batch=4, unet_s_steps=4, controlnet_steps=6, controlnet_batch=4,
-               oracle_steps=6, oracle_batch=4, classifier_steps=6)
+# A recipe small enough for a smoke run (tests): every stage runs, a few steps each, every step logged.
+SMOKE = Recipe(world=WorldSpec(source=24, prior=40, eval=4, oracle=26, styles=4), vae_steps=30, vae_batch=8,
+               vae_crop=16, prior_steps=20, prior_batch=4, unet_s_steps=10, controlnet_steps=20, controlnet_batch=4,
+               oracle_steps=20, oracle_batch=4, classifier_steps=20, log_every=1, sample_grids=False)
 
 
 class Runner:
@@ -141,8 +145,8 @@ def train_stages(out: Path, r: Recipe, run: Runner, args) -> dict:
     stage("vae", out / "vae" / "vae.safetensors", lambda: run("vae", "train.train_vae", [
         "--data", w / "source" / "images", w / "prior" / "images", "--config", "mini",
         "--resolution", r.vae_crop, "--batch-size", r.vae_batch, "--max-steps", r.vae_steps, "--lr", "3e-3",
-        "--rec-loss", "l2",
-        "--warmup-steps", 100, "--ema", "--ema-decay", "0.99", "--sample-every", max(r.vae_steps // 4, 1),
+        "--rec-loss", "l2", "--warmup-steps", min(100, r.vae_steps // 10), "--ema", "--ema-decay", "0.99",
+        "--sample-every", max(r.vae_steps // 4, 1) if r.sample_grids else 0, "--log-every", r.log_every,
         "--output-dir", out / "vae", "--num-workers", 0]))
     te = (["--text-encoder-config", "mini", "--train-text-encoder"] if r.text_encoder == "train"
           else ["--text-encoder-config", "mini"])
@@ -150,33 +154,35 @@ def train_stages(out: Path, r: Recipe, run: Runner, args) -> dict:
         "--vae", out / "vae" / "vae.safetensors", "--unet-config", "mini", *te, "--data", w / "prior",
         "--resolution", spec.base, "--scales", 1.0, "--proportion-empty-prompts", 0.1, "--random-flip",
         "--batch-size", r.prior_batch, "--grad-accum", 1, "--max-steps", r.prior_steps, "--lr", "1e-3",
-        "--lr-scheduler", "cosine", "--lr-warmup-steps", 100, "--weight-decay", 0.0, "--ema", "--ema-decay", 0.999,
-        "--sample-every", max(r.prior_steps // 3, 1), "--sample-prompt", *SAMPLE_PROMPTS, "--num-samples", 4,
-        "--sample-steps", 20, "--log-every", 50, "--ckpt-every", 500, "--output-dir", out / "prior",
-        "--num-workers", 0]))
+        "--lr-scheduler", "cosine", "--lr-warmup-steps", min(100, r.prior_steps // 10), "--weight-decay", 0.0,
+        "--ema", "--ema-decay", 0.999, "--sample-every", max(r.prior_steps // 3, 1) if r.sample_grids else 0,
+        "--sample-prompt", *SAMPLE_PROMPTS, "--num-samples", 4, "--sample-steps", 20, "--log-every", r.log_every,
+        "--ckpt-every", 500, "--output-dir", out / "prior", "--num-workers", 0]))
     stage("unet_s", out / "unet_s" / "pipeline.safetensors", lambda: run("unet_s", "train.finetune_unet", [
         "--base", out / "prior" / "pipeline.safetensors", "--data", w / "source" / "images", "--prompt", "",
         "--resolution", spec.base, "--scales", 1.0, "--random-flip", "--batch-size", r.prior_batch,
         "--grad-accum", 1, "--max-steps", r.unet_s_steps, "--lr", "1e-4", "--weight-decay", 0.0,
-        "--sample-every", 0, "--log-every", 50, "--ckpt-every", 200, "--output-dir", out / "unet_s",
+        "--sample-every", 0, "--log-every", r.log_every, "--ckpt-every", 200, "--output-dir", out / "unet_s",
         "--num-workers", 0]))
     stage("controlnet", out / "controlnet" / "controlnet.safetensors", lambda: run("controlnet", "train.train_controlnet", [
         "--base", out / "unet_s" / "pipeline.safetensors", "--prior", out / "prior" / "pipeline.safetensors",
         "--data", w / "source", "--resolution", spec.base, "--crop", "rcs", "--rcs-min-pixels", 20,
         "--proportion-empty-prompts", 0.1, "--batch-size", r.controlnet_batch, "--grad-accum", 1,
         "--max-steps", r.controlnet_steps, "--lr", "1e-3", "--weight-decay", 0.0,
-        "--validation-every", max(r.controlnet_steps // 3, 1), "--validation-steps", 20,
-        "--log-every", 50, "--ckpt-every", 500, "--output-dir", out / "controlnet", "--num-workers", 0]))
+        "--validation-every", max(r.controlnet_steps // 3, 1) if r.sample_grids else 0, "--validation-steps", 20,
+        "--log-every", r.log_every, "--ckpt-every", 500, "--output-dir", out / "controlnet", "--num-workers", 0]))
     stage("oracle", out / "oracle" / "model.safetensors", lambda: run("oracle", "train.train_segmentation", [
-        "--model", "mini", "--source", f"gta:{w / 'oracle'}", "--source-scale", 2 * spec.base * 2, 2 * spec.base,
-        "--crop", 2 * spec.base, "--batch-size", r.oracle_batch, "--max-iters", r.oracle_steps, "--lr", "6e-4",
+        "--model", "mini", "--source", f"gta:{w / 'oracle'}", "--source-scale", ORACLE_ZOOM * 2 * spec.base,
+        ORACLE_ZOOM * spec.base, "--crop", ORACLE_ZOOM * spec.base, "--batch-size", r.oracle_batch, "--max-iters", r.oracle_steps, "--lr", "6e-4",
         "--warmup-iters", max(r.oracle_steps // 20, 1), "--eval", *[f"cityscapes:{w / 'eval' / s.name}"
                                                                     for s in PRIOR_STYLES[:2]],
-        "--eval-every", r.oracle_steps, "--eval-crop", 2 * spec.base, "--eval-stride", spec.base,
-        "--output-dir", out / "oracle", "--num-workers", 0]))
+        "--eval-every", r.oracle_steps, "--eval-mode", "whole",
+        "--eval-scale", ORACLE_ZOOM * 2 * spec.base, ORACLE_ZOOM * spec.base,
+        "--log-every", r.log_every, "--output-dir", out / "oracle", "--num-workers", 0]))
     stage("classifier", out / "classifier" / "classifier.safetensors", lambda: run("classifier", "train.train_classifier", [
         "--data", w / "styles" / "train", "--val", w / "styles" / "val", "--resolution", spec.base,
-        "--max-steps", r.classifier_steps, "--output-dir", out / "classifier", "--num-workers", 0]))
+        "--max-steps", r.classifier_steps, "--log-every", r.log_every, "--output-dir", out / "classifier",
+        "--num-workers", 0]))
     stage("bundle", out / "bundle" / BUNDLE_FILE, lambda: make_bundle(out, r))
     return times
 
@@ -210,6 +216,7 @@ def make_bundle(out: Path, r: Recipe) -> Path:
                            "(python -m train.mini_world). Not SD-1.5.",
             "prior": "prior.safetensors", "source_unet": "unet_s.safetensors", "controlnet": "controlnet.safetensors",
             "oracle": "oracle.safetensors", "style_classifier": "style_classifier.safetensors", "labels": "labels",
+            "oracle_zoom": ORACLE_ZOOM,
             "generation": {"size": spec.base, "steps": 20, "window": spec.base // 4, "stride": spec.base // 8,
                            "threshold": spec.base * spec.base // 8, "view_batch": 9, "weather_prob": 1.0,
                            "weather_words": [s.word for s in PRIOR_STYLES], "num_samples": 8},
@@ -293,6 +300,134 @@ def run_gate(args) -> int:
     return 0 if gate["passed"] else 1
 
 
+# ----------------------------------------------------------------------------------------
+# Measuring a trained world: the numbers of BENCHMARKS.md
+# ----------------------------------------------------------------------------------------
+
+MEASURE_LABELS = 24  # source label maps the measured samples are generated from
+MEASURE_EVAL = 16  # evaluation images per style for the autoencoder
+
+
+def _oracle_dataset(root: Path, layout: str, split: str | None, size: tuple[int, int]):
+    """Pairs under `root` with the images resized to the oracle's zoom (label at full size)."""
+    from segmentation.datasets import SegDataset
+
+    h, w = size
+    return SegDataset(root, layout, split, test_scale=(ORACLE_ZOOM * max(h, w), ORACLE_ZOOM * min(h, w)))
+
+
+@torch.no_grad()
+def measure_vae(world: Path, bundle, n: int = MEASURE_EVAL) -> dict:
+    """The prior's autoencoder on held-out evaluation images of every trained style: PSNR of the
+    reconstruction (posterior mean), and the oracle's mIoU on the reconstructions vs the originals."""
+    from segmentation.evaluate import predict_logits
+    from segmentation.metrics import confusion_matrix, mean_iou
+    from segmentation.models import load_segmentor
+    from segmentation.transforms import TestPipeline
+    from segmentation.world import SOURCE
+    from train.train_vae import psnr
+
+    vae = ckpt_io.load_vae(bundle["prior"]).eval()
+    oracle = load_segmentor(bundle["oracle"]).eval()
+    rows = {}
+    for style in (SOURCE, *PRIOR_STYLES):
+        data = _oracle_dataset(world / "eval" / style.name, "cityscapes", "val", (1, 2))
+        cms, db = {"original": 0, "reconstruction": 0}, []
+        for i in range(min(n, len(data))):
+            image, label = data.load(i)
+            h, w = label.shape
+            pipe = TestPipeline((ORACLE_ZOOM * max(h, w), ORACLE_ZOOM * min(h, w)))
+            x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float()[None] / 127.5 - 1
+            rec = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
+            db.append(psnr(rec, x))
+            rec_u8 = ((rec[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+            target = torch.from_numpy(label.astype(np.int64))
+            for key, im in (("original", np.asarray(image)), ("reconstruction", rec_u8)):
+                logits = predict_logits(oracle, pipe(im)[None], "whole", out_size=(h, w))
+                cms[key] = cms[key] + confusion_matrix(logits.argmax(1)[0], target)
+        rows[style.name] = {"psnr": float(np.mean(db)), **{f"oracle_{k}": mean_iou(v) for k, v in cms.items()}}
+    return rows
+
+
+def _true_renders(gen: Path, world: Path, spec: WorldSpec, dest: Path) -> Path:
+    """For every generated sample: its label's scene painted in the prompted style by the renderer,
+    cropped as the sample was (a ``folder`` layout: images/ + labels/)."""
+    from segmentation.labels import load_label, save_label
+    from segmentation.synthetic import Layout
+    from segmentation.world import _scene, render
+
+    words = {s.word: s for s in PRIOR_STYLES}
+    for sub in ("images", "labels"):
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+    for line in (gen / "manifest.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        i = int(Path(r["source"]).name[:6])
+        sc, rng = _scene(spec, "source", i, Layout(), two_scales=True)
+        x1, y1, x2, y2 = r["crop_box"]
+        img = render(sc, words[r["weather"]], rng)[y1:y2, x1:x2]
+        label = load_label(gen / r["label"])
+        assert np.array_equal(sc.seg[y1:y2, x1:x2], label), r["id"]  # the same scene as the sample's label
+        Image.fromarray(img).save(dest / "images" / f"{r['id']}.png")
+        save_label(label, dest / "labels" / f"{r['id']}{TRAIN_ID_SUFFIX}")
+    return dest
+
+
+def _adherence(run: Runner, name: str, folder: Path, layout: str, bundle, size: int) -> float:
+    """Pooled oracle mIoU of a folder of samples against their labels (segmentation.adherence)."""
+    report = folder / "adherence"
+    if not report.with_suffix(".json").exists():
+        run(f"{name}_adherence", "segmentation.adherence", [
+            "--checkpoint", bundle["oracle"], "--generated", folder, "--layout", layout, "--mode", "whole",
+            "--test-scale", ORACLE_ZOOM * size, ORACLE_ZOOM * size, "--report", report, "--no-progress"],
+            training=False)
+    return float(json.loads(report.with_suffix(".json").read_text())["pooled"]["mIoU"])
+
+
+def _style_accuracy(folder: Path, bundle, size: int) -> dict:
+    """The style classifier on generated images: the share classified as their prompted style, and
+    the share that drifted to the source look."""
+    from segmentation.models.classifier import load_classifier
+    from train.train_classifier import accuracy
+
+    model = load_classifier(bundle["style_classifier"])
+    classes = list(model.cfg.classes)
+    words = {s.word: s.name for s in PRIOR_STYLES}
+    records = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    files = [folder / r["image"] for r in records]
+    prompted = [classes.index(words[r["weather"]]) for r in records]
+    source = [classes.index("source")] * len(files)
+    return {"accuracy": accuracy(model, files, prompted, classes, size, "cpu")["accuracy"],
+            "source_look": accuracy(model, files, source, classes, size, "cpu")["accuracy"]}
+
+
+def run_measure(args) -> int:
+    """The bundle's numbers: autoencoder, label adherence of generated images vs true renders, and
+    style-prompt accuracy with and without Style Swap."""
+    out = Path(args.out)
+    bundle = load_bundle(args.bundle or out / "bundle")
+    world = out / "world"
+    spec = WorldSpec(**json.loads((world / "world.json").read_text()))
+    run = Runner(out / "measure", args)
+    size = int(bundle.generation.get("size", spec.base))
+    labels = sorted((world / "source" / "labels").glob("*" + TRAIN_ID_SUFFIX))[:2 * MEASURE_LABELS:2]
+    result = {"bundle": str(bundle.root), "labels": len(labels), "vae": measure_vae(world, bundle)}
+    arms = {"swap": [], "no_swap": ["--style", 1]}  # U^P with the ControlNet (DGInStyle), and U^S
+    for arm, extra in arms.items():
+        gen = out / "measure" / arm
+        tic = time.perf_counter()
+        run(f"generate_{arm}", "mrlf.generate", ["--bundle", bundle.root, "--label-maps", *labels, "--out", gen,
+                                                 "--no-progress", *extra], training=False)
+        result[arm] = {"seconds": round(time.perf_counter() - tic, 1), "samples": len(labels),
+                       "adherence": _adherence(run, arm, gen, "dginstyle", bundle, size),
+                       **_style_accuracy(gen, bundle, size)}
+    true = _true_renders(out / "measure" / "swap", world, spec, out / "measure" / "true_renders")
+    result["true_renders"] = {"adherence": _adherence(run, "true", true, "folder", bundle, size)}
+    result["adherence_ratio"] = result["swap"]["adherence"] / max(result["true_renders"]["adherence"], 1e-9)
+    write_text(out / "measure" / "measure.json", json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def run_recipe(args) -> int:
     out = Path(args.out)
     r = (SMOKE if args.smoke else Recipe(text_encoder=args.text_encoder)).scaled(args.scale)
@@ -315,8 +450,9 @@ def run_recipe(args) -> int:
 
 def get_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m train.mini_world", __doc__)
-    p.add_argument("command", nargs="?", default="train", choices=("train", "gate"),
-                   help="train: the recipe; gate: the renderer's gate (segmenters on renders alone)")
+    p.add_argument("command", nargs="?", default="train", choices=("train", "gate", "measure"),
+                   help="train: the recipe; gate: the renderer's gate (segmenters on renders alone); measure: "
+                        "the trained bundle's numbers (OUT/measure/measure.json)")
     p.add_argument("--out", required=True, help="output folder (resumable)")
     p.add_argument("--scale", type=cli.positive, default=1.0,
                    help="multiply data sizes and steps (1: sized for 2 CPU cores)")
@@ -328,6 +464,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--install", action="store_true", help="copy the bundle over mrlf/world/ at the end")
     p.add_argument("--smoke", action="store_true", help="a few steps per stage (tests)")
     p.add_argument("--quiet", action="store_true", help="stage output to OUT/logs only")
+    p.add_argument("--bundle", help="measure: the bundle to measure (default: OUT/bundle)")
     return p
 
 
@@ -335,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     if args.command == "gate":
         return run_gate(args)
+    if args.command == "measure":
+        return run_measure(args)
     return run_recipe(args)
 
 
