@@ -1,0 +1,109 @@
+"""The miniature world's recipe (train.mini_world) at smoke size, and its bundle (mrlf.bundle)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from controlnet.checkpoint import load_controlnet
+from ldm import checkpoint as ckpt_io
+from mrlf.bundle import BUNDLE_FILE, BundleError, load_bundle
+from segmentation.models import load_segmentor
+from segmentation.models.classifier import load_classifier
+from train import common
+from train.mini_world import SMOKE, STAGES, Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="session")
+def smoke_world(tmp_path_factory):
+    """The whole recipe at smoke size: every stage, a few steps each (the CLIs as child processes)."""
+    out = tmp_path_factory.mktemp("mini") / "run"
+    proc = subprocess.run([sys.executable, "-m", "train.mini_world", "--smoke", "--out", str(out), "--quiet",
+                           "--device", "cpu"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+# the metrics key of each training stage's loss
+LOSSES = {"vae": "loss", "prior": "loss", "unet_s": "loss", "controlnet": "loss", "oracle": "loss",
+          "classifier": "loss"}
+
+
+def test_recipe_runs_every_stage_and_every_loss_goes_down(smoke_world):
+    state = json.loads((smoke_world / "recipe.json").read_text())
+    assert set(state["seconds"]) == set(STAGES)
+    for stage, key in LOSSES.items():
+        losses = [m[key] for m in common.read_metrics(smoke_world / stage) if key in m]
+        assert len(losses) >= 10, stage
+        k = max(len(losses) // 4, 2)
+        assert np.mean(losses[-k:]) < np.mean(losses[:k]), (stage, losses)
+        assert (smoke_world / "logs" / f"{stage}.cmd").read_text().startswith(sys.executable)
+
+
+def test_every_output_loads_through_the_public_loaders(smoke_world):
+    b = load_bundle(smoke_world / "bundle")
+    parts = ckpt_io.load_components(b["prior"])
+    assert set(parts) == {"unet", "vae", "text_encoder"}
+    unet_s = ckpt_io.load_unet(b["source_unet"])
+    assert unet_s.cfg == parts["unet"].cfg
+    cn = load_controlnet(b["controlnet"])
+    assert cn.cfg.channels == parts["unet"].cfg.channels
+    oracle = load_segmentor(b["oracle"])
+    assert oracle(torch.zeros(1, 3, 64, 64)).shape[1] == 19
+    classes = load_classifier(b["style_classifier"]).cfg.classes
+    assert "source" in classes and len(classes) == 11
+    assert len(list(b["labels"].glob("*.png"))) > 0
+    size = sum(p.stat().st_size for p in b.root.rglob("*") if p.is_file())
+    assert size < 12 * 2**20
+    assert b.generation["size"] == SMOKE.world.base and b.info["oracle_zoom"] == 2
+
+
+def test_recipe_resumes_and_refuses_another_recipe(smoke_world, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(smoke_world, out)
+    proc = subprocess.run([sys.executable, "-m", "train.mini_world", "--smoke", "--out", str(out), "--device", "cpu"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert all(f"{name}: done" in proc.stdout for name in STAGES)  # every stage skipped: its outputs exist
+    proc = subprocess.run([sys.executable, "-m", "train.mini_world", "--out", str(out), "--device", "cpu"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "holds a run of another recipe" in proc.stderr
+
+
+def test_generation_with_a_bundle(smoke_world, tmp_path):
+    out = tmp_path / "gen"
+    proc = subprocess.run([sys.executable, "-m", "mrlf.generate", "--bundle", str(smoke_world / "bundle"), "-n", "2",
+                           "--steps", "2", "--out", str(out), "--no-progress"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["weather"] for r in records)  # the bundle's weather probability: 1
+    run = json.loads((out / "run.json").read_text())
+    assert run["bundle"] and run["style_source"] and run["style"] == 0.0  # Style Swap: U^P with U^S at hand
+
+
+def test_bundle_errors_name_the_file(tmp_path):
+    with pytest.raises(BundleError, match="not a bundle"):
+        load_bundle(tmp_path)
+    (tmp_path / BUNDLE_FILE).write_text('{"prior": "prior.safetensors"}')
+    with pytest.raises(BundleError, match="prior.safetensors"):
+        load_bundle(tmp_path)
+    (tmp_path / BUNDLE_FILE).write_text("{not json")
+    with pytest.raises(BundleError, match="unreadable"):
+        load_bundle(tmp_path)
+
+
+def test_recipe_scaling():
+    r = Recipe().scaled(0.5)
+    assert r.vae_steps == Recipe().vae_steps // 2 and r.world.source == Recipe().world.source // 2
+    assert r.world.base == Recipe().world.base  # sizes of images do not scale, amounts do
