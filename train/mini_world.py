@@ -46,7 +46,7 @@ from PIL import Image
 
 from ldm import checkpoint as ckpt_io
 from ldm import cli
-from ldm.atomic import atomic_dir, write_text
+from ldm.atomic import atomic_dir, atomic_file, write_text
 from mrlf.bundle import BUNDLE_FILE, SHIPPED, load_bundle
 from segmentation.labels import TRAIN_ID_SUFFIX
 from segmentation.world import PRIOR_STYLES, WorldSpec, write_world
@@ -428,6 +428,49 @@ def run_measure(args) -> int:
     return 0
 
 
+FIGURE_STYLES = ("night", "snowy", "foggy", "desert")  # the four style columns of the sample figure
+
+
+@torch.no_grad()
+def run_figure(args) -> int:
+    """A sample grid of a bundle, one row per shipped label map: label | pass 1 | MRLF | MRLF in each of
+    FIGURE_STYLES, all with the settings ``python -m mrlf.generate --bundle`` uses, tiles enlarged 2x."""
+    from mrlf import generate
+    from mrlf.prompts import make_prompt
+    from segmentation.labels import colorize, load_label
+
+    bundle = load_bundle(args.bundle or Path(args.out) / "bundle")
+    gargs = generate.parse_args(["--bundle", str(bundle.root), "--device", args.device])
+    device, dtype = generate.device_and_dtype(gargs.device, gargs.dtype)
+    sampling, fusion, prompt_cfg = generate.settings_from_args(gargs)
+    pipe = generate.Pipeline(*generate.load_models(gargs, device, dtype))
+    size = (gargs.height, gargs.width)
+    rows = []
+    for k, path in enumerate(sorted(bundle["labels"].glob("*" + TRAIN_ID_SUFFIX))[:args.rows]):
+        label = load_label(path)
+        crop, _ = generate.crop_label(label, {"class": None}, size, np.random.default_rng(k), False, str(path))
+        tiles = [Image.fromarray(colorize(crop))]
+        for j, word in enumerate((None, *FIGURE_STYLES)):
+            cfg = replace(prompt_cfg, weather_prob=0.0 if word is None else 1.0,
+                          weather_words=(word,) if word else prompt_cfg.weather_words)
+            prompt = make_prompt(crop, np.random.default_rng(k), cfg)
+            res = pipe.mrlf(crop, prompt.text, torch.Generator("cpu").manual_seed(1000 * k + j), settings=sampling,
+                            fusion=fusion)
+            tiles += [res.first_pass, res.image] if word is None else [res.image]
+        rows.append(tiles)
+    w, h = 2 * size[1], 2 * size[0]
+    grid = Image.new("RGB", (w * len(rows[0]) + 2 * (len(rows[0]) - 1), h * len(rows) + 2 * (len(rows) - 1)), "white")
+    for r, tiles in enumerate(rows):
+        for c, tile in enumerate(tiles):
+            grid.paste(tile.convert("RGB").resize((w, h), Image.NEAREST), (c * (w + 2), r * (h + 2)))
+    dest = Path(args.figure)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(dest) as tmp:
+        grid.save(tmp, format="PNG", optimize=True)
+    print(f"{dest}: columns label | pass 1 | MRLF (no style word) | MRLF with {' | '.join(FIGURE_STYLES)}")
+    return 0
+
+
 def run_recipe(args) -> int:
     out = Path(args.out)
     r = (SMOKE if args.smoke else Recipe(text_encoder=args.text_encoder)).scaled(args.scale)
@@ -450,9 +493,9 @@ def run_recipe(args) -> int:
 
 def get_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m train.mini_world", __doc__)
-    p.add_argument("command", nargs="?", default="train", choices=("train", "gate", "measure"),
+    p.add_argument("command", nargs="?", default="train", choices=("train", "gate", "measure", "figure"),
                    help="train: the recipe; gate: the renderer's gate (segmenters on renders alone); measure: "
-                        "the trained bundle's numbers (OUT/measure/measure.json)")
+                        "the trained bundle's numbers (OUT/measure/measure.json); figure: its sample grid (--figure)")
     p.add_argument("--out", required=True, help="output folder (resumable)")
     p.add_argument("--scale", type=cli.positive, default=1.0,
                    help="multiply data sizes and steps (1: sized for 2 CPU cores)")
@@ -464,7 +507,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--install", action="store_true", help="copy the bundle over mrlf/world/ at the end")
     p.add_argument("--smoke", action="store_true", help="a few steps per stage (tests)")
     p.add_argument("--quiet", action="store_true", help="stage output to OUT/logs only")
-    p.add_argument("--bundle", help="measure: the bundle to measure (default: OUT/bundle)")
+    p.add_argument("--bundle", help="measure, figure: the bundle (default: OUT/bundle)")
+    p.add_argument("--figure", default="docs/world_samples.png", help="figure: the PNG to write")
+    p.add_argument("--rows", type=cli.positive_int, default=3, help="figure: label maps (rows)")
     return p
 
 
@@ -474,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_gate(args)
     if args.command == "measure":
         return run_measure(args)
+    if args.command == "figure":
+        return run_figure(args)
     return run_recipe(args)
 
 
