@@ -138,9 +138,9 @@ def test_unwritable_output(labels, tmp_path):
 
 def test_cli_argument_errors():
     with pytest.raises(SystemExit):
-        generate.parse_args(["--controlnet", "x"])
+        generate.parse_args(["--random-tiny", "--controlnet", "x"])
     with pytest.raises(SystemExit):
-        generate.parse_args(["--style", "0.5"])
+        generate.parse_args(["--random-tiny", "--style", "0.5"])
     with pytest.raises(SystemExit):
         generate.parse_args(["--faithful", "--blend", "tent"])
     assert generate.parse_args(["--faithful", "--blend", "uniform"]).faithful
