@@ -243,7 +243,9 @@ def _scaled(size: tuple[int, int], ratio: float) -> tuple[int, int]:
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
-    return (torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0 - 0.5) / 0.5
+    image = np.asarray(image)
+    t = torch.from_numpy(image if image.flags.writeable else image.copy())  # a PIL image's array is read-only
+    return (t.permute(2, 0, 1).float() / 255.0 - 0.5) / 0.5
 
 
 def pad_to(array: np.ndarray, size: int, value: int | None) -> np.ndarray:

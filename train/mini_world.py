@@ -471,6 +471,59 @@ def run_figure(args) -> int:
     return 0
 
 
+@torch.no_grad()
+def prompt_style_accuracy(pipeline_file: Path, classifier_file: Path, n: int = 8, steps: int = 20,
+                          size: int = 64) -> dict:
+    """Text-to-image with a prior (no ControlNet): `n` images per prior style prompt (SAMPLE_PROMPTS'
+    sentence with each style word), the share the style classifier puts in the prompted style."""
+    from ldm.sd import StableDiffusion
+    from mrlf.pipeline import Pipeline, SamplingSettings
+    from segmentation.models.classifier import load_classifier
+    from train.train_classifier import accuracy
+
+    pipe = Pipeline(StableDiffusion.from_checkpoint(pipeline_file))
+    model = load_classifier(classifier_file)
+    classes = list(model.cfg.classes)
+    per_style = {}
+    with __import__("tempfile").TemporaryDirectory() as tmp:
+        for k, style in enumerate(PRIOR_STYLES):
+            prompt = f"A city street scene with road sidewalk building vegetation sky car, in {style.word} weather."
+            images = pipe.generate(prompt, height=size, width=size, images_per_prompt=n, seeds=1000 * k,
+                                   settings=SamplingSettings(steps=steps, guidance_scale=7.5))
+            files = []
+            for i, im in enumerate(images):
+                files.append(Path(tmp) / f"{style.name}_{i}.png")
+                im.save(files[-1])
+            per_style[style.name] = accuracy(model, files, [classes.index(style.name)] * n, classes, size,
+                                             "cpu")["accuracy"]
+    return {"accuracy": float(np.mean(list(per_style.values()))), "per_style": per_style}
+
+
+def run_text_encoder(args) -> int:
+    """U^P trained with the text encoder jointly vs with a frozen random one, same steps and data:
+    style-prompt accuracy of their text-to-image samples (OUT/text_encoder.json)."""
+    out = Path(args.out)
+    r = Recipe().scaled(args.scale)
+    w = out / "world"
+    run = Runner(out, args)
+    result = {"steps": args.te_steps}
+    for mode in ("train", "frozen"):
+        dest = out / f"text_encoder_{mode}"
+        te = ["--text-encoder-config", "mini"] + (["--train-text-encoder"] if mode == "train" else [])
+        if not (dest / "pipeline.safetensors").exists():
+            run(f"text_encoder_{mode}", "train.finetune_unet", [
+                "--vae", out / "vae" / "vae.safetensors", "--unet-config", "mini", *te, "--data", w / "prior",
+                "--resolution", r.world.base, "--scales", 1.0, "--proportion-empty-prompts", 0.1, "--random-flip",
+                "--batch-size", r.prior_batch, "--grad-accum", 1, "--max-steps", args.te_steps, "--lr", "1e-3",
+                "--lr-scheduler", "cosine", "--lr-warmup-steps", min(100, args.te_steps // 10),
+                "--weight-decay", 0.0, "--ema", "--ema-decay", 0.999, "--sample-every", 0, "--log-every", 50,
+                "--ckpt-every", 500, "--output-dir", dest, "--num-workers", 0])
+        result[mode] = prompt_style_accuracy(dest / "pipeline.safetensors", out / "classifier" / "classifier.safetensors")
+        print(f"text encoder {mode}: style-prompt accuracy {result[mode]['accuracy']:.3f}", flush=True)
+    write_text(out / "text_encoder.json", json.dumps(result, indent=1) + "\n")
+    return 0
+
+
 def run_recipe(args) -> int:
     out = Path(args.out)
     r = (SMOKE if args.smoke else Recipe(text_encoder=args.text_encoder)).scaled(args.scale)
@@ -493,9 +546,10 @@ def run_recipe(args) -> int:
 
 def get_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m train.mini_world", __doc__)
-    p.add_argument("command", nargs="?", default="train", choices=("train", "gate", "measure", "figure"),
+    p.add_argument("command", nargs="?", default="train", choices=("train", "gate", "measure", "figure", "text-encoder"),
                    help="train: the recipe; gate: the renderer's gate (segmenters on renders alone); measure: "
-                        "the trained bundle's numbers (OUT/measure/measure.json); figure: its sample grid (--figure)")
+                        "the trained bundle's numbers (OUT/measure/measure.json); figure: its sample grid (--figure); text-encoder: U^P with a jointly trained vs a "
+                        "frozen random text encoder, by style-prompt accuracy")
     p.add_argument("--out", required=True, help="output folder (resumable)")
     p.add_argument("--scale", type=cli.positive, default=1.0,
                    help="multiply data sizes and steps (1: sized for 2 CPU cores)")
@@ -510,6 +564,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="measure, figure: the bundle (default: OUT/bundle)")
     p.add_argument("--figure", default="docs/world_samples.png", help="figure: the PNG to write")
     p.add_argument("--rows", type=cli.positive_int, default=3, help="figure: label maps (rows)")
+    p.add_argument("--te-steps", type=cli.positive_int, default=1000, help="text-encoder: U^P steps of each variant")
     return p
 
 
@@ -521,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_measure(args)
     if args.command == "figure":
         return run_figure(args)
+    if args.command == "text-encoder":
+        return run_text_encoder(args)
     return run_recipe(args)
 
 
