@@ -107,3 +107,53 @@ def test_recipe_scaling():
     r = Recipe().scaled(0.5)
     assert r.vae_steps == Recipe().vae_steps // 2 and r.world.source == Recipe().world.source // 2
     assert r.world.base == Recipe().world.base  # sizes of images do not scale, amounts do
+
+
+# ---------------------------------------------------------------------------------------
+# The shipped bundle (mrlf/world/): the default of python -m mrlf.generate
+# ---------------------------------------------------------------------------------------
+
+def _adherence(out: Path, oracle) -> float:
+    """Pooled oracle mIoU of a generation folder against its labels, at the oracle's zoom."""
+    from segmentation.adherence import score_samples
+    from segmentation.datasets import SegDataset, read_manifest
+
+    records = read_manifest(out)
+    pairs = [(Path(r["image_path"]), Path(r["label_path"])) for r in records]
+    size = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(pairs[0][0])).shape[0]
+    zoom = SHIPPED_BUNDLE.info["oracle_zoom"]
+    data = SegDataset(out, "dginstyle", test_scale=(zoom * size, zoom * size), pairs=pairs)
+    return score_samples(oracle, data)["pooled"]["mIoU"]
+
+
+SHIPPED_BUNDLE = load_bundle()  # the package data: a missing or broken bundle fails here
+
+
+def test_the_shipped_bundle_is_the_default_and_loads_through_the_public_loaders():
+    from mrlf import generate
+
+    args = generate.parse_args([])
+    assert Path(args.bundle) == SHIPPED_BUNDLE.root and args.base == str(SHIPPED_BUNDLE["prior"])
+    assert args.controlnet == str(SHIPPED_BUNDLE["controlnet"]) and args.style_source
+    parts = ckpt_io.load_components(SHIPPED_BUNDLE["prior"])
+    assert parts["vae"].cfg.downsample_factor == 4 and parts["text_encoder"].cfg.width < 768  # not SD-1.5
+    load_controlnet(SHIPPED_BUNDLE["controlnet"])
+    load_segmentor(SHIPPED_BUNDLE["oracle"])
+    load_classifier(SHIPPED_BUNDLE["style_classifier"])
+    size = sum(p.stat().st_size for p in SHIPPED_BUNDLE.root.rglob("*") if p.is_file())
+    assert size <= 12 * 2**20
+
+
+def test_the_shipped_bundle_follows_its_labels_and_a_random_model_does_not(tmp_path):
+    """Generated images segmented by the bundle's oracle against the labels they were generated from."""
+    oracle = load_segmentor(SHIPPED_BUNDLE["oracle"])
+    common_args = ["-n", "3", "--steps", "10", "--no-progress", "--size", "64", "--threads", "1"]
+    scores = {}
+    for name, extra in (("bundle", []), ("random", ["--random-tiny"])):
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, "-m", "mrlf.generate", "--out", str(out), *common_args, *extra,
+                               *([] if name == "bundle" else ["--labels", str(SHIPPED_BUNDLE["labels"])])],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        scores[name] = _adherence(out, oracle)
+    assert scores["bundle"] > ADHERENCE_MIN > scores["random"], scores

@@ -72,7 +72,7 @@ class Recipe:
     unet_s_steps: int = 400
     controlnet_steps: int = 1500
     controlnet_batch: int = 16
-    oracle_steps: int = 2000
+    oracle_steps: int = 1000
     oracle_batch: int = 16
     classifier_steps: int = 600
     text_encoder: str = "train"  # "train" (jointly with U^P) or "frozen" (random)
