@@ -127,6 +127,7 @@ def _adherence(out: Path, oracle) -> float:
 
 
 SHIPPED_BUNDLE = load_bundle()  # the package data: a missing or broken bundle fails here
+ADHERENCE_MIN = 0.12  # pooled oracle mIoU; see BENCHMARKS.md for the bundle's measured adherence
 
 
 def test_the_shipped_bundle_is_the_default_and_loads_through_the_public_loaders():
@@ -149,7 +150,8 @@ def test_the_shipped_bundle_follows_its_labels_and_a_random_model_does_not(tmp_p
     oracle = load_segmentor(SHIPPED_BUNDLE["oracle"])
     common_args = ["-n", "3", "--steps", "10", "--no-progress", "--size", "64", "--threads", "1"]
     scores = {}
-    for name, extra in (("bundle", []), ("random", ["--random-tiny"])):
+    # the random tiny model's VAE downsamples 8x: its 64-px crops are 8 latents, its tiled canvas 16
+    for name, extra in (("bundle", []), ("random", ["--random-tiny", "--window", "8", "--stride", "4"])):
         out = tmp_path / name
         proc = subprocess.run([sys.executable, "-m", "mrlf.generate", "--out", str(out), *common_args, *extra,
                                *([] if name == "bundle" else ["--labels", str(SHIPPED_BUNDLE["labels"])])],
