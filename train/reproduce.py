@@ -69,7 +69,9 @@ GEN_SEED = 0  # mrlf.generate --seed of every generated set: the arms see the sa
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of the reproduction at scale 1 (2 CPU cores)."""
+    """Sizes of the reproduction at scale 1, meant to fit about 90 minutes on 2 CPU cores with a bundle
+    of the default recipe (an estimate from the per-step seconds of small runs: OUT/reproduce.json
+    records the real ones, and --scale trades time for tighter numbers)."""
 
     images: int = 160  # generated images per downstream arm
     seg_steps: int = 400  # steps of every downstream segmenter
@@ -324,7 +326,7 @@ def _frame(title: str, ylabel: str, ymax: float, size=(640, 360)):
         v = ymax * k / 5
         y = box[3] - (box[3] - box[1]) * k / 5
         d.line((box[0], y, box[2], y), fill=(225, 225, 225))
-        d.text((8, y - 6), f"{v:.2f}" if ymax <= 1.5 else f"{v:.1f}", fill="black")
+        d.text((8, y - 6), f"{v:.3g}", fill="black")
     d.line((box[0], box[1], box[0], box[3]), fill="black")
     d.line((box[0], box[3], box[2], box[3]), fill="black")
     return im, d, box
