@@ -5,6 +5,7 @@ lines, every number measured by this command, written up in REPRODUCTION.md.
     python -m train.mini_world reproduce --out runs/repro --bundle runs/mini/bundle --world runs/mini/world
     python -m train.mini_world reproduce --out runs/repro --report REPRODUCTION.md   # also the committed copy
     python -m train.mini_world reproduce --out /tmp/toy --bundle B --toy         # a few steps per stage (tests)
+    python -m train.reproduce --out runs/repro ...                               # the same command
 
 The models are a bundle's (python -m train.mini_world: U^P, U^S, the U^S ControlNet, the oracle
 segmenter, the style classifier); the data is its world (--world, else the world next to the bundle,
@@ -602,7 +603,7 @@ def reproduce(args) -> int:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = cli.parser("python -m train.mini_world reproduce", __doc__)
+    p = cli.parser("python -m train.reproduce", __doc__)
     p.add_argument("--out", required=True, help="output folder (resumable)")
     p.add_argument("--bundle", help="the model bundle (python -m train.mini_world; default: the shipped one, "
                                     "mrlf/world/)")
