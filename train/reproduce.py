@@ -26,10 +26,11 @@ else rendered into OUT/world from the bundle's recipe). Arms, in the order of DG
               single pass, MRLF and MRLF with --inpaint-level matched, --blend tent|gaussian,
               --posterior mean.
 
-Nothing is tuned: every setting is the recipe's or the bundle's, fixed before any number was
-seen. The style `sunny` is the validation style (kept for any future choice); the held-out
-columns leave it out. Every step is a child process whose command and log go to OUT/logs/; a step
-whose output exists is skipped, so a killed run resumes. OUT/reproduce.json holds the plan, the
+Nothing is tuned: every setting is the recipe's, the bundle's or the Plan's below, fixed before any
+number was seen. The style `sunny` is the validation style (kept for any future choice); the held-out
+columns leave it out. Generation and training run as child processes, measurements in this process;
+every step's command and output go to OUT/logs/, and a step whose output exists is skipped, so a
+killed run resumes. OUT/reproduce.json holds the plan, the
 seconds of every step and every measured number; OUT/figures/ the plots and sample grids.
 """
 from __future__ import annotations
@@ -442,8 +443,9 @@ def write_report(dest: Path, state: dict, scores: dict, measures: dict, plan: Pl
          f"source and generated mixed {plan.mix_ratio}, "
          f"seeds {list(range(seeds))}; generation seed {GEN_SEED} for every set (the arms see the same labels "
          f"and noise); drift ControlNet {state['controlnet_steps']} steps of batch {state['controlnet_batch']}.",
-         f"- Nothing was tuned: every setting is the recipe's or the bundle's. Validation style: `{VALIDATION.name}` "
-         f"(left out of the held-out mean); held-out prior styles: {', '.join(s.name for s in HELD_OUT)}; "
+         f"- Nothing was tuned: every setting is the recipe's, the bundle's or the plan's, fixed in advance. "
+         f"Validation style: `{VALIDATION.name}` (left out of the held-out mean); held-out prior styles: "
+         f"{', '.join(s.name for s in HELD_OUT)}; "
          f"unseen styles: {', '.join(s.name for s in UNSEEN_STYLES)}.",
          f"- Time: {sum(state.get('seconds', {}).values()) / 60:.1f} min of steps on {state['machine']}.",
          "",
