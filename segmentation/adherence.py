@@ -11,7 +11,9 @@ image by default, ``--mode slide`` for large ones), and the sample's mIoU agains
 conditioning label is computed with the dataset convention of segmentation.metrics (void 255
 ignored; classes in neither label nor prediction left out). Writes ``PREFIX.json`` (per-sample
 mIoU, pixel accuracy, per-class IoU, and the pooled confusion over all samples) and ``PREFIX.csv``
-(one line per sample, worst first); ``--write-filtered`` writes the manifest lines of the samples
+(one line per sample, worst first); the JSON also counts, per class, the label components smaller than
+``--small-area`` pixels and those the segmentor recovers (more than half their pixels right: small
+objects, which drift first); ``--write-filtered`` writes the manifest lines of the samples
 with mIoU >= ``--min-miou`` (unchanged records), ready to be read as a ``dginstyle`` folder
 manifest. The scorer is only as good as the segmentor: use one trained on real data (e.g. GTA),
 not one trained on the samples being judged.
@@ -27,11 +29,13 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ldm import cli
 from ldm.atomic import atomic_file, write_text
 
+from .components import component_recall, small_component_hits
 from .datasets import SegDataset, find_pairs, get_layout, read_manifest
 from .evaluate import predict_logits
 from .labels import CLASS_NAMES, NUM_CLASSES
@@ -45,20 +49,25 @@ def _clean(v: float):
 @torch.no_grad()
 def score_samples(model: Callable, dataset: SegDataset, ids: list[str] | None = None, *, mode: str = "whole",
                   crop: int = 512, stride: int = 256, device="cpu", num_classes: int = NUM_CLASSES,
-                  progress: bool = False) -> dict:
-    """{"samples": [{id, image, label, mIoU, aAcc, IoU{class: v}}, ...], "pooled": summary}.
-    `progress`: show it (``ldm.cli.Progress``)."""
+                  small_area: int = 16, progress: bool = False) -> dict:
+    """{"samples": [{id, image, label, mIoU, aAcc, IoU{class: v}}, ...], "pooled": summary,
+    "small_components": {max_area, hits{class: n}, totals{class: n}, recall}} (label components of
+    fewer than `small_area` pixels, pooled). `progress`: show it (``ldm.cli.Progress``)."""
     if hasattr(model, "eval"):
         model.eval()
     samples = []
     pooled = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    hits, totals = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
     bar = cli.Progress(len(dataset), "adherence", "samples", enabled=progress)
     for i in range(len(dataset)):
         item = dataset[i]
         label = item["label"].to(device)
         logits = predict_logits(model, item["image"][None].to(device), mode, crop, stride, tuple(label.shape), num_classes)
-        cm = confusion_matrix(logits.argmax(1)[0], label, num_classes).cpu()
+        pred = logits.argmax(1)[0]
+        cm = confusion_matrix(pred, label, num_classes).cpu()
         pooled += cm
+        h, t = small_component_hits(label, pred, small_area, num_classes)
+        hits, totals = hits + h, totals + t
         iou = iou_from_confusion(cm)
         aacc, _ = accuracy_from_confusion(cm)
         img, lab = dataset.pairs[i]
@@ -66,7 +75,11 @@ def score_samples(model: Callable, dataset: SegDataset, ids: list[str] | None = 
                         "mIoU": _clean(nanmean(iou)), "aAcc": _clean(aacc),
                         "IoU": {n: _clean(v) for n, v in zip(CLASS_NAMES, iou.tolist()) if not math.isnan(v)}})
         bar.update()
-    return {"samples": samples, "pooled": summarize(pooled)}
+    small = {"max_area": small_area,
+             "hits": {n: int(v) for n, v in zip(CLASS_NAMES, hits)},
+             "totals": {n: int(v) for n, v in zip(CLASS_NAMES, totals)},
+             "recall": _clean(component_recall(hits, totals))}
+    return {"samples": samples, "pooled": summarize(pooled), "small_components": small}
 
 
 def write_report(result: dict, prefix: str | os.PathLike) -> tuple[Path, Path]:
@@ -107,6 +120,8 @@ def get_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stride", type=cli.positive_int, default=256, help="window stride (--mode slide)")
     ap.add_argument("--test-scale", type=cli.positive_int, nargs=2, default=None, metavar=("LONG", "SHORT"),
                     help="resize images (keep ratio) before inference; default: native size")
+    ap.add_argument("--small-area", type=cli.positive_int, default=16,
+                    help="label components below this many pixels count as small objects")
     ap.add_argument("--min-miou", type=cli.non_negative, default=None, help="keep samples with mIoU >= this")
     ap.add_argument("--write-filtered", default=None, help="write the kept manifest records here")
     ap.add_argument("--report", default=None, help="report prefix (default: GENERATED/adherence)")
@@ -142,7 +157,8 @@ def main(argv=None) -> int:
     model = load_segmentor(args.checkpoint, args.config, device=args.device)
     print(f"scoring {len(ds)} samples of {root} with {args.checkpoint}")
     result = score_samples(model, ds, ids, mode=args.mode, crop=args.crop, stride=args.stride,
-                           device=args.device, num_classes=model.cfg.num_classes, progress=not args.no_progress)
+                           device=args.device, num_classes=model.cfg.num_classes, small_area=args.small_area,
+                           progress=not args.no_progress)
     result["checkpoint"], result["generated"] = str(args.checkpoint), str(root)
     vals = [s["mIoU"] for s in result["samples"] if s["mIoU"] is not None]
     if vals:

@@ -1,4 +1,5 @@
-"""Confusion matrix, per-class IoU and mIoU (mmseg's convention), distributed reduction.
+"""Confusion matrix, per-class IoU and mIoU (mmseg's convention), distributed reduction; the entropy of a
+class distribution and mean ± std over seeds.
 
 Convention (mmseg ``mean_iou``, used by DGInStyle-SegModel's ``tools/test.py --eval mIoU``):
 - pixels whose ground truth is ``ignore_index`` (255) are dropped; so are ground-truth values
@@ -13,7 +14,9 @@ Convention (mmseg ``mean_iou``, used by DGInStyle-SegModel's ``tools/test.py --e
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -60,6 +63,27 @@ def nanmean(x: torch.Tensor) -> float:
 
 def mean_iou(cm: torch.Tensor) -> float:
     return nanmean(iou_from_confusion(cm))
+
+
+def entropy(counts) -> float:
+    """Entropy in bits of the distribution proportional to `counts` (counts or probabilities, >= 0):
+    0 when one class has everything, log2(K) when K classes share equally. NaN for an all-zero input."""
+    p = np.asarray(counts, dtype=np.float64).ravel()
+    if (p < 0).any():
+        raise ValueError(f"counts must be non-negative, got {p.tolist()}")
+    if p.sum() == 0:
+        return math.nan
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0: no -0.0 for a single class
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1 in the denominator) of per-seed results; the
+    standard deviation of a single value is NaN (one seed says nothing about the spread)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("mean_std of no values")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
 
 
 def summarize(cm: torch.Tensor, class_names=CLASS_NAMES) -> dict:

@@ -135,7 +135,7 @@ def test_progress_eta_counts_this_runs_units_only(monkeypatch):
 CLIS = ["mrlf.generate", "mrlf.jobs", "ldm.checkpoint", "controlnet.checkpoint", "segmentation.labels",
         "segmentation.rcs", "segmentation.evaluate", "segmentation.adherence", "segmentation.synthetic",
         "segmentation.world", "mrlf.didex", "train.finetune_unet", "train.train_controlnet", "train.train_segmentation",
-        "train.train_uda", "train.train_vae", "train.train_classifier", "train.mini_world"]
+        "train.train_uda", "train.train_vae", "train.train_classifier", "train.mini_world", "train.reproduce"]
 BENCH = sorted(p.stem for p in (ROOT / "bench").glob("*.py"))
 PACKAGES = ("ldm", "controlnet", "samplers", "mrlf", "segmentation", "train")
 
@@ -234,6 +234,7 @@ def test_help_shows_the_command_defaults_and_examples_and_every_option_has_help(
     ("segmentation.adherence", ["--checkpoint", "{tmp}/nope.safetensors", "--generated", "{tmp}/nope"]),
     ("segmentation.synthetic", ["--out", "{tmp}/a_file", "--n", "1"]),
     ("segmentation.world", ["--out", "{tmp}/a_file", "--source", "1", "--prior", "1", "--eval", "1"]),
+    ("train.reproduce", ["--out", "{tmp}/out", "--bundle", "{tmp}/nope"]),
 ])
 def test_errors_are_one_line_and_debug_shows_the_traceback(module, argv, tmp_path, capsys):
     (tmp_path / "a_file").write_text("not a folder")

@@ -6,6 +6,7 @@ project's own training scripts, and package the result as a model bundle.
     python -m train.mini_world --out runs/mini_x4 --scale 4 --device cuda   # four times the data and steps, on a GPU
     python -m train.mini_world --out runs/mini --nproc 2      # every training stage under torchrun
     python -m train.mini_world gate --out runs/gate           # the renderer's gate: segmenters on renders alone
+    python -m train.mini_world reproduce --out runs/repro     # DGInStyle's claims on the bundle (train/reproduce.py)
 
 Stages, each a run of the CLI a user would run on real data (its command is printed and kept in
 OUT/logs/<stage>.cmd), each resumable (a stage whose outputs exist is skipped; a killed training
@@ -31,6 +32,7 @@ Timings per stage go to OUT/recipe.json. --install copies OUT/bundle over mrlf/w
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -572,6 +574,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["reproduce"]:  # its own command line; run by module name, as the stages are (it imports this one)
+        return importlib.import_module("train.reproduce").main(argv[1:])
     args = get_parser().parse_args(argv)
     if args.command == "gate":
         return run_gate(args)

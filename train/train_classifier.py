@@ -29,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ldm import cli
 from ldm.atomic import write_text
-from segmentation.models.classifier import ClassifierConfig, ImageClassifier, save_classifier
+from segmentation.models.classifier import (ClassifierConfig, ImageClassifier, predict_files, save_classifier,
+                                           top1_accuracy)
 from train import common
 from train.data import ImageDataset, find_images, shard_loader
 
@@ -48,23 +49,9 @@ def class_folders(root: str | Path) -> tuple[list[str], list[Path], list[int]]:
     return classes, files, labels
 
 
-@torch.no_grad()
 def accuracy(model, files, labels, classes, resolution: int, device) -> dict:
     """Top-1 accuracy overall and per class, on centre crops."""
-    data = ImageDataset(files, resolution, (1.0,), "center")
-    was = model.training
-    model.eval()
-    correct = torch.zeros(len(classes))
-    total = torch.zeros(len(classes))
-    for i in range(0, len(files), 64):
-        x = torch.stack([data[(0, j)]["pixel_values"] for j in range(i, min(i + 64, len(files)))]).to(device)
-        pred = model(x).argmax(-1).cpu()
-        y = torch.tensor(labels[i:i + 64])
-        correct += torch.bincount(y[pred == y], minlength=len(classes)).float()
-        total += torch.bincount(y, minlength=len(classes)).float()
-    model.train(was)
-    per = {c: float(correct[k] / total[k]) if total[k] else None for k, c in enumerate(classes)}
-    return {"accuracy": float(correct.sum() / total.sum()), "per_class": per}
+    return top1_accuracy(predict_files(model, files, resolution, device).argmax(-1), labels, classes)
 
 
 def main(args):

@@ -5,6 +5,9 @@ prompted one, the source look, ...). ``forward(x)`` takes images in [-1, 1] (B, 
 size and returns (B, num_classes) logits: the backbone's last feature map, average-pooled, a
 LayerNorm and a linear layer. ``save_classifier`` / ``load_classifier`` go through the weight core
 (``ldm.weights``: strict loading with one report, atomic safetensors with the config in the metadata).
+
+Measuring with it: ``predict_files`` gives the class probabilities of image files (centre crops, as
+validation sees them), ``top1_accuracy`` scores predictions against labels, overall and per class.
 """
 from __future__ import annotations
 
@@ -12,8 +15,11 @@ import json
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
+from PIL import Image, ImageOps
 from torch import nn
 
 from ldm.weights import CheckpointError, load_into, read_state_dict, save_tensors
@@ -53,6 +59,46 @@ class ImageClassifier(nn.Module):
     def predict(self, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
         """Class probabilities (B, num_classes), in batches, without autograd."""
         return torch.cat([self(x[i:i + batch]).softmax(-1) for i in range(0, len(x), batch)])
+
+
+def load_centre_crop(path: str | os.PathLike, resolution: int) -> torch.Tensor:
+    """(3, R, R) in [-1, 1]: the image's centre square of side `resolution` (padded by reflection at
+    the bottom / right when smaller), the view the classifier is validated on."""
+    with Image.open(path) as im:
+        a = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    h, w = a.shape[:2]
+    ph, pw = max(0, resolution - h), max(0, resolution - w)
+    if ph or pw:
+        a = np.pad(a, [(0, ph), (0, pw), (0, 0)], mode="reflect" if min(h, w) > 1 else "edge")
+        h, w = a.shape[:2]
+    y, x = (h - resolution) // 2, (w - resolution) // 2
+    crop = a[y:y + resolution, x:x + resolution].copy()  # contiguous and writable
+    return (torch.from_numpy(crop).permute(2, 0, 1).float() / 255.0 - 0.5) / 0.5
+
+
+@torch.no_grad()
+def predict_files(model: ImageClassifier, files: Sequence[str | os.PathLike], resolution: int,
+                  device: str | torch.device = "cpu", batch: int = 64) -> torch.Tensor:
+    """Class probabilities (N, num_classes) of image files, on centre crops, in batches (eval mode)."""
+    was = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(files), batch):
+        x = torch.stack([load_centre_crop(f, resolution) for f in files[i:i + batch]]).to(device)
+        out.append(model(x).float().softmax(-1).cpu())
+    model.train(was)
+    return torch.cat(out) if out else torch.zeros(0, len(model.cfg.classes))
+
+
+def top1_accuracy(pred: torch.Tensor, labels: Sequence[int], classes: Sequence[str]) -> dict:
+    """{"accuracy": overall, "per_class": {class: share or None without examples}} of predicted
+    class indices `pred` (N,) against `labels`."""
+    y = torch.as_tensor(list(labels), dtype=torch.long)
+    pred = torch.as_tensor(pred, dtype=torch.long)
+    correct = torch.bincount(y[pred == y], minlength=len(classes)).float()
+    total = torch.bincount(y, minlength=len(classes)).float()
+    per = {c: float(correct[k] / total[k]) if total[k] else None for k, c in enumerate(classes)}
+    return {"accuracy": float(correct.sum() / total.sum()) if total.sum() else float("nan"), "per_class": per}
 
 
 def save_classifier(model: ImageClassifier, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
