@@ -159,3 +159,17 @@ def test_the_shipped_bundle_follows_its_labels_and_a_random_model_does_not(tmp_p
         assert proc.returncode == 0, proc.stderr
         scores[name] = _adherence(out, oracle)
     assert scores["bundle"] > ADHERENCE_MIN > scores["random"], scores
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("DGINSTYLE_GATE") != "1",
+                    reason="the renderer's gate takes about 10 CPU minutes: DGINSTYLE_GATE=1 runs it")
+def test_the_renderers_gate(tmp_path):
+    """The gate at the recipe's sizes: source-only transfers to the prior styles at <= 0.5x its in-domain
+    mIoU, and labelled prior-style renders give >= 2x the source-only mIoU there."""
+    proc = subprocess.run([sys.executable, "-m", "train.mini_world", "gate", "--out", str(tmp_path), "--quiet",
+                           "--device", "cpu"], cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "2"},
+                          capture_output=True, text=True, timeout=3600)
+    gate = json.loads((tmp_path / "gate.json").read_text())
+    assert proc.returncode == 0 and gate["passed"], proc.stdout[-2000:]
+    assert gate["ratio_transfer"] <= 0.5 and gate["ratio_prior"] >= 2.0
