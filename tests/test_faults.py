@@ -24,12 +24,7 @@ class Killed(BaseException):
     """The process dies here (as SIGKILL would: no handler, no cleanup of its own)."""
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -282,12 +282,6 @@ def test_imagenet_backbone_loading(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Training and evaluation
 # --------------------------------------------------------------------------------------------
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_tiny_hrda_training_reduces_the_loss(one_thread):

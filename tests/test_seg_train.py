@@ -71,14 +71,6 @@ def test_poly_schedule_with_linear_warmup():
     assert lr_factor(10, 100, warmup_iters=0, power=2.0) == pytest.approx(0.81)
 
 
-@pytest.fixture
-def one_thread():
-    """Two intra-op threads on 2 shared cores oversubscribe badly (OpenMP spin-waits: ~7x slower
-    under load); one thread keeps the CPU tests fast and their timing predictable."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_tiny_model_overfits_synthetic_layouts(tmp_path, one_thread):

@@ -17,7 +17,7 @@ from segmentation.models.shade import (StyleHallucination, attach_style_hallucin
                                        style_consistency_loss)
 from segmentation.transforms import TrainPipeline
 from train.train_segmentation import main
-from tests.test_seg_train import ROOT, _args, _same_weights, one_thread, write_scenes  # noqa: F401
+from tests.test_seg_train import ROOT, _args, _same_weights, write_scenes
 
 
 def test_hallucinated_features_take_the_mixed_style():

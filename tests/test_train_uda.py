@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from segmentation.models import load_segmentor
-from tests.test_seg_train import ROOT, _same_weights, one_thread, write_scenes  # noqa: F401
+from tests.test_seg_train import ROOT, _same_weights, write_scenes
 from train.train_uda import main, parse_args
 
 # pseudo-threshold 0: every target pixel weighs 1, so the mix and masked losses train from the start

@@ -17,12 +17,7 @@ from segmentation.world import PRIOR_STYLES, SOURCE, render
 from train import common, finetune_unet, train_classifier, train_vae
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(root, styles, n, h=32, w=64, seed=0, captions=False):
