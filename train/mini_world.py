@@ -176,12 +176,9 @@ def train_stages(out: Path, r: Recipe, run: Runner, args) -> dict:
         "--sample-every", 0, "--log-every", r.log_every, "--ckpt-every", 200, "--output-dir", out / "unet_s",
         "--num-workers", 0]))
     stage("controlnet", out / "controlnet" / "controlnet.safetensors", lambda: run("controlnet", "train.train_controlnet", [
-        "--base", out / "unet_s" / "pipeline.safetensors", "--prior", out / "prior" / "pipeline.safetensors",
-        "--data", w / "source", "--resolution", spec.base, "--crop", "rcs", "--rcs-min-pixels", 20,
-        "--proportion-empty-prompts", 0.1, "--batch-size", r.controlnet_batch, "--grad-accum", 1,
-        "--max-steps", r.controlnet_steps, "--lr", "1e-3", "--weight-decay", 0.0,
-        "--validation-every", max(r.controlnet_steps // 3, 1) if r.sample_grids else 0, "--validation-steps", 20,
-        "--log-every", r.log_every, "--ckpt-every", 500, "--output-dir", out / "controlnet", "--num-workers", 0]))
+        *controlnet_args(out / "unet_s" / "pipeline.safetensors", w, spec.base, r.controlnet_steps, r.controlnet_batch,
+                         out / "controlnet", r.log_every, r.sample_grids),
+        "--prior", out / "prior" / "pipeline.safetensors"]))
     stage("oracle", out / "oracle" / "model.safetensors", lambda: run("oracle", "train.train_segmentation", [
         "--model", "mini", "--source", f"gta:{w / 'oracle'}", "--source-scale", ORACLE_ZOOM * 2 * spec.base,
         ORACLE_ZOOM * spec.base, "--crop", ORACLE_ZOOM * spec.base, "--batch-size", r.oracle_batch, "--max-iters", r.oracle_steps, "--lr", "6e-4",
@@ -196,6 +193,17 @@ def train_stages(out: Path, r: Recipe, run: Runner, args) -> dict:
         "--num-workers", 0]))
     stage("bundle", out / "bundle" / BUNDLE_FILE, lambda: make_bundle(out, r))
     return times
+
+
+def controlnet_args(base: Path, world: Path, size: int, steps: int, batch: int, out: Path, log_every: int = 50,
+                    validation: bool = True) -> list:
+    """train_controlnet options of the world's label ControlNet on the frozen `base` U-Net: rare-class
+    crops of the source renders, 10 % empty prompts, AdamW 1e-3 from the zero-initialised ControlNet."""
+    return ["--base", base, "--data", world / "source", "--resolution", size, "--crop", "rcs", "--rcs-min-pixels", 20,
+            "--proportion-empty-prompts", 0.1, "--batch-size", batch, "--grad-accum", 1, "--max-steps", steps,
+            "--lr", "1e-3", "--weight-decay", 0.0, "--validation-every", max(steps // 3, 1) if validation else 0,
+            "--validation-steps", 20, "--log-every", log_every, "--ckpt-every", 500, "--output-dir", out,
+            "--num-workers", 0]
 
 
 def make_bundle(out: Path, r: Recipe) -> Path:

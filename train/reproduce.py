@@ -60,7 +60,7 @@ from segmentation.labels import TRAIN_ID_SUFFIX, colorize, load_label
 from segmentation.metrics import entropy, mean_std
 from segmentation.models.classifier import load_classifier, predict_files
 from segmentation.world import CLASSIFIED, PRIOR_STYLES, SOURCE, UNSEEN_STYLES, WorldSpec, write_world
-from train.mini_world import SMOKE, Runner, evaluate_args, read_eval, segmenter_args
+from train.mini_world import SMOKE, Runner, controlnet_args, evaluate_args, read_eval, segmenter_args
 
 EVAL_STYLES = (SOURCE, *PRIOR_STYLES, *UNSEEN_STYLES)
 VALIDATION = PRIOR_STYLES[0]  # the one style any setting may be chosen on
@@ -235,11 +235,8 @@ def find_world(args, bundle, out: Path) -> tuple[Path, WorldSpec]:
 
 
 def drift_controlnet_args(bundle, world: Path, spec: WorldSpec, steps: int, batch: int, out: Path) -> list:
-    """The recipe's ControlNet stage (train/mini_world.py) with U^P as the frozen base and validation model."""
-    return ["--base", bundle["prior"], "--data", world / "source", "--resolution", spec.base, "--crop", "rcs",
-            "--rcs-min-pixels", 20, "--proportion-empty-prompts", 0.1, "--batch-size", batch, "--grad-accum", 1,
-            "--max-steps", steps, "--lr", "1e-3", "--weight-decay", 0.0, "--validation-every", max(steps // 3, 1),
-            "--validation-steps", 20, "--log-every", 50, "--ckpt-every", 500, "--output-dir", out, "--num-workers", 0]
+    """The recipe's ControlNet stage with U^P as the frozen base and validation model."""
+    return controlnet_args(bundle["prior"], world, spec.base, steps, batch, out)
 
 
 def generate_all(step: Steps, plan: Plan, bundle, world: Path, out: Path, drift_cn: Path) -> None:
