@@ -327,18 +327,11 @@ MEASURE_LABELS = 24  # source label maps the measured samples are generated from
 MEASURE_EVAL = 16  # evaluation images per style for the autoencoder
 
 
-def _oracle_dataset(root: Path, layout: str, split: str | None, size: tuple[int, int]):
-    """Pairs under `root` with the images resized to the oracle's zoom (label at full size)."""
-    from segmentation.datasets import SegDataset
-
-    h, w = size
-    return SegDataset(root, layout, split, test_scale=(ORACLE_ZOOM * max(h, w), ORACLE_ZOOM * min(h, w)))
-
-
 @torch.no_grad()
 def measure_vae(world: Path, bundle, n: int = MEASURE_EVAL) -> dict:
     """The prior's autoencoder on held-out evaluation images of every trained style: PSNR of the
     reconstruction (posterior mean), and the oracle's mIoU on the reconstructions vs the originals."""
+    from segmentation.datasets import SegDataset
     from segmentation.evaluate import predict_logits
     from segmentation.metrics import confusion_matrix, mean_iou
     from segmentation.models import load_segmentor
@@ -350,7 +343,7 @@ def measure_vae(world: Path, bundle, n: int = MEASURE_EVAL) -> dict:
     oracle = load_segmentor(bundle["oracle"]).eval()
     rows = {}
     for style in (SOURCE, *PRIOR_STYLES):
-        data = _oracle_dataset(world / "eval" / style.name, "cityscapes", "val", (1, 2))
+        data = SegDataset(world / "eval" / style.name, "cityscapes", "val")
         cms, db = {"original": 0, "reconstruction": 0}, []
         for i in range(min(n, len(data))):
             image, label = data.load(i)
