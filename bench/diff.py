@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.training import make_workspace, run_script, steady_rate, time_median  # noqa: E402
+from bench.training import emit, make_workspace, run_script, steady_rate, time_median  # noqa: E402
 from ldm import cli  # noqa: E402
 from ldm.formats import DTYPES  # noqa: E402
 from segmentation.models import PRESETS, build_segmentor  # noqa: E402
@@ -152,11 +152,7 @@ def main(argv: list[str] | None = None) -> str:
              "Peak memory on CUDA only.\n\n"
              "| what | setting | rate | peak memory GiB | notes |\n|---|---|---|---|---|\n")
     table += "".join(f"| {s} | {w} | {r} | {'n/a' if m is None else f'{m:.1f}'} | {n} |\n" for s, w, r, m, n in rows)
-    print(table)
-    if a.write:
-        with open(a.write, "a") as f:
-            f.write("\n" + table)
-    return table
+    return emit(table, a.write)
 
 
 if __name__ == "__main__":

@@ -202,6 +202,15 @@ def time_median(fn, device: torch.device, warmup: int, repeats: int) -> tuple[fl
     return statistics.median(times), peak
 
 
+def emit(table: str, path: str | None) -> str:
+    """Print a benchmark's markdown table and append it to `path` (BENCHMARKS.md) when given."""
+    print(table)
+    if path:
+        with open(path, "a") as f:
+            f.write("\n" + table)
+    return table
+
+
 def seg_inference(a) -> list[tuple]:
     """Table rows for the segmentor's forward on a batch of crops and for sliding-window inference."""
     device = torch.device(a.device)
@@ -311,11 +320,7 @@ def main(argv: list[str] | None = None) -> str:
                 "libraries and data included); n/a for the inference calls, which run in this process.\n\n")
              + "| script | what | samples or iterations per s | peak memory GiB | notes |\n|---|---|---|---|---|\n")
     table += "".join(f"| {s} | {w} | {r} | {'n/a' if m is None else f'{m:.2f}'} | {n} |\n" for s, w, r, m, n in rows)
-    print(table)
-    if a.write:
-        with open(a.write, "a") as f:
-            f.write("\n" + table)
-    return table
+    return emit(table, a.write)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,6 @@
 """mrlf.didex: the prompt engine against hand computations (every template, the class-balancing
 histogram over a sequence of label maps), prompts determined by the sample seeds, and the CLI's
 three generators (outputs, manifest, resume, --only) on the tiny model."""
-import json
-import os
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from mrlf.generate import sample_seed
 from segmentation.datasets import SegDataset, find_images
 from segmentation.labels import save_label
 from segmentation.synthetic import street_scene
+from tests.test_generate import _files, _manifest
 
 
 class Draws:
@@ -143,15 +142,6 @@ def source(tmp_path_factory):
 
 def _run(out, source, *extra):
     return didex.main(["--source", f"gta:{source}", "--out", str(out), *FAST, *extra])
-
-
-def _files(out):
-    return {os.path.relpath(os.path.join(r, f), out): open(os.path.join(r, f), "rb").read()
-            for r, _, fs in os.walk(out) for f in fs if f != "manifest.jsonl"}
-
-
-def _manifest(out):
-    return [json.loads(line) for line in open(out / "manifest.jsonl")]
 
 
 @pytest.fixture(scope="module")
