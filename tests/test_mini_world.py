@@ -174,3 +174,26 @@ def test_the_renderers_gate(tmp_path):
     gate = json.loads((tmp_path / "gate.json").read_text())
     assert proc.returncode == 0 and gate["passed"], proc.stdout[-2000:]
     assert gate["ratio_transfer"] <= 0.5 and gate["ratio_prior"] >= 2.0
+
+
+def test_the_shipped_style_classifier_tells_the_styles_apart(tmp_path):
+    """Fresh renders (seeds the world never used) of every classified style, classified by the shipped
+    classifier; a random classifier of the same architecture is near chance."""
+    from PIL import Image
+
+    from segmentation.synthetic import street_scene
+    from segmentation.world import CLASSIFIED, render
+    from train.train_classifier import accuracy
+
+    model = load_classifier(SHIPPED_BUNDLE["style_classifier"])
+    classes = list(model.cfg.classes)
+    files, labels = [], []
+    for k, style in enumerate(CLASSIFIED):
+        for i in range(3):
+            sc = street_scene(64, 128, np.random.default_rng([99, k, i]), full=True)
+            files.append(tmp_path / f"{style.name}_{i}.png")
+            Image.fromarray(render(sc, style, i)[:, 32:96]).save(files[-1])
+            labels.append(classes.index(style.name))
+    assert accuracy(model, files, labels, classes, 64, "cpu")["accuracy"] >= 0.7
+    torch.manual_seed(0)
+    assert accuracy(type(model)(model.cfg), files, labels, classes, 64, "cpu")["accuracy"] < 0.3
