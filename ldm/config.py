@@ -161,6 +161,15 @@ CONFIGS = {"unet": UNetConfig, "vae": AutoencoderConfig, "text_encoder": CLIPTex
 PRESET_NAMES = ("sd15", "tiny", "mini")
 
 
+def config_from_text(kind: str, value: str):
+    """A component config from the command line: a preset name ("mini", ...) or a JSON object."""
+    if value.lstrip().startswith("{"):
+        if kind not in CONFIGS:
+            raise ValueError(f"unknown component {kind!r}; expected one of {', '.join(CONFIGS)}")
+        return CONFIGS[kind].from_dict(json.loads(value))
+    return preset(kind, value)
+
+
 def preset(kind: str, name: str):
     """The `name` preset ("sd15", "tiny", "mini") of a component kind ("unet", "vae", "text_encoder")."""
     if kind not in CONFIGS:

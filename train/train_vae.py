@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ldm import cli
 from ldm import checkpoint as ckpt_io
 from ldm.atomic import atomic_file
-from ldm.config import AutoencoderConfig, preset
+from ldm.config import config_from_text
 from ldm.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss, kl_loss
 from ldm.vae import AutoencoderKL
 from train import common
@@ -48,11 +47,7 @@ from train.data import ImageDataset, find_images, shard_loader
 def build_vae(args) -> AutoencoderKL:
     if args.init:
         return ckpt_io.load_vae(args.init, dtype=torch.float32)
-    if args.config.lstrip().startswith("{"):
-        cfg = AutoencoderConfig.from_dict(json.loads(args.config))
-    else:
-        cfg = preset("vae", args.config)
-    return AutoencoderKL(cfg)
+    return AutoencoderKL(config_from_text("vae", args.config))
 
 
 def lr_at(step: int, args) -> float:
