@@ -338,6 +338,21 @@ def test_diffusion_inputs_depend_on_the_item_only():
     assert (z - mean).abs().max() > 1e-4  # a posterior sample, not the mean
 
 
+def test_noise_offset_adds_a_per_channel_constant_and_changes_nothing_else():
+    vae = StableDiffusion.random("tiny").vae
+    batch = {"pixel_values": torch.rand(3, 3, RES, RES) * 2 - 1, "seed": torch.tensor([5, 6, 7])}
+    z, eps, t = diffusion_inputs(batch, vae, "cpu")
+    z1, eps1, t1 = diffusion_inputs(batch, vae, "cpu", noise_offset=0.1)
+    assert torch.equal(t, t1) and torch.equal(z, z1)  # the offset is drawn last: the other draws stay
+    offset = eps1 - eps
+    assert torch.allclose(offset, offset[:, :, :1, :1].expand_as(offset), atol=1e-6)  # constant over the image
+    per = offset[:, :, 0, 0]
+    assert per.abs().max() > 1e-3 and not torch.allclose(per[0], per[1])  # per item and channel
+    unit = diffusion_inputs(batch, vae, "cpu", noise_offset=1.0)[1] - eps  # the same draw, scaled
+    assert torch.allclose(offset, 0.1 * unit, atol=1e-6)
+    assert 0.3 < float(unit[:, :, 0, 0].std()) < 3  # N(0, 1)
+
+
 # ---------------------------------------------------------------------------------------
 # common.py
 # ---------------------------------------------------------------------------------------

@@ -560,10 +560,15 @@ class ControlNetDataset(_Cached, Dataset):
 # ---------------------------------------------------------------------------------------
 
 def diffusion_inputs(batch: dict, vae: torch.nn.Module, device, num_train_timesteps: int = 1000,
-                     scaling_factor: float | None = None):
+                     scaling_factor: float | None = None, noise_offset: float = 0.0):
     """(z0, noise, t) for a batch: scaled latents of a VAE posterior *sample* (as the original),
     ε ~ N(0, I) and t ~ U{0..N-1}, all drawn per item from ``torch.Generator().manual_seed(seed)``
-    on the CPU (t, then ε, then the posterior noise) and moved to `device`."""
+    on the CPU (t, then ε, then the posterior noise, then the offset) and moved to `device`.
+
+    `noise_offset` > 0 adds ``noise_offset * N(0, 1)`` per item and channel, constant over the image
+    ("offset noise", diffusers' ``--noise_offset``). SD's schedule never reaches pure noise (√ᾱ_999 ≈
+    0.07), so a model trained without it reads an image's overall colour off the start noise's mean at
+    sampling time instead of choosing it from the prompt."""
     gens = [torch.Generator().manual_seed(int(s)) for s in batch["seed"]]
     t = torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g) for g in gens]).to(device)
     with torch.no_grad():
@@ -575,4 +580,7 @@ def diffusion_inputs(batch: dict, vae: torch.nn.Module, device, num_train_timest
         shape = posterior.mean.shape[1:]
         noise = torch.cat([torch.randn((1, *shape), generator=g) for g in gens]).to(device)
         z0 = posterior.sample(gens).float() * (scaling_factor or vae.cfg.scaling_factor)
+        if noise_offset:
+            offset = torch.cat([torch.randn((1, shape[0], 1, 1), generator=g) for g in gens]).to(device)
+            noise = noise + noise_offset * offset
     return z0, noise, t

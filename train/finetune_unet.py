@@ -13,8 +13,13 @@ metadata.jsonl ({"file_name": ..., "text": ...} per line; --caption-column) trai
 --proportion-empty-prompts of them dropped to "" (for classifier-free guidance). The parts come from
 --base and can be replaced: --vae PATH / --text-encoder PATH (checkpoints), --unet-config /
 --text-encoder-config (a preset name: mini, tiny, sd15, or JSON) for freshly initialised ones, i.e.
-training from scratch. --train-text-encoder trains the text encoder too (--text-encoder-lr).
---lr-scheduler cosine with --lr-warmup-steps suits training from scratch.
+training from scratch. --train-text-encoder trains the text encoder too (--text-encoder-lr); a
+contrastively pretrained one (train.train_text_encoder) is given with --text-encoder and stays frozen,
+as SD's CLIP tower did. --lr-scheduler cosine with --lr-warmup-steps suits training from scratch.
+--noise-offset (diffusers' name; off by default, as DGInStyle) adds a per-image, per-channel constant to
+the training noise: SD's schedule leaves √ᾱ ≈ 0.07 of the image in its noisiest step, so without it a
+model learns to read an image's overall colour off the start noise's mean, and prompts that differ in
+colour (night, fog, snow) come out alike.
 
 Single GPU:
     python -m train.finetune_unet --base stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -25,10 +30,10 @@ N GPUs on one machine (batch and accumulation are per GPU; the effective batch i
 Resume (exact: same world size): add --resume auto (latest in OUTPUT/checkpoints) or --resume PATH.
 Smoke run on CPU with a random tiny model (the images are noise):
     python -m train.finetune_unet --tiny --data some/images --output-dir /tmp/u --resolution 64 --max-steps 20
-A text-to-image prior from scratch on a trained VAE (the miniature world's U^P):
-    python -m train.finetune_unet --vae runs/vae/vae.safetensors --unet-config mini --text-encoder-config mini \
-        --train-text-encoder --data world/prior --resolution 64 --lr 1e-3 --lr-scheduler cosine \
-        --proportion-empty-prompts 0.1 --output-dir runs/prior
+A text-to-image prior from scratch on a trained VAE and a pretrained text encoder (the miniature world's U^P):
+    python -m train.finetune_unet --vae runs/vae/vae.safetensors --unet-config mini \
+        --text-encoder runs/text_encoder/text_encoder.safetensors --data world/prior --resolution 64 --lr 1e-3 \
+        --lr-scheduler cosine --proportion-empty-prompts 0.1 --noise-offset 0.1 --output-dir runs/prior
 
 Outputs in --output-dir: log.txt, metrics.jsonl, checkpoints/step_*.pt (model, optimizer, scaler,
 EMA, step, config, every rank's RNG state), samples/step_*.png (DDIM grids of --sample-prompt),
@@ -40,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 from pathlib import Path
@@ -51,7 +55,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ldm import checkpoint as ckpt_io
 from ldm.clip import CLIPTextModel
-from ldm.config import CLIPTextConfig, UNetConfig, preset
+from ldm.config import config_from_text
 from ldm import cli
 from ldm.atomic import atomic_file
 from ldm.sd import StableDiffusion
@@ -63,13 +67,6 @@ from train.data import (DREAMBOOTH_SCALES, METADATA_FILE, ImageDataset, LatentCa
                         fill_latent_cache, find_captioned_images, find_images, shard_loader, vae_fingerprint)
 
 SAMPLE_PROMPT = "road building sky person vegetation car"
-
-
-def _config(kind: str, value: str):
-    """A preset name or a JSON config of a component kind."""
-    if value.lstrip().startswith("{"):
-        return {"unet": UNetConfig, "text_encoder": CLIPTextConfig}[kind].from_dict(json.loads(value))
-    return preset(kind, value)
 
 
 def load_base(args) -> tuple[StableDiffusion, Path | None]:
@@ -93,9 +90,9 @@ def load_base(args) -> tuple[StableDiffusion, Path | None]:
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)
         if args.text_encoder_config:
-            parts["text_encoder"] = CLIPTextModel(_config("text_encoder", args.text_encoder_config))
+            parts["text_encoder"] = CLIPTextModel(config_from_text("text_encoder", args.text_encoder_config))
         if args.unet_config:
-            parts["unet"] = UNetModel(_config("unet", args.unet_config))
+            parts["unet"] = UNetModel(config_from_text("unet", args.unet_config))
     missing = [n for n in ("unet", "vae", "text_encoder") if n not in parts]
     if missing:
         raise SystemExit(f"no {', '.join(missing)}: pass --base (a pipeline folder, a CompVis single file or our "
@@ -275,7 +272,7 @@ def main(args):
             batch = next(batches)
             position += args.batch_size
             descs = batch["desc"]
-            z0, noise, t = diffusion_inputs(batch, sd.vae, d.device)
+            z0, noise, t = diffusion_inputs(batch, sd.vae, d.device, noise_offset=args.noise_offset)
             ids = sd.tokenizer(list(batch["caption"])).to(d.device)
             with common.no_sync(model, sync=micro == args.grad_accum - 1):
                 with amp:
@@ -332,6 +329,10 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--proportion-empty-prompts", type=cli.fraction, default=0.0,
                    help="share of captions replaced by the empty prompt (for classifier-free guidance)")
     g.add_argument("--random-flip", action="store_true", help="flip images horizontally with probability 1/2")
+    g.add_argument("--noise-offset", type=cli.non_negative, default=0.0,
+                   help="offset noise: this times a per-channel constant N(0, 1) added to the training noise, so "
+                        "the model learns to choose an image's overall colour and brightness from the prompt "
+                        "(0.1 is common; 0: off, as the original)")
     g.add_argument("--vae", help="the VAE from this checkpoint instead of --base's")
     g.add_argument("--text-encoder", help="the text encoder from this checkpoint instead of --base's")
     g.add_argument("--unet-config", help="a freshly initialised U-Net of this config (preset name or JSON) "
