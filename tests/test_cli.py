@@ -135,7 +135,8 @@ def test_progress_eta_counts_this_runs_units_only(monkeypatch):
 CLIS = ["mrlf.generate", "mrlf.jobs", "ldm.checkpoint", "controlnet.checkpoint", "segmentation.labels",
         "segmentation.rcs", "segmentation.evaluate", "segmentation.adherence", "segmentation.synthetic",
         "segmentation.world", "mrlf.didex", "train.finetune_unet", "train.train_controlnet", "train.train_segmentation",
-        "train.train_uda", "train.train_vae", "train.train_classifier", "train.mini_world", "train.reproduce"]
+        "train.train_uda", "train.train_vae", "train.train_classifier", "train.train_text_encoder", "train.mini_world",
+        "train.reproduce"]
 BENCH = sorted(p.stem for p in (ROOT / "bench").glob("*.py"))
 PACKAGES = ("ldm", "controlnet", "samplers", "mrlf", "segmentation", "train")
 
