@@ -35,7 +35,7 @@ def smoke_world(tmp_path_factory):
 
 
 # the metrics key of each training stage's loss
-LOSSES = {"vae": "loss", "prior": "loss", "unet_s": "loss", "controlnet": "loss", "oracle": "loss",
+LOSSES = {"text_encoder": "loss", "vae": "loss", "prior": "loss", "unet_s": "loss", "controlnet": "loss", "oracle": "loss",
           "classifier": "loss"}
 
 
@@ -197,3 +197,37 @@ def test_the_shipped_style_classifier_tells_the_styles_apart(tmp_path):
     assert accuracy(model, files, labels, classes, 64, "cpu")["accuracy"] >= 0.7
     torch.manual_seed(0)
     assert accuracy(type(model)(model.cfg), files, labels, classes, 64, "cpu")["accuracy"] < 0.3
+
+
+def test_the_shipped_prior_follows_style_words(tmp_path, one_thread):
+    """U^P alone (text-to-image, no ControlNet): images prompted with four style words, classified by the
+    shipped style classifier, land in their prompted style far above chance; the same U-Net with its
+    weights shuffled per tensor (same statistics, no learnt structure) does not."""
+    from ldm.sd import StableDiffusion
+    from mrlf.pipeline import Pipeline, SamplingSettings
+    from segmentation.world import PRIOR_STYLES
+    from train.train_classifier import accuracy
+
+    styles = [s for s in PRIOR_STYLES if s.name in ("night", "snow", "dusk", "overexposed")]
+    classifier = load_classifier(SHIPPED_BUNDLE["style_classifier"])
+    classes = list(classifier.cfg.classes)
+    sd = StableDiffusion.from_checkpoint(SHIPPED_BUNDLE["prior"])
+
+    def hits(pipe) -> float:
+        files, labels = [], []
+        for k, style in enumerate(styles):
+            prompt = f"A city street scene with road sidewalk building vegetation sky car, in {style.word} weather."
+            for i, im in enumerate(pipe.generate(prompt, height=64, width=64, images_per_prompt=4, seeds=100 * k,
+                                                 settings=SamplingSettings(steps=10, guidance_scale=7.5))):
+                files.append(tmp_path / f"{pipe is trained}_{style.name}_{i}.png")
+                im.save(files[-1])
+                labels.append(classes.index(style.name))
+        return accuracy(classifier, files, labels, classes, 64, "cpu")["accuracy"]
+
+    trained = Pipeline(sd)
+    assert hits(trained) >= 0.6  # chance: 1 in 11
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in sd.unet.parameters():
+            p.copy_(p.flatten()[torch.randperm(p.numel(), generator=g)].view_as(p))
+    assert hits(Pipeline(sd)) <= 0.25

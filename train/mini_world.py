@@ -12,28 +12,32 @@ Stages, each a run of the CLI a user would run on real data (its command is prin
 OUT/logs/<stage>.cmd), each resumable (a stage whose outputs exist is skipped; a killed training
 stage continues from its last checkpoint with --resume auto):
 
- 1. render      segmentation.world: source (GTA-like), prior (captioned images), eval/<style>
-                (Cityscapes-like), oracle (every style, labelled) and styles (classifier data)
- 2. vae         train.train_vae: the KL autoencoder, on source and prior images
- 3. prior       train.finetune_unet: U^P, a text-to-image U-Net trained from scratch with its text
-                encoder on the captioned prior corpus
- 4. unet_s      train.finetune_unet: U^S, U^P fine-tuned on the source renders with the empty prompt
-                (DGInStyle's DreamBooth step)
- 5. controlnet  train.train_controlnet: the label ControlNet on the frozen U^S, rare-class sampled,
-                validated on U^S and swapped onto U^P
- 6. oracle      train.train_segmentation: a segmenter on labelled renders of every style (measures
-                how well generated images follow their labels)
- 7. classifier  train.train_classifier: the style classifier (measures which style an image is in)
- 8. bundle      fp16 copies of the networks, a few label maps and bundle.json (generation defaults)
+ 1. render        segmentation.world: source (GTA-like), prior (captioned images), eval/<style>
+                  (Cityscapes-like), oracle (every style, labelled) and styles (classifier data)
+ 2. text_encoder  train.train_text_encoder: a CLIP text tower (SD-1.5's tokenizer, width 16)
+                  pretrained contrastively on the captioned prior corpus, as SD's was
+ 3. vae           train.train_vae: the KL autoencoder, on source and prior images
+ 4. prior         train.finetune_unet: U^P, a text-to-image U-Net trained from scratch on the captioned
+                  prior corpus, its text encoder frozen, with offset noise
+ 5. unet_s        train.finetune_unet: U^S, U^P fine-tuned on the source renders with the empty prompt
+                  (DGInStyle's DreamBooth step)
+ 6. controlnet    train.train_controlnet: the label ControlNet on the frozen U^S, rare-class sampled,
+                  validated on U^S and swapped onto U^P
+ 7. oracle        train.train_segmentation: a segmenter on labelled renders of every style (measures
+                  how well generated images follow their labels)
+ 8. classifier    train.train_classifier: the style classifier (measures which style an image is in)
+ 9. bundle        fp16 copies of the networks, a few label maps and bundle.json (generation defaults)
 
-The text encoder (a CLIP-architecture encoder on SD-1.5's tokenizer, width 16) is trained jointly with
-U^P by default; ``--text-encoder frozen`` keeps it random. ``python -m train.mini_world text-encoder``
-measures both by the style-prompt accuracy of U^P's text-to-image samples (the style classifier's
-share in the prompted style, 8 images per style word): at 1000 steps both reach 12.5 % (chance 9.1 %),
-with the same images to within what the classifier tells apart. At this budget the limit is the U-Net's
-cross-attention, which has barely learned the style words (BENCHMARKS.md), not the encoder: a random
-encoder already maps each caption to distinct, stable tokens. Joint training stays the default because
-it is what a text-to-image model trained from scratch does, for 0.8 M more trained parameters.
+Which text encoder makes style prompts work (``python -m train.mini_world text-encoder`` trains U^P with
+each for the same steps and scores the style classifier's share of its text-to-image samples in the
+prompted style, 8 images per style word; numbers in BENCHMARKS.md): a random frozen one and one trained
+jointly with U^P both leave U^P deaf to style words, because its cross-attention starts out averaging
+all 77 token states and only the caption's own words differ between captions; the 60-odd padding
+states, most of the average, barely do, so nothing pulls the attention towards the style word. The
+contrastively pretrained encoder puts the caption's meaning into its end-of-text and padding states,
+and U^P follows style words from its first thousand steps (``--text-encoder clip``, the default;
+``train`` and ``frozen`` remain for comparison). Offset noise (``--noise-offset``, see finetune_unet)
+lets U^P choose an image's overall colour from the prompt rather than from the start noise.
 
 Timings per stage go to OUT/recipe.json. --install copies OUT/bundle over mrlf/world/, the bundle
 ``python -m mrlf.generate`` uses without --base.
@@ -62,7 +66,7 @@ from mrlf.bundle import BUNDLE_FILE, SHIPPED, load_bundle
 from segmentation.labels import TRAIN_ID_SUFFIX
 from segmentation.world import PRIOR_STYLES, WorldSpec, write_world
 
-STAGES = ("render", "vae", "prior", "unet_s", "controlnet", "oracle", "classifier", "bundle")
+STAGES = ("render", "text_encoder", "vae", "prior", "unet_s", "controlnet", "oracle", "classifier", "bundle")
 # Prompts of the prior's sample grids: a style word each, as generation prompts carry them.
 SAMPLE_PROMPTS = [f"A city street scene with road sidewalk building vegetation sky car, in {s.word} weather."
                   for s in PRIOR_STYLES[:4]]
@@ -78,6 +82,8 @@ class Recipe:
     vae_steps: int = 3000
     vae_batch: int = 32
     vae_crop: int = 32  # the autoencoder is convolutional: small crops train it four times faster
+    text_encoder_steps: int = 1500
+    text_encoder_batch: int = 64
     prior_steps: int = 3000
     prior_batch: int = 32
     unet_s_steps: int = 400
@@ -86,7 +92,8 @@ class Recipe:
     oracle_steps: int = 1000
     oracle_batch: int = 16
     classifier_steps: int = 600
-    text_encoder: str = "train"  # "train" (jointly with U^P) or "frozen" (random)
+    noise_offset: float = 0.1  # U^P and U^S: the prompt, not the start noise, sets an image's overall colour
+    text_encoder: str = "clip"  # "clip" (contrastively pretrained, frozen), "train" (jointly with U^P), "frozen" (random)
     log_every: int = 50
     sample_grids: bool = True  # the prior's sample grids and the ControlNet's validation images
 
@@ -95,13 +102,15 @@ class Recipe:
         w = self.world
         world = replace(w, source=n(w.source), prior=n(w.prior), oracle=n(w.oracle), styles=n(w.styles))
         return replace(self, world=world, vae_steps=n(self.vae_steps), prior_steps=n(self.prior_steps),
+                       text_encoder_steps=n(self.text_encoder_steps),
                        unet_s_steps=n(self.unet_s_steps), controlnet_steps=n(self.controlnet_steps),
                        oracle_steps=n(self.oracle_steps), classifier_steps=n(self.classifier_steps))
 
 
 # A recipe small enough for a smoke run (tests): every stage runs, a few steps each, every step logged.
 SMOKE = Recipe(world=WorldSpec(source=24, prior=40, eval=4, oracle=26, styles=4), vae_steps=30, vae_batch=8,
-               vae_crop=16, prior_steps=20, prior_batch=4, unet_s_steps=10, controlnet_steps=20, controlnet_batch=4,
+               vae_crop=16, text_encoder_steps=20, text_encoder_batch=8, prior_steps=20, prior_batch=4, unet_s_steps=10,
+               controlnet_steps=20, controlnet_batch=4,
                oracle_steps=20, oracle_batch=4, classifier_steps=20, log_every=1, sample_grids=False)
 
 
@@ -153,27 +162,32 @@ def train_stages(out: Path, r: Recipe, run: Runner, args) -> dict:
 
     spec = r.world
     stage("render", w / "world.json", lambda: write_world(w, spec))
+    if r.text_encoder == "clip":
+        stage("text_encoder", out / "text_encoder" / "text_encoder.safetensors", lambda: run(
+            "text_encoder", "train.train_text_encoder", text_encoder_args(w / "prior", spec.base, r.text_encoder_steps,
+                                                                        r.text_encoder_batch, out / "text_encoder",
+                                                                        r.log_every)))
     stage("vae", out / "vae" / "vae.safetensors", lambda: run("vae", "train.train_vae", [
         "--data", w / "source" / "images", w / "prior" / "images", "--config", "mini",
         "--resolution", r.vae_crop, "--batch-size", r.vae_batch, "--max-steps", r.vae_steps, "--lr", "3e-3",
         "--rec-loss", "l2", "--warmup-steps", min(100, r.vae_steps // 10), "--ema", "--ema-decay", "0.99",
         "--sample-every", max(r.vae_steps // 4, 1) if r.sample_grids else 0, "--log-every", r.log_every,
         "--output-dir", out / "vae", "--num-workers", 0]))
-    te = (["--text-encoder-config", "mini", "--train-text-encoder"] if r.text_encoder == "train"
-          else ["--text-encoder-config", "mini"])
+    te = prior_text_encoder_args(r.text_encoder, out)
     stage("prior", out / "prior" / "pipeline.safetensors", lambda: run("prior", "train.finetune_unet", [
         "--vae", out / "vae" / "vae.safetensors", "--unet-config", "mini", *te, "--data", w / "prior",
         "--resolution", spec.base, "--scales", 1.0, "--proportion-empty-prompts", 0.1, "--random-flip",
-        "--batch-size", r.prior_batch, "--grad-accum", 1, "--max-steps", r.prior_steps, "--lr", "1e-3",
+        "--noise-offset", r.noise_offset, "--batch-size", r.prior_batch, "--grad-accum", 1,
+        "--max-steps", r.prior_steps, "--lr", "1e-3",
         "--lr-scheduler", "cosine", "--lr-warmup-steps", min(100, r.prior_steps // 10), "--weight-decay", 0.0,
         "--ema", "--ema-decay", 0.999, "--sample-every", max(r.prior_steps // 3, 1) if r.sample_grids else 0,
         "--sample-prompt", *SAMPLE_PROMPTS, "--num-samples", 4, "--sample-steps", 20, "--log-every", r.log_every,
         "--ckpt-every", 500, "--output-dir", out / "prior", "--num-workers", 0]))
     stage("unet_s", out / "unet_s" / "pipeline.safetensors", lambda: run("unet_s", "train.finetune_unet", [
         "--base", out / "prior" / "pipeline.safetensors", "--data", w / "source" / "images", "--prompt", "",
-        "--resolution", spec.base, "--scales", 1.0, "--random-flip", "--batch-size", r.prior_batch,
-        "--grad-accum", 1, "--max-steps", r.unet_s_steps, "--lr", "1e-4", "--weight-decay", 0.0,
-        "--sample-every", 0, "--log-every", r.log_every, "--ckpt-every", 200, "--output-dir", out / "unet_s",
+        "--resolution", spec.base, "--scales", 1.0, "--random-flip", "--noise-offset", r.noise_offset,
+        "--batch-size", r.prior_batch, "--grad-accum", 1, "--max-steps", r.unet_s_steps, "--lr", "1e-4",
+        "--weight-decay", 0.0, "--sample-every", 0, "--log-every", r.log_every, "--ckpt-every", 200, "--output-dir", out / "unet_s",
         "--num-workers", 0]))
     stage("controlnet", out / "controlnet" / "controlnet.safetensors", lambda: run("controlnet", "train.train_controlnet", [
         *controlnet_args(out / "unet_s" / "pipeline.safetensors", w, spec.base, r.controlnet_steps, r.controlnet_batch,
@@ -193,6 +207,21 @@ def train_stages(out: Path, r: Recipe, run: Runner, args) -> dict:
         "--num-workers", 0]))
     stage("bundle", out / "bundle" / BUNDLE_FILE, lambda: make_bundle(out, r))
     return times
+
+
+def text_encoder_args(data: Path, size: int, steps: int, batch: int, out: Path, log_every: int = 50) -> list:
+    """train_text_encoder options of the world's text encoder: SD-1.5's tokenizer, the 'mini' tower,
+    contrastively pretrained on the captioned prior corpus."""
+    return ["--data", data, "--config", "mini", "--resolution", size, "--batch-size", batch, "--max-steps", steps,
+            "--lr", "1e-3", "--warmup-steps", max(1, min(50, steps // 10)), "--log-every", log_every,
+            "--output-dir", out, "--num-workers", 0]
+
+
+def prior_text_encoder_args(mode: str, out: Path) -> list:
+    """finetune_unet's text-encoder options of U^P for a --text-encoder mode (clip, train, frozen)."""
+    if mode == "clip":
+        return ["--text-encoder", out / "text_encoder" / "text_encoder.safetensors"]
+    return ["--text-encoder-config", "mini"] + (["--train-text-encoder"] if mode == "train" else [])
 
 
 def controlnet_args(base: Path, world: Path, size: int, steps: int, batch: int, out: Path, log_every: int = 50,
@@ -512,8 +541,8 @@ def prompt_style_accuracy(pipeline_file: Path, classifier_file: Path, n: int = 8
 
 
 def run_text_encoder(args) -> int:
-    """U^P trained with the text encoder jointly vs with a frozen random one, same steps and data:
-    style-prompt accuracy of their text-to-image samples (OUT/text_encoder.json)."""
+    """U^P trained with each text encoder (contrastively pretrained and frozen, trained jointly, random and
+    frozen), same steps and data: style-prompt accuracy of their text-to-image samples (OUT/text_encoder.json)."""
     out = Path(args.out)
     r = Recipe().scaled(args.scale)
     w = out / "world"
@@ -522,14 +551,17 @@ def run_text_encoder(args) -> int:
     # export is mostly its random start
     ema_decay = min(0.999, 1.0 - 10.0 / args.te_steps)
     result = {"steps": args.te_steps, "ema_decay": ema_decay}
-    for mode in ("train", "frozen"):
+    for mode in ("clip", "train", "frozen"):
         dest = out / f"text_encoder_{mode}"
-        te = ["--text-encoder-config", "mini"] + (["--train-text-encoder"] if mode == "train" else [])
+        if mode == "clip" and not (out / "text_encoder" / "text_encoder.safetensors").exists():
+            run("text_encoder", "train.train_text_encoder", text_encoder_args(
+                w / "prior", r.world.base, r.text_encoder_steps, r.text_encoder_batch, out / "text_encoder"))
         if not (dest / "pipeline.safetensors").exists():
             run(f"text_encoder_{mode}", "train.finetune_unet", [
-                "--vae", out / "vae" / "vae.safetensors", "--unet-config", "mini", *te, "--data", w / "prior",
+                "--vae", out / "vae" / "vae.safetensors", "--unet-config", "mini",
+                *prior_text_encoder_args(mode, out), "--data", w / "prior",
                 "--resolution", r.world.base, "--scales", 1.0, "--proportion-empty-prompts", 0.1, "--random-flip",
-                "--batch-size", r.prior_batch, "--grad-accum", 1, "--max-steps", args.te_steps, "--lr", "1e-3",
+                "--noise-offset", r.noise_offset, "--batch-size", r.prior_batch, "--grad-accum", 1, "--max-steps", args.te_steps, "--lr", "1e-3",
                 "--lr-scheduler", "cosine", "--lr-warmup-steps", min(100, args.te_steps // 10),
                 "--weight-decay", 0.0, "--ema", "--ema-decay", ema_decay, "--sample-every", 0, "--log-every", 50,
                 "--ckpt-every", 500, "--output-dir", dest, "--num-workers", 0])
@@ -563,16 +595,17 @@ def get_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m train.mini_world", __doc__)
     p.add_argument("command", nargs="?", default="train", choices=("train", "gate", "measure", "figure", "text-encoder"),
                    help="train: the recipe; gate: the renderer's gate (segmenters on renders alone); measure: "
-                        "the trained bundle's numbers (OUT/measure/measure.json); figure: its sample grid (--figure); text-encoder: U^P with a jointly trained vs a "
-                        "frozen random text encoder, by style-prompt accuracy")
+                        "the trained bundle's numbers (OUT/measure/measure.json); figure: its sample grid (--figure); text-encoder: U^P with each text encoder (see "
+                        "--text-encoder), by style-prompt accuracy")
     p.add_argument("--out", help="output folder (resumable); every command but figure with --bundle needs it")
     p.add_argument("--scale", type=cli.positive, default=1.0,
                    help="multiply data sizes and steps (1: sized for 2 CPU cores)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device of every stage (cpu, cuda, cuda:N)")
     p.add_argument("--nproc", type=cli.positive_int, default=1, help="processes per training stage (torchrun)")
-    p.add_argument("--text-encoder", choices=("train", "frozen"), default="train",
-                   help="train the text encoder with U^P, or keep it random and frozen")
+    p.add_argument("--text-encoder", choices=("clip", "train", "frozen"), default="clip",
+                   help="U^P's text encoder: pretrained contrastively on the prior corpus and frozen (the stage "
+                        "text_encoder), trained jointly with U^P, or random and frozen")
     p.add_argument("--install", action="store_true", help="copy the bundle over mrlf/world/ at the end")
     p.add_argument("--smoke", action="store_true", help="a few steps per stage (tests)")
     p.add_argument("--quiet", action="store_true", help="stage output to OUT/logs only")
