@@ -22,7 +22,9 @@ _spec.loader.exec_module(ref_cases)
 
 TILED_ATOL = 2e-5  # latents of the tiled canvas
 TILED_IMAGE_ATOL = 1  # uint8 levels
-OTHER_MACHINE_RTOL = 1e-4  # of the largest |value| of an array
+# of the largest |value| of an array: another summation order (other kernels, or another thread count:
+# one thread against the files' two gave 4.4e-4 on the eta-noise case, whose chain amplifies rounding)
+OTHER_MACHINE_RTOL = 1e-3
 OTHER_MACHINE_IMAGE_ATOL = 2
 
 
