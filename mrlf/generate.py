@@ -248,10 +248,11 @@ def load_models(args, device, dtype):
         return sd, cn.to(device, dtype).eval()
     from controlnet.checkpoint import load_controlnet
 
-    if args.bundle:
-        print(f"models: the bundle in {args.bundle}" + (" (the miniature world shipped with this package: a "
+    bundle = getattr(args, "bundle", None)  # mrlf.didex's command line has no --bundle
+    if bundle:
+        print(f"models: the bundle in {bundle}" + (" (the miniature world shipped with this package: a "
               "small world trained from scratch, not SD-1.5; pass --base/--controlnet for real data)"
-              if Path(args.bundle) == SHIPPED else ""), file=sys.stderr)
+              if Path(bundle) == SHIPPED else ""), file=sys.stderr)
     sd = StableDiffusion.from_checkpoint(args.base, dtype=dtype, device=device)
     if args.style_source is not None:
         from mrlf.style import blend_unet_

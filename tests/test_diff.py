@@ -81,6 +81,46 @@ def test_the_extractor_runs_the_grid_up_to_the_last_feature_step(sd_file):
     assert seen == [*range(24), 26, 30, 34, 40, 45, 52, 60, 69, 80, 91]  # 105, 121, 139 change no feature
 
 
+def test_world_grid_reads_the_feature_timesteps_with_10_calls(sd_file):
+    cfg = PRESETS["diff_world"].diff
+    assert cfg.feature_timesteps == DIFFConfig().feature_timesteps  # DIFF's nine, in DIFF's order
+    feats = DiffusionFeatures.load(replace(cfg, unet=str(sd_file)))
+    seen = []
+    handle = feats.unet.register_forward_pre_hook(lambda m, args: seen.append(int(args[1])))
+    try:
+        feats(torch.randn(1, 4, 8, 8))
+    finally:
+        handle.remove()
+    assert seen == [0, 3, 7, 11, 14, 18, 22, 30, 52, 91]
+
+
+def test_world_grid_moves_the_features_less_than_the_inversion_noise(tmp_path):
+    """On the shipped world prior and source scenes, the features of diff_world's short grid are as close
+    to the full grid's as two runs of the full grid with different inversion noise are to each other
+    (relative L2 per decoder level; the posterior mean, so the inversion is the only difference)."""
+    from mrlf.bundle import SHIPPED, load_bundle
+    from segmentation.world import WorldSpec, write_world
+
+    world = write_world(tmp_path / "world", WorldSpec(source=8, prior=0, eval=0, oracle=0, styles=0))
+    data = SegDataset(world / "source", "gta")
+    scenes = [torch.from_numpy(data.load(i)[0].copy()) for i in range(0, 8, 2)]  # the base-size ones (64 x 128)
+    x = torch.stack(scenes).permute(0, 3, 1, 2).float() / 127.5 - 1
+    full = replace(PRESETS["diff_mini"].diff, unet=str(load_bundle(SHIPPED)["prior"]), posterior="mean")
+    base = DiffusionFeatures.load(full)
+    z = base.latents(x)
+
+    def features(timesteps, seed):
+        extractor = DiffusionFeatures(replace(full, timesteps=timesteps), base.unet, base.vae, base.contexts)
+        return extractor(z, generator=torch.Generator().manual_seed(seed))
+
+    a, b = features(full.timesteps, 1), features(full.timesteps, 2)
+    short = features(PRESETS["diff_world"].diff.timesteps, 1)
+    for level in range(3):
+        noise = (a[level] - b[level]).norm() / a[level].norm()
+        grid = (a[level] - short[level]).norm() / a[level].norm()
+        assert 0.01 < noise < 0.5 and grid < 1.1 * noise, (level, float(grid), float(noise))
+
+
 def test_invert_step_is_the_hand_formula():
     g = torch.Generator().manual_seed(0)
     x, eps, noise = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))

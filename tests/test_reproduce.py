@@ -1,5 +1,6 @@
 """The reproduction command (train/reproduce.py) and its metrics: entropy, small-component recall,
-mean ± std over seeds, the style classifier over image files, and the command end to end at --toy size."""
+mean ± std over seeds, the style classifier over image files, the steps each --parts selection runs,
+the report from hand-made results, and the command end to end at --toy size."""
 import dataclasses
 import json
 import math
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from segmentation.components import component_recall, small_component_hits
+from segmentation.datasets import read_manifest
 from segmentation.metrics import entropy, mean_std
 from segmentation.models.classifier import (ClassifierConfig, ImageClassifier, load_centre_crop, predict_files,
                                             top1_accuracy)
@@ -126,6 +128,108 @@ def test_plan_and_arms():
     assert {a.generated for a in reproduce.ARMS if a.generated} <= set(names)
     assert {reproduce.knob_name(0.0), reproduce.knob_name(1.0)} <= set(names)
     assert reproduce.VALIDATION not in reproduce.HELD_OUT
+    assert set(reproduce.PART_ARMS) == set(reproduce.PARTS)
+    assert {n for arms in reproduce.PART_ARMS.values() for n in arms} == set(reproduce.ALL_ARMS)
+    assert {a.generated for a in reproduce.ALL_ARMS.values() if a.generated} <= set(names)
+    assert {a.target for a in reproduce.ALL_ARMS.values() if a.target} == {"didex"}
+    assert reproduce.Plan().scaled(0.5).diff_steps == reproduce.Plan().diff_steps // 2
+
+
+# ---------------------------------------------------------------------------------------------- --parts
+class Recorder:
+    """Stands in for reproduce.Steps: records each step (name, module, argv) instead of running it."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, name, done, module, argv, training=False):
+        self.steps.append((name, module, [str(a) for a in argv]))
+
+    def measure(self, name, done, main, argv):
+        self.steps.append((name, main.__module__, [str(a) for a in argv]))
+
+
+def planned_steps(parts, tmp_path, seeds=2) -> dict[str, tuple[str, list[str]]]:
+    """{step: (module, argv)} of run_steps with the TOY plan and the shipped bundle, in order."""
+    from mrlf.bundle import SHIPPED, load_bundle
+    from segmentation.world import WorldSpec
+
+    labels = tmp_path / "world" / "source" / "labels"
+    labels.mkdir(parents=True, exist_ok=True)
+    for i in range(reproduce.TOY.images):
+        (labels / f"{i:06d}_labelTrainIds.png").touch()
+    rec = Recorder()
+    reproduce.run_steps(rec, reproduce.TOY, parts, load_bundle(SHIPPED), tmp_path / "world", WorldSpec(),
+                        tmp_path / "out", seeds)
+    names = [name for name, _, _ in rec.steps]
+    assert len(names) == len(set(names)), names  # every step once
+    return {name: (module, argv) for name, module, argv in rec.steps}
+
+
+def arm_steps(arms, evals=("eval",), seeds=2) -> list[str]:
+    return [f"{kind}_{arm}_seed{s}" for arm in arms for s in range(seeds) for kind in ("seg", *evals)]
+
+
+def option(argv: list[str], name: str, n: int = 1) -> list[str] | str:
+    i = argv.index(name)
+    return argv[i + 1] if n == 1 else argv[i + 1:i + 1 + n]
+
+
+def test_parts_select_their_steps(tmp_path):
+    plan, gens = reproduce.TOY, reproduce.generations(reproduce.TOY)
+    # dginstyle: the DGInStyle arms and sets alone, in the order they always ran
+    steps = planned_steps(["dginstyle"], tmp_path)
+    assert list(steps) == ["drift_controlnet", *[f"gen_{g.name}" for g in gens],
+                           *[f"adherence_{g.name}" for g in gens], *arm_steps([a.name for a in reproduce.ARMS])]
+    assert reproduce.part_generations(plan, ["dginstyle"]) == gens
+
+    # didex: the DGInStyle set it trains with, the pseudo-target, its arms and the two it compares with
+    steps = planned_steps(["didex"], tmp_path)
+    assert list(steps) == ["gen_dginstyle", "gen_didex",
+                           *arm_steps(["source_only", "dginstyle", "didex", "dginstyle_didex"])]
+    module, argv = steps["gen_didex"]
+    assert module == "mrlf.didex" and option(argv, "-n") == str(plan.images)
+    assert option(argv, "--base").endswith("prior.safetensors") and option(argv, "--scale") == "1"
+    assert (option(argv, "--strength"), option(argv, "--guidance"), option(argv, "--eta"), option(argv, "--steps")) \
+        == ("0.9", "9.0", "0.0", "25")  # DIDEX's sampling
+    words = [s.word for s in reproduce.PRIOR_STYLES]
+    assert option(argv, "--conditions", len(words)) == words
+    out = tmp_path / "out"
+    for arm, generated in (("didex", None), ("dginstyle_didex", "dginstyle")):
+        module, argv = steps[f"seg_{arm}_seed1"]
+        assert module == "train.train_uda" and option(argv, "--target") == str(out / "gen" / "didex")
+        assert option(argv, "--target-scale", 2) == ["128", "64"] and option(argv, "--source-scale", 2) == ["128", "64"]
+        assert option(argv, "--model") == "mini" and option(argv, "--seed") == "1"
+        assert (option(argv, "--max-iters"), option(argv, "--batch-size")) == (str(plan.seg_steps), str(plan.seg_batch))
+        assert ("--generated" in argv) == (generated is not None)
+    assert option(steps["seg_dginstyle_didex_seed0"][1], "--generated") == str(out / "gen" / "dginstyle")
+    assert steps["seg_dginstyle_seed0"][0] == "train.train_segmentation"
+
+    # diff: every arm trained, then evaluated on the first diff_eval scenes of each style only
+    steps = planned_steps(["diff"], tmp_path)
+    first = f"eval_first{plan.diff_eval}"
+    assert list(steps) == ["gen_dginstyle",
+                           *arm_steps(["source_only", "mit_diff_budget", "diff", "diff_dginstyle"], (first,))]
+    for arm, model in (("mit_diff_budget", "mini"), ("diff", "diff_world"), ("diff_dginstyle", "diff_world")):
+        module, argv = steps[f"seg_{arm}_seed0"]
+        assert module == "train.train_segmentation" and option(argv, "--model") == model
+        assert (option(argv, "--max-iters"), option(argv, "--batch-size")) == (str(plan.diff_steps),
+                                                                              str(plan.diff_batch))
+        assert ("--diff-unet" in argv) == (model == "diff_world")
+    assert option(steps["seg_diff_seed0"][1], "--diff-unet").endswith("prior.safetensors")
+    assert option(steps["seg_source_only_seed0"][1], "--max-iters") == str(plan.seg_steps)
+    module, argv = steps[f"{first}_diff_seed0"]
+    assert module == "segmentation.evaluate" and option(argv, "--limit") == str(plan.diff_eval)
+    assert option(argv, "--out").endswith(f"diff/seed0/{first}.json")
+
+    # all: the union, each step once; source only is evaluated both ways
+    steps = planned_steps(list(reproduce.PARTS), tmp_path)
+    union = {*planned_steps(["dginstyle"], tmp_path), *planned_steps(["didex"], tmp_path),
+             *planned_steps(["diff"], tmp_path)}
+    assert set(steps) == union
+    assert list(steps)[:3] == ["drift_controlnet", "gen_drift", "gen_no_swap"]
+    assert arm_steps(["source_only"], ("eval", first)) == [n for n in steps if "source_only" in n]
+    assert "--limit" not in steps["eval_source_only_seed0"][1]
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -176,28 +280,49 @@ def test_bundle(tmp_path_factory):
 
 
 def check_report(out: Path, report: Path | None = None) -> None:
-    """REPRODUCTION.md at OUT is well formed: its sections, a row of numbers for every arm (summary and per
-    style), every knob value and small-object set, figures that load; the committed copy links its figures."""
+    """REPRODUCTION.md at OUT is well formed for the parts run there (reproduce.json): their sections, a row
+    of numbers for every arm (summary and per style), a verdict per comparison, every knob value and
+    small-object set, figures that load; the committed copy links its figures."""
     text = (out / "REPRODUCTION.md").read_text()
-    for heading in ("## Claims", "## Downstream", "## Style diversity", "## Small objects", "## Samples"):
-        assert heading in text
+    parts = json.loads((out / "reproduce.json").read_text())["parts"]
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     number = r"\d+\.\d( ± \d+\.\d)?"
-    for arm in reproduce.ARMS:
-        row = next(r for r in rows if r.startswith(f"| {arm.what} |"))
+
+    def summary(row):
         cells = [c.strip() for c in row.strip("|").split("|")][1:]
         assert len(cells) == 5 and all(re.fullmatch(number, c) for c in cells), row
-        per_style = next(r for r in rows if r.startswith(f"| {arm.name} |"))
-        assert len(re.findall(r"\| \d+\.\d ", per_style)) == len(reproduce.EVAL_STYLES), per_style
-    plan = reproduce.Plan(**{k: tuple(v) if k == "knob" else v
-                             for k, v in json.loads((out / "reproduce.json").read_text())["settings"]["plan"].items()})
-    for k in plan.knob:
-        assert re.search(rf"^\| {k:g} \| (\d+\.\d|n/a) \| \d+\.\d \| \d+\.\d\d \| (\d+\.\d|n/a) \|$", text, re.M), k
-    small = [r for r in rows if r.startswith("| MRLF") or r.startswith("| single pass")]
-    assert len(small) == 6 and all(len(re.findall(r"\| (\d+\.\d|n/a)", r)) == len(reproduce.SMALL_CLASSES) + 2
-                                   for r in small), small
+
+    def per_style(row):
+        assert len(re.findall(r"\| \d+\.\d ", row)) == len(reproduce.EVAL_STYLES), row
+
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert len(links) == 4
+    if "dginstyle" in parts:
+        for heading in ("## Claims", "## Downstream", "## Style diversity", "## Small objects", "## Samples"):
+            assert heading in text
+        for arm in reproduce.ARMS:
+            summary(next(r for r in rows if r.startswith(f"| {arm.what} |")))
+            per_style(next(r for r in rows if r.startswith(f"| {arm.name} |")))
+        settings = json.loads((out / "reproduce.json").read_text())["settings"]
+        plan = reproduce.Plan(**{k: tuple(v) if k == "knob" else v for k, v in settings["plan"].items()})
+        for k in plan.knob:
+            assert re.search(rf"^\| {k:g} \| (\d+\.\d|n/a) \| \d+\.\d \| \d+\.\d\d \| (\d+\.\d|n/a) \|$", text, re.M), k
+        small = [r for r in rows if r.startswith("| MRLF") or r.startswith("| single pass")]
+        assert len(small) == 6 and all(len(re.findall(r"\| (\d+\.\d|n/a)", r)) == len(reproduce.SMALL_CLASSES) + 2
+                                       for r in small), small
+        assert len(links) == 4
+    else:
+        assert "## Claims" not in text and "## Style diversity" not in text and "knob.png" not in text
+    for part, heading, claims in (("didex", "## DIDEX", 2), ("diff", "## DIFF", 3)):
+        assert (f"{heading}\n" in text) == (part in parts), heading
+        if part in parts:
+            section = text.split(f"{heading}\n")[1].split("\n## ")[0].splitlines()
+            for name in reproduce.PART_ARMS[part]:
+                summary(next(r for r in section if r.startswith(f"| {reproduce.ALL_ARMS[name].what} |")))
+            assert len([line for line in section if line.startswith("- ") and "**" in line]) == claims, section
+    for name in {n for p in parts for n in reproduce.PART_ARMS[p]}:  # every arm: all scenes, or the subset (†)
+        per_style(next(r for r in rows if r.startswith(f"| {name} |") or r.startswith(f"| {name} † |")))
+    assert ("## Samples" in text) == ("dginstyle" in parts or "didex" in parts)
+    assert "downstream.png" in text
     for link in links:
         with Image.open(out / link) as im:
             im.load()
@@ -205,6 +330,20 @@ def check_report(out: Path, report: Path | None = None) -> None:
     if report is not None:
         for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report.read_text()):
             assert (report.parent / link).is_file()
+
+
+def fake_set(folder: Path, rng, labelled: bool = True) -> None:
+    """A generated set of two 64 x 64 images: labelled as mrlf.generate writes it, else as mrlf.didex does
+    (the source label named by the record)."""
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    lines = []
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 19, (64, 64), dtype=np.uint8)).save(folder / "labels" / f"{i}.png")
+        label = {"label": f"labels/{i}.png"} if labelled else {"source_label": str(folder / "labels" / f"{i}.png")}
+        lines.append(json.dumps({"id": str(i), "image": f"images/{i}.png", **label}))
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def test_report_from_results(tmp_path):
@@ -215,30 +354,59 @@ def test_report_from_results(tmp_path):
     classes = [s.name for s in CLASSIFIED]
     measures = {}
     for g in reproduce.generations(plan):
-        folder = tmp_path / "gen" / g.name
-        (folder / "images").mkdir(parents=True)
-        (folder / "labels").mkdir()
-        lines = []
-        for i in range(2):
-            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
-            Image.fromarray(rng.integers(0, 19, (64, 64), dtype=np.uint8)).save(folder / "labels" / f"{i}.png")
-            lines.append(json.dumps({"id": str(i), "image": f"images/{i}.png", "label": f"labels/{i}.png"}))
-        (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+        fake_set(tmp_path / "gen" / g.name, rng)
         counts = rng.integers(0, 5, len(classes))
         measures[g.name] = {"adherence": 0.3, "IoU": {c: 0.2 for c in reproduce.SMALL_CLASSES} | {"rider": None},
                             "small_components": {"recall": 0.25, "totals": {"pole": 4}},
                             "style": {"counts": dict(zip(classes, counts.tolist())), "entropy": entropy(counts),
                                       "source_share": 0.1, "prompted_accuracy": 0.5 if "knob" in g.name else None}}
+    fake_set(tmp_path / "gen" / "didex", rng, labelled=False)
+
+    def held(value):  # every style at `value`, the seeds 0.01 apart
+        return {s.name: [value - 0.005, value + 0.005] for s in reproduce.EVAL_STYLES}
+
+    # DIDEX clearly above source only; DGInStyle + DIDEX below DGInStyle
+    scores |= {"source_only": held(0.2), "didex": held(0.4), "dginstyle": held(0.3), "dginstyle_didex": held(0.25)}
+    # on the subset: DIFF below the MiT baseline, above MiT at its samples; + DGInStyle above DIFF
+    subset = {"source_only": held(0.3), "mit_diff_budget": held(0.1), "diff": held(0.2), "diff_dginstyle": held(0.35)}
     state = {"command": "python -m train.mini_world reproduce --out X --toy", "machine": "test", "seconds": {"a": 1.0},
              "controlnet_steps": 2, "controlnet_batch": 2, "settings": {"plan": dataclasses.asdict(plan)},
-             "paths": {"bundle": "B", "world": "W", "world_seed": 0, "base": 64, "classifier": "c.safetensors"}}
+             "paths": {"bundle": "B", "world": "W", "world_seed": 0, "base": 64, "classifier": "c.safetensors"},
+             "parts": list(reproduce.PARTS),
+             "results": {"downstream": scores, "subset": subset, "sets": measures,
+                         "pseudo_target": {"counts": {"source": 1, "night": 1}, "entropy": 1.0, "source_share": 0.5,
+                                           "prompted_accuracy": 0.5, "prompted": 2}}}
     (tmp_path / "reproduce.json").write_text(json.dumps(state))
-    reproduce.make_figures(tmp_path, tmp_path / "figures", scores, measures, plan)
-    reproduce.write_report(tmp_path / "REPRODUCTION.md", state, scores, measures, plan, "figures")
+    reproduce.make_figures(tmp_path, tmp_path / "figures", state, plan)
+    reproduce.write_report(tmp_path / "REPRODUCTION.md", state, plan, "figures")
     check_report(tmp_path)
     text = (tmp_path / "REPRODUCTION.md").read_text()
     assert text.count(" ± ") >= 5 * len(reproduce.ARMS)  # two seeds: every summary cell has its spread
     assert "**" in text.split("## Claims")[1].split("##")[0]  # every claim has a verdict
+    claims = {line.split(":")[0][2:]: line for line in text.splitlines() if line.startswith("- ") and "**" in line}
+    assert "**reproduces** (DIDEX vs source only: 40.0 vs 20.0 mIoU)" in claims["DIDEX beats source only"]
+    assert "**does NOT reproduce**" in claims["DGInStyle + DIDEX beats DGInStyle"]
+    samples = f"{plan.seg_steps * plan.seg_batch} training samples to DIFF's {plan.diff_steps * plan.diff_batch}"
+    assert "**does NOT reproduce** (DIFF vs the MiT baseline: 20.0 vs 30.0" in claims[
+        f"DIFF beats the MiT baseline ({samples})"]
+    assert "**reproduces**" in claims["DIFF beats the MiT segmenter trained on as many samples"]
+    assert "**reproduces** (DIFF + DGInStyle vs DIFF: 35.0 vs 20.0" in claims["DIFF + DGInStyle beats DIFF"]
+    assert "**DIFF trained on fewer samples than the MiT arms**" in text and f"first {plan.diff_eval} scenes" in text
+    assert "| diff † |" in text and "| source_only † |" not in text  # source only has all-scene results
+    assert "50.0 % in their prompted condition's style" in text
+
+    # without the dginstyle part's results: the DIDEX and DIFF sections alone
+    state["parts"] = ["didex", "diff"]
+    state["results"] = {"downstream": {k: scores[k] for k in reproduce.PART_ARMS["didex"]}, "subset": subset,
+                        "pseudo_target": state["results"]["pseudo_target"]}
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "reproduce.json").write_text(json.dumps(state))
+    (only / "gen").symlink_to(tmp_path / "gen")
+    reproduce.make_figures(only, only / "figures", state, plan)
+    reproduce.write_report(only / "REPRODUCTION.md", state, plan, "figures")
+    check_report(only)
+    assert "| no_swap |" not in (only / "REPRODUCTION.md").read_text()
 
 
 def test_verdicts():
@@ -250,17 +418,31 @@ def test_verdicts():
 
 @pytest.mark.slow
 def test_reproduce_toy_end_to_end(test_bundle, tmp_path):
-    """The command at --toy size on a random bundle: every step runs, the report is well formed, and a
-    second run resumes (skips every step) to the same numbers. About 45 steps; a few minutes on an
-    idle 2-core machine."""
+    """The command at --toy size on a random bundle: the dginstyle part, then every part into the same
+    folder, which resumes the first run (skips every one of its steps) to the same numbers and runs the
+    didex and diff parts; every step runs once and the report is well formed and covers all three. About
+    60 steps; a few minutes on an idle 2-core machine."""
     out = tmp_path / "repro"
     report = tmp_path / "docs" / "REPRODUCTION.md"
     cmd = [sys.executable, "-m", "train.mini_world", "reproduce", "--out", str(out), "--bundle", str(test_bundle),
            "--toy", "--seeds", "1", "--device", "cpu", "--quiet", "--report", str(report)]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([*cmd, "--parts", "dginstyle"], cwd=ROOT, check=True, capture_output=True)
     check_report(out, report)
     state = json.loads((out / "reproduce.json").read_text())
     assert set(state["results"]["downstream"]) == {a.name for a in reproduce.ARMS}
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    assert state["parts"] == ["dginstyle"] and not (out / "gen" / "didex").exists()
+
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)  # every part (the default)
     again = json.loads((out / "reproduce.json").read_text())
-    assert again["results"] == state["results"] and again["seconds"] == state["seconds"]  # nothing re-ran
+    assert {k: again["seconds"][k] for k in state["seconds"]} == state["seconds"]  # nothing of the first run re-ran
+    assert {k: again["results"]["downstream"][k] for k in state["results"]["downstream"]} \
+        == state["results"]["downstream"] and again["results"]["sets"] == state["results"]["sets"]
+    assert again["parts"] == list(reproduce.PARTS)
+    check_report(out, report)
+    assert set(again["results"]["downstream"]) == {a.name for a in (*reproduce.ARMS, *reproduce.DIDEX_ARMS)}
+    assert set(again["results"]["subset"]) == set(reproduce.PART_ARMS["diff"])
+    assert {"gen_didex", "seg_didex_seed0", "seg_dginstyle_didex_seed0", "seg_diff_seed0", "seg_diff_dginstyle_seed0",
+            "eval_first1_source_only_seed0", "eval_first1_diff_seed0"} <= set(again["seconds"])
+    assert "-m train.train_uda " in (out / "logs" / "seg_didex_seed0.cmd").read_text()
+    assert "--model diff_world" in (out / "logs" / "seg_diff_seed0.cmd").read_text()
+    assert len(read_manifest(out / "gen" / "didex", labels=False)) == reproduce.TOY.images

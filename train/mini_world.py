@@ -288,10 +288,10 @@ def install(bundle: Path) -> None:
 # The renderer's gate, measured before any diffusion model is trained
 # ----------------------------------------------------------------------------------------
 
-def segmenter_args(spec: WorldSpec, steps: int, batch: int) -> list:
-    """train_segmentation options of the world's downstream recipe: the 'mini' MiT + DAFormer at the
-    base scale (scenes resized to base x 2 base), base-size crops, AdamW from scratch."""
-    return ["--model", "mini", "--source-scale", 2 * spec.base, spec.base, "--crop", spec.base,
+def segmenter_args(spec: WorldSpec, steps: int, batch: int, model: str = "mini") -> list:
+    """train_segmentation options of the world's downstream recipe: the 'mini' MiT + DAFormer (or another
+    preset, `model`) at the base scale (scenes resized to base x 2 base), base-size crops, AdamW from scratch."""
+    return ["--model", model, "--source-scale", 2 * spec.base, spec.base, "--crop", spec.base,
             "--batch-size", batch, "--max-iters", steps, "--lr", "6e-4", "--warmup-iters", max(steps // 20, 1),
             "--eval-every", 10 ** 9, "--num-workers", 0]
 

@@ -23,7 +23,7 @@ used (the original's builder.py silently drops it):
     bottleneck cells whose ratio-downscaled label is a thing class of the L2 distance between the
     trained backbone's deepest features and those of a frozen copy of the initial (ImageNet) backbone
     (for HRDA those of the context input, the 0.5-scaled crop: its ``feature_scale``, as in HRDA);
-  - DIFF (``--model diff_sd15``, ``diff_mini``; ``segmentation.models.diff``): a frozen diffusion U-Net
+  - DIFF (``--model diff_sd15``, ``diff_mini``, ``diff_world``; ``segmentation.models.diff``): a frozen diffusion U-Net
     (``--diff-unet``) as the backbone; the model's training forward is implicit posterior knowledge
     learning, loss = CE(class-prompted pass) + CE(unconditional pass) + 1.0 x MSE of their logits;
     the exported file holds the trained parts and a reference (path + fingerprint) to the frozen weights;
