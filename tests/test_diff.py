@@ -69,15 +69,21 @@ def test_inversion_grid_eta_rule_and_feature_steps():
     assert windowed_eta(5, 0.3) == 0.3  # no window: everywhere
 
 
-def test_the_extractor_runs_the_grid_up_to_the_last_feature_step(sd_file):
-    feats = DiffusionFeatures.load(diff_config(sd_file, timesteps=DIFFConfig().timesteps,
-                                               feature_timesteps=DIFFConfig().feature_timesteps))
+def _unet_timesteps(feats) -> list[int]:
+    """The timestep of every U-Net call of one feature extraction."""
     seen = []
     handle = feats.unet.register_forward_pre_hook(lambda m, args: seen.append(int(args[1])))
     try:
         feats(torch.randn(1, 4, 8, 8))
     finally:
         handle.remove()
+    return seen
+
+
+def test_the_extractor_runs_the_grid_up_to_the_last_feature_step(sd_file):
+    feats = DiffusionFeatures.load(diff_config(sd_file, timesteps=DIFFConfig().timesteps,
+                                               feature_timesteps=DIFFConfig().feature_timesteps))
+    seen = _unet_timesteps(feats)
     assert seen == [*range(24), 26, 30, 34, 40, 45, 52, 60, 69, 80, 91]  # 105, 121, 139 change no feature
 
 
@@ -85,12 +91,7 @@ def test_world_grid_reads_the_feature_timesteps_with_10_calls(sd_file):
     cfg = PRESETS["diff_world"].diff
     assert cfg.feature_timesteps == DIFFConfig().feature_timesteps  # DIFF's nine, in DIFF's order
     feats = DiffusionFeatures.load(replace(cfg, unet=str(sd_file)))
-    seen = []
-    handle = feats.unet.register_forward_pre_hook(lambda m, args: seen.append(int(args[1])))
-    try:
-        feats(torch.randn(1, 4, 8, 8))
-    finally:
-        handle.remove()
+    seen = _unet_timesteps(feats)
     assert seen == [0, 3, 7, 11, 14, 18, 22, 30, 52, 91]
 
 

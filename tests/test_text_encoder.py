@@ -107,3 +107,10 @@ def test_pretraining_learns_what_captions_say(coloured, tmp_path, one_thread):
     assert padding_spread(trained) > 2 * padding_spread(random.text_encoder), \
         (padding_spread(trained), padding_spread(random.text_encoder))
     assert math.isfinite(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["loss"])
+
+
+def test_a_batch_without_negatives_is_refused(coloured, tmp_path):
+    args = tte.get_parser().parse_args(["--data", str(coloured), "--batch-size", "1", "--output-dir",
+                                        str(tmp_path / "run"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="at least 2"):
+        tte.main(args)

@@ -259,6 +259,26 @@ def add_diffusion_optimisation(p: argparse.ArgumentParser, *, batch_size: int, g
     return g
 
 
+def add_cosine_optimisation(p: argparse.ArgumentParser, *, batch_size: int, max_steps: int, lr: float,
+                            warmup_steps: int, weight_decay: float, batch_help: str = "batch per process"):
+    """The "optimisation" group of the small trainers (classifier, text encoder): AdamW with a linear
+    warm-up and a cosine decay (`cosine_lr`), mixed precision."""
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=cli.positive_int, default=batch_size, help=batch_help)
+    g.add_argument("--max-steps", type=cli.positive_int, default=max_steps, help="optimizer steps")
+    g.add_argument("--lr", type=cli.positive, default=lr, help="peak learning rate (AdamW)")
+    g.add_argument("--warmup-steps", type=cli.positive_int, default=warmup_steps, help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=cli.non_negative, default=weight_decay, help="AdamW weight decay")
+    g.add_argument("--mixed-precision", choices=PRECISIONS, default="auto",
+                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    return g
+
+
+def cosine_lr(step: int, args) -> float:
+    """--lr times a linear warm-up over --warmup-steps and a cosine over all --max-steps."""
+    return args.lr * min(1.0, (step + 1) / args.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / args.max_steps))
+
+
 def start_run(args) -> tuple[Dist, logging.Logger, Any, torch.dtype]:
     """The opening of every script: the process group and device (``args.device``), the seeds
     (``args.seed``), the rank-0 logger writing ``args.output_dir/log.txt``, the TensorBoard writer

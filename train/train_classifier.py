@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -81,8 +80,7 @@ def main(args):
     guard = common.DivergenceGuard(args.max_bad_steps, log)
     progress = common.step_progress(step, args.max_steps, d)
     while step < args.max_steps:
-        frac = step / args.max_steps
-        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) * 0.5 * (1 + math.cos(math.pi * frac))
+        lr = common.cosine_lr(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
         batch = next(batches)
@@ -129,14 +127,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--backbone", default="mit_tiny", help="MiT backbone preset")
     g.add_argument("--resolution", type=cli.integer(8), default=64, help="training crop side in pixels")
     g.add_argument("--scales", type=cli.positive, nargs="+", default=[1.0], help="random rescale ratios before the crop")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=cli.positive_int, default=32, help="batch per process")
-    g.add_argument("--max-steps", type=cli.positive_int, default=1500, help="optimizer steps")
-    g.add_argument("--lr", type=cli.positive, default=1e-3, help="peak learning rate (AdamW)")
-    g.add_argument("--warmup-steps", type=cli.non_negative_int, default=50, help="linear warm-up steps")
-    g.add_argument("--weight-decay", type=cli.non_negative, default=0.01, help="AdamW weight decay")
-    g.add_argument("--mixed-precision", choices=common.PRECISIONS, default="auto",
-                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    common.add_cosine_optimisation(p, batch_size=32, max_steps=1500, lr=1e-3, warmup_steps=50, weight_decay=0.01)
     common.add_run_arguments(p, num_workers=2, log_every=50, ckpt_every=500, keep_last=2)
     return p
 

@@ -140,6 +140,8 @@ def main(args):
     ckpt_dir = out / "checkpoints"
     files, captions = find_captioned_images(args.data, args.caption_column)
     files, captions, val_files, val_captions = split(files, captions, args.val_split, args.seed)
+    if args.batch_size < 2:
+        raise SystemExit("--batch-size must be at least 2: a caption's negatives are the batch's other images")
     if len(files) < args.batch_size:
         raise SystemExit(f"{args.data}: {len(files)} training images, fewer than --batch-size {args.batch_size}")
     te = CLIPTextModel(config_from_text("text_encoder", args.config))
@@ -166,7 +168,7 @@ def main(args):
     guard = common.DivergenceGuard(args.max_bad_steps, log)
     progress = common.step_progress(step, args.max_steps, d)
     while step < args.max_steps:
-        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / args.max_steps))
+        lr = common.cosine_lr(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
         batch = next(batches)
@@ -218,14 +220,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--backbone", default="mit_tiny", choices=sorted(MIT_CONFIGS), help="the image tower's MiT")
     g.add_argument("--resolution", type=cli.integer(8), default=64, help="training crop side in pixels")
     g.add_argument("--scales", type=cli.positive, nargs="+", default=[1.0], help="random rescale ratios before the crop")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=cli.integer(2), default=64, help="batch per process (the negatives)")
-    g.add_argument("--max-steps", type=cli.positive_int, default=1500, help="optimizer steps")
-    g.add_argument("--lr", type=cli.positive, default=1e-3, help="peak learning rate (AdamW)")
-    g.add_argument("--warmup-steps", type=cli.positive_int, default=50, help="linear warm-up steps")
-    g.add_argument("--weight-decay", type=cli.non_negative, default=0.0, help="AdamW weight decay")
-    g.add_argument("--mixed-precision", choices=common.PRECISIONS, default="auto",
-                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    common.add_cosine_optimisation(p, batch_size=64, max_steps=1500, lr=1e-3, warmup_steps=50, weight_decay=0.0,
+                                   batch_help="batch per process (the negatives)")
     common.add_run_arguments(p, num_workers=2, log_every=50, ckpt_every=500, keep_last=2)
     return p
 
