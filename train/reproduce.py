@@ -89,10 +89,9 @@ GEN_SEED = 0  # mrlf.generate --seed of every generated set: the arms see the sa
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of the reproduction at scale 1 with a bundle of the default recipe, meant to fit on 2 CPU
-    cores in about 90 minutes for the dginstyle part, then about 25 more for the DIDEX arms and 25 for
-    the DIFF arms (estimates from the per-step seconds of small runs: OUT/reproduce.json records the
-    real ones, and --scale trades time for tighter numbers)."""
+    """Sizes of the reproduction at scale 1 with a bundle of the default recipe: on 2 CPU cores the
+    dginstyle part takes 68 minutes, then 20 more for the DIDEX arms and 19 for the DIFF arms (measured;
+    OUT/reproduce.json records every step's seconds, and --scale trades time for tighter numbers)."""
 
     images: int = 160  # generated images per downstream arm, and DIDEX's pseudo-target images
     seg_steps: int = 400  # steps of every downstream segmenter (DIDEX's self-training too: ~3x a step's cost)
@@ -105,7 +104,7 @@ class Plan:
     controlnet_batch: int | None = None
     # DIFF (DIFF_MODEL) costs 0.30 s per training sample and 0.15 s per evaluation scene on one CPU thread
     # (the MiT segmenter: 0.011 s per sample); its arms train for 600 samples (the MiT arms: 6400) and
-    # its comparison is evaluated on the first diff_eval scenes of each style: 6 runs at 3 seeds, ~25 min
+    # its comparison is evaluated on the first diff_eval scenes of each style: 6 runs at 3 seeds, 19 min
     diff_steps: int = 150
     diff_batch: int = 4
     diff_eval: int = 20
