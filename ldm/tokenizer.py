@@ -16,13 +16,38 @@ Parity traps, each covered by ``tests/test_tokenizer.py``:
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 import unicodedata
 
 import regex as re
 import torch
-from open_clip.tokenizer import SimpleTokenizer, default_bpe, get_clean_fn
+
+
+def _open_clip_tokenizer():
+    """open_clip's tokenizer module, loaded from its file without open_clip's package ``__init__``, which
+    imports every open_clip model, torchvision's ops and torch._dynamo (about 4 s of start-up in every
+    process that tokenizes). The module imports nothing of its package; if a version ever does, the
+    ordinary import is the fallback."""
+    name = "_dginstyle_open_clip_tokenizer"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("open_clip")
+    try:
+        path = os.path.join(spec.submodule_search_locations[0], "tokenizer.py")
+        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
+        sys.modules[name] = module
+        module.__spec__.loader.exec_module(module)
+    except Exception:
+        sys.modules.pop(name, None)
+        import open_clip.tokenizer as module
+    return module
+
+
+_oc = _open_clip_tokenizer()
+SimpleTokenizer, default_bpe, get_clean_fn = _oc.SimpleTokenizer, _oc.default_bpe, _oc.get_clean_fn
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 _WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""  # CLIP's pre-tokenizer

@@ -61,6 +61,7 @@ from torch import nn
 
 from ldm import checkpoint, formats
 from ldm.config import UNetConfig
+from ldm.tokenizer import Tokenizer
 from ldm.unet import UNetModel
 from ldm.vae import AutoencoderKL
 from ldm.weights import CheckpointError, fingerprint
@@ -146,10 +147,6 @@ class DiffusionFeatures:
                 f"DIFF model was trained on: fingerprint {found}, expected {cfg.fingerprint}. Point the config "
                 "at the original weights (DIFFConfig.unet / vae / text_encoder), or clear its fingerprint to "
                 "accept these")
-        # imported here: the tokenizer brings in open_clip, seconds of start-up for every segmentation
-        # process that builds no DIFF model
-        from ldm.tokenizer import Tokenizer
-
         text_encoder = models["text_encoder"].float()
         prompts = list(dict.fromkeys([cfg.negative_prompt, cfg.prompt, *class_prompts(cfg).values()]))
         with torch.no_grad():
