@@ -163,3 +163,15 @@ def test_clip_cleanup_matches_open_clip():
 def test_bad_clean_mode():
     with pytest.raises(ValueError):
         Tokenizer(clean="lower")
+
+
+def test_importing_the_tokenizer_leaves_open_clip_s_models_unimported():
+    """ldm.tokenizer loads open_clip's tokenizer module alone: the package's __init__ (every model, torchvision
+    ops, torch._dynamo) costs seconds of start-up in every process that tokenizes."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ldm.tokenizer import Tokenizer; ids = Tokenizer()(['a snowy street']); "
+            "print(sorted(m for m in sys.modules if m == 'open_clip' or m.startswith('open_clip.')), ids[0, :3].tolist())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")[0]
+    assert out.startswith("[] [49406, ")
