@@ -25,6 +25,7 @@ from controlnet.model import ControlNet
 from ldm import checkpoint as ckpt_io
 from ldm.sd import StableDiffusion
 from mrlf.prompts import class_stack
+from samplers import SD15
 from segmentation.datasets import DatasetError
 from segmentation.labels import load_label, one_hot
 from segmentation.synthetic import street_scene
@@ -405,6 +406,28 @@ def test_ema_and_no_sync():
 
 def _grads(module):
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def test_min_snr_weighting_matches_its_formula():
+    """--snr-gamma: each sample's ε-MSE times min(SNR_t, γ) / SNR_t, SNR_t = ᾱ_t / (1 - ᾱ_t); a γ above every
+    SNR gives back the plain mean."""
+    sd = StableDiffusion.random("tiny", seed=0)
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t, ctx = torch.tensor([5, 300, 990]), torch.randn(3, 77, 32, generator=g)
+    with torch.no_grad():
+        plain = finetune_unet.diffusion_loss(sd.unet, z0, noise, t, ctx)
+        weighted = finetune_unet.diffusion_loss(sd.unet, z0, noise, t, ctx, snr_gamma=5.0)
+        same = finetune_unet.diffusion_loss(sd.unet, z0, noise, t, ctx, snr_gamma=1e9)
+        ac = SD15.alphas_cumprod.double()[t]
+        x_t = ac.sqrt().view(-1, 1, 1, 1) * z0.double() + (1 - ac).sqrt().view(-1, 1, 1, 1) * noise.double()
+        err = (sd.unet(x_t.float(), t, ctx).double() - noise.double()).pow(2).mean(dim=(1, 2, 3))
+    snr = ac / (1 - ac)
+    assert snr[0] > 5 > snr[2]  # one step on each side of γ
+    want = (err * torch.minimum(snr, torch.full_like(snr, 5.0)) / snr).mean()
+    assert abs(weighted.item() - want.item()) < 1e-5 * want.item()
+    assert abs(plain.item() - err.mean().item()) < 1e-5 * plain.item() and abs(same.item() - plain.item()) < 1e-6
+    assert weighted < 0.9 * plain  # the nearly clean sample's weight is γ / SNR ≈ 0.02
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):

@@ -20,6 +20,9 @@ as SD's CLIP tower did. --lr-scheduler cosine with --lr-warmup-steps suits train
 the training noise: SD's schedule leaves √ᾱ ≈ 0.07 of the image in its noisiest step, so without it a
 model learns to read an image's overall colour off the start noise's mean, and prompts that differ in
 colour (night, fog, snow) come out alike.
+--snr-gamma G weights each sample's ε-MSE by min(SNR_t, G) / SNR_t (min-SNR-γ, diffusers' --snr_gamma),
+so the nearly clean steps stop dominating the gradient; off by default (in the miniature world's U^P it
+did not raise style-prompt accuracy: BENCHMARKS.md).
 
 Single GPU:
     python -m train.finetune_unet --base stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -114,11 +117,18 @@ def lr_factor(step: int, args) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
 
 
-def diffusion_loss(unet, z0, noise, t, context) -> torch.Tensor:
-    """ε-prediction MSE (mean over all elements) at DDPM-noised latents x_t = √ᾱ_t z0 + √(1-ᾱ_t) ε."""
+def diffusion_loss(unet, z0, noise, t, context, snr_gamma: float = 0.0) -> torch.Tensor:
+    """ε-prediction MSE at DDPM-noised latents x_t = √ᾱ_t z0 + √(1-ᾱ_t) ε: the mean over all elements,
+    or with `snr_gamma` > 0 each sample's mean weighted by min(SNR_t, γ) / SNR_t (min-SNR-γ, Hang et al.
+    2023, as diffusers' ``--snr_gamma``; SNR_t = ᾱ_t / (1 - ᾱ_t))."""
     x_t = add_noise(z0, noise, t, SD15)
     eps = unet(x_t, t, context)
-    return F.mse_loss(eps.float(), noise.float())
+    if not snr_gamma:
+        return F.mse_loss(eps.float(), noise.float())
+    ac = SD15.alphas_cumprod.to(t.device)[t]
+    snr = ac / (1 - ac)
+    per_sample = F.mse_loss(eps.float(), noise.float(), reduction="none").mean(dim=tuple(range(1, eps.dim())))
+    return (per_sample * snr.clamp(max=snr_gamma) / snr).mean()
 
 
 class TrainedParts(torch.nn.Module):
@@ -126,9 +136,10 @@ class TrainedParts(torch.nn.Module):
     text encoder. forward(z0, noise, t, ids) -> the loss. A frozen text
     encoder is held outside the module tree (not in the state dict, not in DDP) and runs without autograd."""
 
-    def __init__(self, unet: UNetModel, text_encoder: CLIPTextModel, train_text_encoder: bool):
+    def __init__(self, unet: UNetModel, text_encoder: CLIPTextModel, train_text_encoder: bool,
+                 snr_gamma: float = 0.0):
         super().__init__()
-        self.unet = unet
+        self.unet, self.snr_gamma = unet, snr_gamma
         if train_text_encoder:
             self.text_encoder = text_encoder
         else:
@@ -140,7 +151,7 @@ class TrainedParts(torch.nn.Module):
         else:
             with torch.no_grad():
                 context = self.frozen_text_encoder(ids)
-        return diffusion_loss(self.unet, z0, noise, t, context.float())
+        return diffusion_loss(self.unet, z0, noise, t, context.float(), self.snr_gamma)
 
 
 @torch.no_grad()
@@ -211,7 +222,7 @@ def main(args):
         common.requires_grad(te.to(d.device, torch.float32).train(), True)
     else:
         common.requires_grad(te.to(d.device, amp_dtype).eval(), False)
-    trained = TrainedParts(unet, te, args.train_text_encoder)
+    trained = TrainedParts(unet, te, args.train_text_encoder, args.snr_gamma)
     ema = common.requires_grad(copy.deepcopy(unet).eval(), False) if args.ema else None
     model = (DDP(trained, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
              if d.distributed else trained)
@@ -333,6 +344,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="offset noise: this times a per-channel constant N(0, 1) added to the training noise, so "
                         "the model learns to choose an image's overall colour and brightness from the prompt "
                         "(0.1 is common; 0: off, as the original)")
+    g.add_argument("--snr-gamma", type=cli.non_negative, default=0.0,
+                   help="min-SNR-γ loss weighting: each sample's ε-MSE times min(SNR, γ) / SNR, so the nearly clean "
+                        "steps stop dominating the gradient (5 is the paper's choice; 0: off, the plain mean)")
     g.add_argument("--vae", help="the VAE from this checkpoint instead of --base's")
     g.add_argument("--text-encoder", help="the text encoder from this checkpoint instead of --base's")
     g.add_argument("--unet-config", help="a freshly initialised U-Net of this config (preset name or JSON) "
