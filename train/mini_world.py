@@ -443,7 +443,7 @@ def _style_accuracy(folder: Path, bundle, size: int) -> dict:
 
 def run_measure(args) -> int:
     """The bundle's numbers: autoencoder, label adherence of generated images vs true renders, and
-    style-prompt accuracy with and without Style Swap."""
+    style-prompt accuracy with and without Style Swap, and of U^P alone."""
     out = Path(args.out)
     bundle = load_bundle(args.bundle or out / "bundle")
     world = out / "world"
@@ -455,12 +455,16 @@ def run_measure(args) -> int:
     arms = {"swap": [], "no_swap": ["--style", 1]}  # U^P with the ControlNet (DGInStyle), and U^S
     for arm, extra in arms.items():
         gen = out / "measure" / arm
-        tic = time.perf_counter()
         run(f"generate_{arm}", "mrlf.generate", ["--bundle", bundle.root, "--label-maps", *labels, "--out", gen,
                                                  "--no-progress", *extra], training=False)
-        result[arm] = {"seconds": round(time.perf_counter() - tic, 1), "samples": len(labels),
+        # sampling time from the samples' own records: a rerun that finds them done changes nothing
+        records = [json.loads(line) for line in (gen / "manifest.jsonl").read_text().splitlines()]
+        result[arm] = {"sampling_seconds": round(sum(r["timing_s"]["total_s"] for r in records), 1),
+                       "samples": len(labels),
                        "adherence": _adherence(run, arm, gen, "dginstyle", bundle, size),
                        **_style_accuracy(gen, bundle, size)}
+    # U^P alone (text-to-image, no ControlNet): how much of the style accuracy the prior brings
+    result["prior_alone"] = prompt_style_accuracy(bundle["prior"], bundle["style_classifier"], size=size)
     true = _true_renders(out / "measure" / "swap", world, spec, out / "measure" / "true_renders")
     result["true_renders"] = {"adherence": _adherence(run, "true", true, "folder", bundle, size)}
     result["adherence_ratio"] = result["swap"]["adherence"] / max(result["true_renders"]["adherence"], 1e-9)
