@@ -82,12 +82,12 @@ class Recipe:
     vae_steps: int = 3000
     vae_batch: int = 32
     vae_crop: int = 32  # the autoencoder is convolutional: small crops train it four times faster
-    text_encoder_steps: int = 1500
+    text_encoder_steps: int = 4500
     text_encoder_batch: int = 64
     prior_steps: int = 3000
     prior_batch: int = 32
     unet_s_steps: int = 400
-    controlnet_steps: int = 1500
+    controlnet_steps: int = 3000
     controlnet_batch: int = 16
     oracle_steps: int = 1000
     oracle_batch: int = 16
