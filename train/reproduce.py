@@ -90,7 +90,8 @@ GEN_SEED = 0  # mrlf.generate --seed of every generated set: the arms see the sa
 @dataclass(frozen=True)
 class Plan:
     """Sizes of the reproduction at scale 1 with a bundle of the default recipe: on 2 CPU cores the
-    dginstyle part takes 68 minutes, then 20 more for the DIDEX arms and 19 for the DIFF arms (measured;
+    dginstyle part took 68 minutes with a 1500-step drift ControlNet (it trains the recipe's steps, now
+    3000: about 4 minutes more), then 20 more for the DIDEX arms and 19 for the DIFF arms (measured;
     OUT/reproduce.json records every step's seconds, and --scale trades time for tighter numbers)."""
 
     images: int = 160  # generated images per downstream arm, and DIDEX's pseudo-target images
