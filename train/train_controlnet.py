@@ -8,7 +8,11 @@ the same on every rank), captioned
 with the crop's class stack ("road sidewalk ... car"), with the label as a 20-channel one-hot hint
 (19 classes + void). ε-MSE, AdamW lr 1e-5 (0.9/0.999, wd 1e-2, eps 1e-8), constant schedule,
 clipping at 1.0. --proportion-empty-prompts replaces that share of captions by "" (really; the
-original parsed and ignored it). Validation renders the same labels with this ControlNet on U^S
+original parsed and ignored it). --residual-penalty λ adds λ times the residuals' mean square to the
+loss (not in the original): a ControlNet trained freely on a small U-Net learns residuals that outweigh
+the U-Net's own features, and carries the source's colours with the layout into the swapped-in U^P; the
+penalty makes it say the layout with less, and U^P keeps more of its style (BENCHMARKS.md, the
+miniature world). Validation renders the same labels with this ControlNet on U^S
 and, with --prior PATH, swapped onto U^P (the Style Swap check the original skipped: its
 --inference_basemodel_path was unused).
 
@@ -83,12 +87,19 @@ def load_base(args) -> StableDiffusion:
     return StableDiffusion(parts["unet"], parts["vae"], parts["text_encoder"])
 
 
-def controlnet_loss(controlnet, unet, z0, noise, t, context, hint) -> torch.Tensor:
-    """ε-MSE of the frozen U-Net steered by the ControlNet's residuals at x_t = √ᾱ_t z0 + √(1-ᾱ_t) ε."""
+def controlnet_loss(controlnet, unet, z0, noise, t, context, hint, residual_penalty: float = 0.0) -> torch.Tensor:
+    """ε-MSE of the frozen U-Net steered by the ControlNet's residuals at x_t = √ᾱ_t z0 + √(1-ᾱ_t) ε,
+    plus `residual_penalty` times the residuals' energy (`residual_energy`)."""
     x_t = add_noise(z0, noise, t, SD15)
     control = controlnet(x_t, hint, t, context)
     eps = unet(x_t, t, context, control=control)  # residuals are cast to the U-Net's dtype there
-    return F.mse_loss(eps.float(), noise.float())
+    loss = F.mse_loss(eps.float(), noise.float())
+    return loss + residual_penalty * residual_energy(control) if residual_penalty else loss
+
+
+def residual_energy(control: list[torch.Tensor]) -> torch.Tensor:
+    """The mean over the ControlNet's residuals of each one's mean square."""
+    return torch.stack([c.float().pow(2).mean() for c in control]).mean()
 
 
 def validation_labels(args, pairs) -> list[np.ndarray]:
@@ -245,7 +256,7 @@ def main(args):
                 context = sd.text_encoder(sd.tokenizer(list(batch["caption"])).to(d.device))
             with common.no_sync(model, sync=micro == args.grad_accum - 1):
                 with amp:
-                    loss = controlnet_loss(model, sd.unet, z0, noise, t, context, hint)
+                    loss = controlnet_loss(model, sd.unet, z0, noise, t, context, hint, args.residual_penalty)
                 scaler.scale(loss / args.grad_accum).backward()
             meter.add(loss=loss)
         grad_norm = common.optimizer_step(opt, scaler, controlnet.parameters(), args.max_grad_norm)
@@ -328,7 +339,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="random rescale ratios (default: 1.0; Cityscapes: 0.5 0.75 1 1.25 1.5)")
     g.add_argument("--proportion-empty-prompts", type=cli.fraction, default=0.0, help="caption dropout probability")
     g.add_argument("--cache-latents", metavar="DIR", help="cache VAE moments in DIR (only with --crop center)")
-    common.add_diffusion_optimisation(p, batch_size=2, grad_accum=4, max_steps=100000, lr=1e-5)
+    g = common.add_diffusion_optimisation(p, batch_size=2, grad_accum=4, max_steps=100000, lr=1e-5)
+    g.add_argument("--residual-penalty", type=cli.non_negative, default=0.0,
+                   help="weight of the residuals' mean square in the loss (0: none, the original); the logged "
+                        "loss includes it")
     g = common.add_run_arguments(p, num_workers=4, log_every=10, ckpt_every=2000, keep_last=3)
     g.add_argument("--validation-every", type=cli.non_negative_int, default=1000,
                    help="optimizer steps between validation grids (0: none)")
