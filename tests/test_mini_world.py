@@ -42,6 +42,8 @@ LOSSES = {"text_encoder": "loss", "vae": "loss", "prior": "loss", "unet_s": "los
 def test_recipe_runs_every_stage_and_every_loss_goes_down(smoke_world):
     state = json.loads((smoke_world / "recipe.json").read_text())
     assert set(state["seconds"]) == set(STAGES)
+    bundled = json.loads((smoke_world / "bundle" / BUNDLE_FILE).read_text())["recipe"]["seconds"]
+    assert set(bundled) == set(STAGES) - {"bundle"}  # the run that made it, stage by stage
     for stage, key in LOSSES.items():
         losses = [m[key] for m in common.read_metrics(smoke_world / stage) if key in m]
         assert len(losses) >= 10, stage
@@ -160,6 +162,35 @@ def test_the_shipped_bundle_follows_its_labels_and_a_random_model_does_not(tmp_p
         assert proc.returncode == 0, proc.stderr
         scores[name] = _adherence(out, oracle)
     assert scores["bundle"] > ADHERENCE_MIN > scores["random"], scores
+
+
+def test_the_autoencoders_bound_at_mrlfs_factor_is_the_sharper_one(tmp_path):
+    """autoencoded(): renders through the shipped VAE at 1x and 2x come back at their own size, labels
+    kept; at 2x (where MRLF decodes) they are closer to the originals."""
+    from PIL import Image
+
+    from segmentation.labels import save_label
+    from segmentation.synthetic import street_scene
+    from segmentation.world import PRIOR_STYLES, render
+    from train.mini_world import autoencoded
+
+    src = tmp_path / "true"
+    for sub in ("images", "labels"):
+        (src / sub).mkdir(parents=True)
+    for i, style in enumerate(PRIOR_STYLES[:4]):
+        scene = street_scene(64, 64, np.random.default_rng(i), full=True)
+        Image.fromarray(render(scene, style, i)).save(src / "images" / f"{i:03d}.png")
+        save_label(scene.seg, src / "labels" / f"{i:03d}_labelTrainIds.png")
+    vae = ckpt_io.load_vae(SHIPPED_BUNDLE["prior"]).eval()
+    original = [np.asarray(Image.open(f), dtype=np.float64) for f in sorted((src / "images").glob("*.png"))]
+    psnr = {}
+    for f in (1, 2):
+        out = autoencoded(src, vae, f, tmp_path / f"x{f}")
+        assert sorted(p.name for p in (out / "labels").iterdir()) == sorted(p.name for p in (src / "labels").iterdir())
+        rec = [np.asarray(Image.open(p), dtype=np.float64) for p in sorted((out / "images").glob("*.png"))]
+        assert [r.shape for r in rec] == [o.shape for o in original]
+        psnr[f] = np.mean([10 * np.log10(255**2 / np.mean((r - o) ** 2)) for r, o in zip(rec, original)])
+    assert psnr[2] > psnr[1] + 1 > 20, psnr
 
 
 @pytest.mark.slow

@@ -22,7 +22,8 @@ stage continues from its last checkpoint with --resume auto):
  5. unet_s        train.finetune_unet: U^S, U^P fine-tuned on the source renders with the empty prompt
                   (DGInStyle's DreamBooth step)
  6. controlnet    train.train_controlnet: the label ControlNet on the frozen U^S, rare-class sampled,
-                  validated on U^S and swapped onto U^P
+                  its residuals' magnitude penalised (else they outweigh the small U-Net's own features
+                  and carry the source's colours into U^P), validated on U^S and swapped onto U^P
  7. oracle        train.train_segmentation: a segmenter on labelled renders of every style (measures
                   how well generated images follow their labels)
  8. classifier    train.train_classifier: the style classifier (measures which style an image is in)
@@ -89,6 +90,7 @@ class Recipe:
     unet_s_steps: int = 400
     controlnet_steps: int = 3000
     controlnet_batch: int = 16
+    controlnet_residual_penalty: float = 0.01  # smaller residuals: the swapped-in U^P keeps more of its style
     oracle_steps: int = 1000
     oracle_batch: int = 16
     classifier_steps: int = 600
@@ -191,7 +193,7 @@ def train_stages(out: Path, r: Recipe, run: Runner, args) -> dict:
         "--num-workers", 0]))
     stage("controlnet", out / "controlnet" / "controlnet.safetensors", lambda: run("controlnet", "train.train_controlnet", [
         *controlnet_args(out / "unet_s" / "pipeline.safetensors", w, spec.base, r.controlnet_steps, r.controlnet_batch,
-                         out / "controlnet", r.log_every, r.sample_grids),
+                         out / "controlnet", r.log_every, r.sample_grids, r.controlnet_residual_penalty),
         "--prior", out / "prior" / "pipeline.safetensors"]))
     stage("oracle", out / "oracle" / "model.safetensors", lambda: run("oracle", "train.train_segmentation", [
         "--model", "mini", "--source", f"gta:{w / 'oracle'}", "--source-scale", ORACLE_ZOOM * 2 * spec.base,
@@ -205,7 +207,7 @@ def train_stages(out: Path, r: Recipe, run: Runner, args) -> dict:
         "--data", w / "styles" / "train", "--val", w / "styles" / "val", "--resolution", spec.base,
         "--max-steps", r.classifier_steps, "--log-every", r.log_every, "--output-dir", out / "classifier",
         "--num-workers", 0]))
-    stage("bundle", out / "bundle" / BUNDLE_FILE, lambda: make_bundle(out, r))
+    stage("bundle", out / "bundle" / BUNDLE_FILE, lambda: make_bundle(out, r, times))
     return times
 
 
@@ -225,17 +227,19 @@ def prior_text_encoder_args(mode: str, out: Path) -> list:
 
 
 def controlnet_args(base: Path, world: Path, size: int, steps: int, batch: int, out: Path, log_every: int = 50,
-                    validation: bool = True) -> list:
+                    validation: bool = True, residual_penalty: float = Recipe.controlnet_residual_penalty) -> list:
     """train_controlnet options of the world's label ControlNet on the frozen `base` U-Net: rare-class
-    crops of the source renders, 10 % empty prompts, AdamW 1e-3 from the zero-initialised ControlNet."""
+    crops of the source renders, 10 % empty prompts, AdamW 1e-3 from the zero-initialised ControlNet, the
+    residuals' mean square penalised."""
     return ["--base", base, "--data", world / "source", "--resolution", size, "--crop", "rcs", "--rcs-min-pixels", 20,
             "--proportion-empty-prompts", 0.1, "--batch-size", batch, "--grad-accum", 1, "--max-steps", steps,
-            "--lr", "1e-3", "--weight-decay", 0.0, "--validation-every", max(steps // 3, 1) if validation else 0,
+            "--lr", "1e-3", "--weight-decay", 0.0, "--residual-penalty", residual_penalty,
+            "--validation-every", max(steps // 3, 1) if validation else 0,
             "--validation-steps", 20, "--log-every", log_every, "--ckpt-every", 500, "--output-dir", out,
             "--num-workers", 0]
 
 
-def make_bundle(out: Path, r: Recipe) -> Path:
+def make_bundle(out: Path, r: Recipe, seconds: dict | None = None) -> Path:
     """OUT/bundle: fp16 copies of the networks (loaded and re-saved by the ordinary loaders, so what
     ships is what loads), a few source label maps and bundle.json."""
     from controlnet.checkpoint import load_controlnet, save_controlnet
@@ -268,7 +272,7 @@ def make_bundle(out: Path, r: Recipe) -> Path:
             "generation": {"size": spec.base, "steps": 20, "window": spec.base // 4, "stride": spec.base // 8,
                            "threshold": spec.base * spec.base // 8, "view_batch": 9, "weather_prob": 1.0,
                            "weather_words": [s.word for s in PRIOR_STYLES], "num_samples": 8},
-            "recipe": {"spec": asdict(r), "seconds": recipe.get("seconds", {})},
+            "recipe": {"spec": asdict(r), "seconds": {**recipe.get("seconds", {}), **(seconds or {})}},  # this run's too
         }
         write_text(tmp / BUNDLE_FILE, json.dumps(bundle, indent=1) + "\n")
     load_bundle(out / "bundle")  # what was written reads back
@@ -379,7 +383,7 @@ def measure_vae(world: Path, bundle, n: int = MEASURE_EVAL) -> dict:
             h, w = label.shape
             pipe = TestPipeline((ORACLE_ZOOM * max(h, w), ORACLE_ZOOM * min(h, w)))
             x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float()[None] / 127.5 - 1
-            rec = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
+            rec = _reconstruct(vae, x)
             db.append(psnr(rec, x))
             rec_u8 = ((rec[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
             target = torch.from_numpy(label.astype(np.int64))
@@ -388,6 +392,31 @@ def measure_vae(world: Path, bundle, n: int = MEASURE_EVAL) -> dict:
                 cms[key] = cms[key] + confusion_matrix(logits.argmax(1)[0], target)
         rows[style.name] = {"psnr": float(np.mean(db)), **{f"oracle_{k}": mean_iou(v) for k, v in cms.items()}}
     return rows
+
+
+def _reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
+    """x (B, 3, H, W) in [-1, 1] through the autoencoder (the posterior mean), clamped to [-1, 1]."""
+    return vae.decode(vae.encode(x).mode()).clamp(-1, 1)
+
+
+@torch.no_grad()
+def autoencoded(folder: Path, vae, factor: int, dest: Path) -> Path:
+    """A ``folder`` layout's images through the autoencoder at `factor` x their size (LANCZOS up, encode,
+    decode, LANCZOS down), with their labels: what the generated images' decoder can at best give back.
+    MRLF decodes its 2x pass at twice the base size, so the bound that matters for its images is factor 2."""
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(folder / "labels", dest / "labels", dirs_exist_ok=True)
+    for path in sorted((folder / "images").glob("*.png")):
+        image = Image.open(path).convert("RGB")
+        w, h = image.size
+        big = image.resize((w * factor, h * factor), Image.LANCZOS) if factor != 1 else image
+        x = torch.from_numpy(np.array(big)).permute(2, 0, 1).float()[None] / 127.5 - 1
+        rec = ((_reconstruct(vae, x)[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        out = Image.fromarray(rec.numpy())
+        out = out.resize((w, h), Image.LANCZOS) if factor != 1 else out
+        with atomic_file(dest / "images" / path.name) as tmp:
+            out.save(tmp, format="PNG")
+    return dest
 
 
 def _true_renders(gen: Path, world: Path, spec: WorldSpec, dest: Path) -> Path:
@@ -467,6 +496,13 @@ def run_measure(args) -> int:
     result["prior_alone"] = prompt_style_accuracy(bundle["prior"], bundle["style_classifier"], size=size)
     true = _true_renders(out / "measure" / "swap", world, spec, out / "measure" / "true_renders")
     result["true_renders"] = {"adherence": _adherence(run, "true", true, "folder", bundle, size)}
+    # the autoencoder's bound on adherence: the true renders through it, at 1x and at MRLF's factor
+    vae = ckpt_io.load_vae(bundle["prior"]).eval()
+    from mrlf import generate
+    factor = generate.settings_from_args(generate.parse_args(["--bundle", str(bundle.root)]))[1].scale_factor
+    result["true_renders"]["autoencoded"] = {
+        f"x{f}": _adherence(run, f"true_x{f}", autoencoded(true, vae, f, out / "measure" / f"true_renders_x{f}"),
+                            "folder", bundle, size) for f in sorted({1, factor})}
     result["adherence_ratio"] = result["swap"]["adherence"] / max(result["true_renders"]["adherence"], 1e-9)
     write_text(out / "measure" / "measure.json", json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
