@@ -404,15 +404,15 @@ def autoencoded(folder: Path, vae, factor: int, dest: Path) -> Path:
     """A ``folder`` layout's images through the autoencoder at `factor` x their size (LANCZOS up, encode,
     decode, LANCZOS down), with their labels: what the generated images' decoder can at best give back.
     MRLF decodes its 2x pass at twice the base size, so the bound that matters for its images is factor 2."""
+    from mrlf.pipeline import from_pil, to_pil  # the generator's own conversions and rounding
+
     (dest / "images").mkdir(parents=True, exist_ok=True)
     shutil.copytree(folder / "labels", dest / "labels", dirs_exist_ok=True)
     for path in sorted((folder / "images").glob("*.png")):
         image = Image.open(path).convert("RGB")
         w, h = image.size
         big = image.resize((w * factor, h * factor), Image.LANCZOS) if factor != 1 else image
-        x = torch.from_numpy(np.array(big)).permute(2, 0, 1).float()[None] / 127.5 - 1
-        rec = ((_reconstruct(vae, x)[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        out = Image.fromarray(rec.numpy())
+        out = to_pil(_reconstruct(vae, from_pil(big)))[0]
         out = out.resize((w, h), Image.LANCZOS) if factor != 1 else out
         with atomic_file(dest / "images" / path.name) as tmp:
             out.save(tmp, format="PNG")
