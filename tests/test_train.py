@@ -25,6 +25,7 @@ from helpers import rel_err
 from controlnet.model import ControlNet
 from ldm import checkpoint as ckpt_io
 from ldm.sd import StableDiffusion
+from ldm.vae import DiagonalGaussian
 from mrlf.prompts import class_stack
 from samplers import SD15
 from segmentation.datasets import DatasetError
@@ -32,7 +33,7 @@ from segmentation.labels import load_label, one_hot
 from segmentation.synthetic import street_scene
 from train import common, finetune_unet, train_controlnet
 from train.data import (ControlNetDataset, ImageDataset, LatentCache, ShardSampler, diffusion_inputs, discover_pairs,
-                        find_images, pair_class_stats)
+                        fill_latent_cache, find_images, pair_class_stats, to_tensor)
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 64  # training resolution of every test (tiny U-Net: 8x8 latents)
@@ -323,8 +324,65 @@ def test_image_dataset_rescales_pads_and_crops(tmp_path):
     assert (fixed[1]["pixel_values"] - expect).abs().max() < 1e-6
     small = fixed[0]["pixel_values"]  # 40x50 -> reflect-padded to 64x64, centre (0, 0)
     assert torch.equal(small[:, 40:41, :50], small[:, 38:39, :50])
-    with pytest.raises(ValueError, match="deterministic view"):
-        ImageDataset(files, RES, cache=LatentCache(tmp_path / "c", "x"))
+    with pytest.raises(ValueError, match="single scale"):
+        ImageDataset(files, RES, cache=LatentCache(tmp_path / "c", "x", 8))
+    with pytest.raises(ValueError, match="multiple of the VAE's factor 8"):
+        ImageDataset(files, 36, scales=[1.0], cache=LatentCache(tmp_path / "c", "x", 8))
+
+
+class _PoolVAE(torch.nn.Module):
+    """An encoder that commutes with cropping on its grid and with flips (mean = f x f average pool, log-variance
+    = the pooled square): a cached whole-image entry sliced at a crop must give exactly the crop's own moments."""
+
+    def __init__(self, f: int):
+        super().__init__()
+        self.f, self.dummy = f, torch.nn.Parameter(torch.zeros(()))
+
+    def encode(self, x):
+        pool = torch.nn.functional.avg_pool2d
+        return DiagonalGaussian(torch.cat([pool(x, self.f), pool(x.square(), self.f)], dim=1))
+
+
+def _pool(x: torch.Tensor, f: int) -> torch.Tensor:
+    post = _PoolVAE(f).encode(x[None])
+    return torch.cat([post.mean, post.logvar], dim=1)[0]
+
+
+def _origin(desc: str) -> tuple[int, int]:
+    x1, y1 = desc.split("@")[1].split("#")[0].split(",")[-2:]
+    return int(x1), int(y1)
+
+
+def test_latent_cache_random_crops_and_flips(tmp_path):
+    """Random crops read a slice of the whole image's entry, the crop drawn as without the cache and snapped to the
+    latent grid; flips read the mirrored entry. Checked against the crop's own moments with an encoder that
+    commutes with both (an odd-sized image is padded, then trimmed to the grid)."""
+    f, res = 8, 32
+    for i, (h, w) in enumerate([(64, 100), (30, 45)]):
+        Image.fromarray(_scene(i, h, w)[0]).save(tmp_path / f"{i}.png")
+    files = find_images(tmp_path)
+    plain = ImageDataset(files, res, [1.0], seed=5, flip=True)
+    cache = LatentCache(tmp_path / "cache", "pool", f)
+    cached = ImageDataset(files, res, [1.0], seed=5, flip=True, cache=cache)
+    assert cached.cache_entries() == [(0, False), (0, True), (1, False), (1, True)]
+    assert fill_latent_cache(cached, _PoolVAE(f), "cpu", batch_size=3) == 4
+    assert fill_latent_cache(cached, _PoolVAE(f), "cpu") == 0  # all there
+    assert cached.entry_view(0).shape == (3, 64, 96)  # 100 columns trimmed to the grid
+    snapped = flips = 0
+    for e in range(20):
+        for i in range(2):
+            a, b = plain[(e, i)], cached[(e, i)]
+            assert a["seed"] == b["seed"] and a["caption"] == b["caption"]
+            (x0, y0), (x1, y1) = _origin(a["desc"]), _origin(b["desc"])
+            assert (x1, y1) == (x0 - x0 % f, y0 - y0 % f)
+            snapped += (x1, y1) != (x0, y0)
+            crop = plain._padded(i)[y0:y0 + res, x0:x0 + res]
+            flipped = not torch.equal(a["pixel_values"], to_tensor(crop))
+            flips += flipped
+            want = to_tensor(plain._padded(i)[y1:y1 + res, x1:x1 + res])
+            want = _pool(want.flip(-1) if flipped else want, f)
+            assert b["moments"].shape == (6, res // f, res // f) and torch.allclose(b["moments"], want, atol=1e-6)
+    assert snapped > 5 and 5 < flips < 35  # both paths were exercised
 
 
 def test_diffusion_inputs_depend_on_the_item_only():
@@ -623,8 +681,37 @@ def test_latent_cache_gives_the_same_training(gta, tmp_path):
         assert a["samples"] == b["samples"] and abs(a["loss"] - b["loss"]) < 1e-5 * a["loss"]
     assert [m["loss"] for m in again] == [m["loss"] for m in cached]
     assert "0 new entries" in (tmp_path / "again" / "log.txt").read_text()
-    with pytest.raises(ValueError, match="deterministic view"):
-        run_controlnet(gta, tmp_path / "rcs", max_steps=1, cache_latents=tmp_path / "cache")
+    with pytest.raises(ValueError, match="single resize ratio"):
+        run_controlnet(gta, tmp_path / "ratios", max_steps=1, cache_latents=tmp_path / "cache",
+                       resize_ratios=[0.5, 1.0])
+
+
+def test_finetune_caches_whole_images_and_their_mirrors(gta, tmp_path):
+    metrics = run_finetune(gta / "images", tmp_path / "run", max_steps=2, scales=[1.0], random_flip=True,
+                           cache_latents=tmp_path / "cache", no_export=True)
+    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2 * 6  # six images, plain and mirrored
+
+
+def test_latent_cache_rare_class_crops(gta, tmp_path):
+    """RCS crops with a cache: the label is cut at the snapped origin, and the latents are the same crop's."""
+    f = 8
+    _, pairs = discover_pairs(gta)
+    kw = dict(seed=3, stats=pair_class_stats(pairs, cache_dir=tmp_path / "rcs"), rcs_min_pixels=50)
+    plain = ControlNetDataset(pairs, RES, "rcs", **kw)
+    cached = ControlNetDataset(pairs, RES, "rcs", cache=LatentCache(tmp_path / "cache", "pool", f), **kw)
+    fill_latent_cache(cached, _PoolVAE(f), "cpu")
+    for e in range(10):
+        a, b = plain[(e, 0)], cached[(e, 0)]
+        (x0, y0), (x1, y1) = _origin(a["desc"]), _origin(b["desc"])
+        assert (x1, y1) == (x0 - x0 % f, y0 - y0 % f) and a["seed"] == b["seed"]
+        image, label = plain._load(int(b["desc"].split("@")[0][:5]), 1.0)
+        assert torch.equal(b["label"], torch.from_numpy(label[y1:y1 + RES, x1:x1 + RES]))
+        assert torch.allclose(b["moments"], _pool(to_tensor(image[y1:y1 + RES, x1:x1 + RES]), f), atol=1e-6)
+    # and a ControlNet trains on them
+    metrics = run_controlnet(gta, tmp_path / "run", max_steps=2, batch_size=2, grad_accum=1, no_export=True,
+                             cache_latents=tmp_path / "cache2")
+    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -67,7 +67,7 @@ from mrlf.pipeline import Pipeline, SamplingSettings
 from samplers import SD15, add_noise
 from train import common
 from train.data import (DREAMBOOTH_SCALES, METADATA_FILE, ImageDataset, LatentCache, diffusion_inputs,
-                        fill_latent_cache, find_captioned_images, find_images, shard_loader, vae_fingerprint)
+                        fill_latent_cache, find_captioned_images, find_images, shard_loader)
 
 SAMPLE_PROMPT = "road building sky person vegetation car"
 
@@ -258,7 +258,7 @@ def main(args):
     scales = tuple(args.scales)
     cache = None
     if args.cache_latents:
-        cache = LatentCache(args.cache_latents, vae_fingerprint(sd.vae))
+        cache = LatentCache.for_vae(args.cache_latents, sd.vae)
     dataset = ImageDataset(files, args.resolution, scales, "center" if args.center_crop else "random",
                            caption=args.prompt, seed=args.seed, rank=d.rank, cache=cache, captions=captions,
                            proportion_empty=args.proportion_empty_prompts, flip=args.random_flip)
@@ -360,7 +360,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--center-crop", action="store_true", help="centre crop instead of a random crop")
     g.add_argument("--prompt", default="", help="instance prompt (DGInStyle: empty)")
     g.add_argument("--cache-latents", metavar="DIR",
-                   help="cache VAE moments in DIR (needs a deterministic view: --center-crop and a single --scales)")
+                   help="cache VAE moments in DIR (needs a single --scales; random crops snap to the latent grid and "
+                        "flips read a mirrored entry, see train.data)")
     g = common.add_diffusion_optimisation(p, batch_size=1, grad_accum=2, max_steps=30000, lr=2e-6)
     g.add_argument("--lr-scheduler", choices=("constant", "cosine"), default="constant",
                    help="constant after the warm-up, or a cosine decay to 0")

@@ -60,7 +60,7 @@ from samplers import SD15, add_noise
 from segmentation.labels import CLASS_NAMES, IGNORE, NUM_CHANNELS, colorize, load_label, one_hot, train_id_path
 from train import common
 from train.data import (CITYSCAPES_RATIOS, LAYOUTS, ControlNetDataset, LatentCache, center_box, diffusion_inputs,
-                        discover_pairs, fill_latent_cache, pad_to, pair_class_stats, shard_loader, vae_fingerprint)
+                        discover_pairs, fill_latent_cache, pad_to, pair_class_stats, shard_loader)
 
 
 def hint_blocks(widths, latent_factor: int) -> tuple[int, ...]:
@@ -221,7 +221,7 @@ def main(args):
     if args.crop == "rcs":
         with common.main_process_first(d):  # rank 0 counts (and caches) the label statistics
             stats = pair_class_stats(pairs, cache_dir=out / "rcs_cache")
-    cache = LatentCache(args.cache_latents, vae_fingerprint(sd.vae)) if args.cache_latents else None
+    cache = LatentCache.for_vae(args.cache_latents, sd.vae) if args.cache_latents else None
     dataset = ControlNetDataset(pairs, args.resolution, args.crop, seed=args.seed, rank=d.rank, stats=stats,
                                 rcs_temperature=args.rcs_temperature, rcs_min_pixels=args.rcs_min_pixels,
                                 rcs_tries=args.rcs_tries, rcs_min_crop_ratio=args.rcs_min_crop_ratio,
@@ -338,7 +338,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--resize-ratios", type=cli.positive, nargs="+",
                    help="random rescale ratios (default: 1.0; Cityscapes: 0.5 0.75 1 1.25 1.5)")
     g.add_argument("--proportion-empty-prompts", type=cli.fraction, default=0.0, help="caption dropout probability")
-    g.add_argument("--cache-latents", metavar="DIR", help="cache VAE moments in DIR (only with --crop center)")
+    g.add_argument("--cache-latents", metavar="DIR",
+                   help="cache VAE moments in DIR (needs one resize ratio; random and RCS crops snap to the latent "
+                        "grid, see train.data)")
     g = common.add_diffusion_optimisation(p, batch_size=2, grad_accum=4, max_steps=100000, lr=1e-5)
     g.add_argument("--residual-penalty", type=cli.non_negative, default=0.0,
                    help="weight of the residuals' mean square in the loss (0: none, the original); the logged "
