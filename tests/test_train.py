@@ -428,9 +428,13 @@ def test_checkpoints_hold_every_rng_state(tmp_path):
     assert [p.name for p in common.list_checkpoints(tmp_path)] == ["step_0000004.pt", "step_0000005.pt"]
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert common.resolve_resume("auto", tmp_path) == tmp_path / "step_0000005.pt"
-    assert common.resolve_resume("auto", tmp_path / "none") is None and common.resolve_resume(None, tmp_path) is None
+    assert common.resolve_resume("auto", tmp_path / "none") is None
+    assert common.resolve_resume(None, tmp_path / "none") is None and common.resolve_resume("", tmp_path / "none") is None
     with pytest.raises(FileNotFoundError):
         common.resolve_resume(str(tmp_path / "step_9.pt"), tmp_path)
+    # a fresh start in a folder with an earlier run's checkpoints: the rotation would delete its own first
+    with pytest.raises(FileExistsError, match=r"step_0000005.pt.*--resume auto"):
+        common.resolve_resume(None, tmp_path)
     expect = (random.random(), np.random.rand(), torch.rand(2), torch.rand(1, generator=g_torch), g_np.random())
     for _ in range(3):  # move every stream on
         random.random(), np.random.rand(), torch.rand(2), torch.rand(1, generator=g_torch), g_np.random()

@@ -118,3 +118,18 @@ def test_two_process_gloo_run_resumes_exactly(tmp_path, data):
     assert torch.equal(a4["optimizer"]["state"][0]["exp_avg"], b4["optimizer"]["state"][0]["exp_avg"])
     assert not _same_weights(_ckpt(a, 2)["model"], a4["model"])  # it did train
     assert _rows(b)[-1]["loss"] == pytest.approx(_rows(a)[-1]["loss"], rel=1e-6)
+
+
+def test_uda_divergence_stops_the_run_and_resume_logs_changed_settings(tmp_path, data, one_thread):
+    from train.common import TrainingDiverged
+
+    main(_args(tmp_path / "a", data, "--max-iters", "2", "--ckpt-every", "2"))
+    assert "step       2/2" in (tmp_path / "a" / "log.txt").read_text()  # step / max steps and the ETA
+    out = tmp_path / "b"
+    with pytest.raises(TrainingDiverged, match="3 optimizer steps in a row"):
+        main(_args(out, data, "--max-iters", "40", "--ckpt-every", "40", "--lr", "1e6",
+                   "--warmup-iters", "0", "--max-bad-steps", "3",
+                   "--resume", str(tmp_path / "a" / "checkpoints" / "step_0000002.pt")))
+    assert "lr: 0.001 -> 1000000.0" in (out / "log.txt").read_text()
+    assert not (out / "model.safetensors").exists()
+

@@ -74,7 +74,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from ldm import cli
-from ldm.atomic import atomic_file, clean_stale
+from ldm.atomic import atomic_file, clean_stale, write_text
 from segmentation.datasets import (DatasetError, IndexStream, MixedDataset, RCSConfig, SegDataset, TrainSource,
                                    parse_ratio, parse_spec)
 from segmentation.evaluate import evaluate_dataset, is_hr_model
@@ -237,12 +237,13 @@ def add_run_arguments(p: argparse.ArgumentParser, *, num_workers: int, log_every
 def add_diffusion_optimisation(p: argparse.ArgumentParser, *, batch_size: int, grad_accum: int, max_steps: int,
                                lr: float):
     """The "optimisation" group of the diffusion scripts (U-Net fine-tuning, ControlNet training):
-    AdamW with a constant lr, clipping, mixed precision with fp32 master weights, EMA."""
+    AdamW (the lr constant unless the script adds a schedule), clipping, mixed precision with fp32 master weights, EMA."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=cli.positive_int, default=batch_size, help="micro-batch per GPU")
     g.add_argument("--grad-accum", type=cli.positive_int, default=grad_accum, help="micro-batches per optimizer step")
     g.add_argument("--max-steps", type=cli.non_negative_int, default=max_steps, help="optimizer steps in all")
-    g.add_argument("--lr", type=cli.positive, default=lr, help="AdamW learning rate (constant)")
+    g.add_argument("--lr", type=cli.positive, default=lr,
+                   help="AdamW learning rate (the peak one where the script has --lr-scheduler)")
     g.add_argument("--adam-beta1", type=cli.real(0, 1, open_max=True), default=0.9, help="AdamW beta1")
     g.add_argument("--adam-beta2", type=cli.real(0, 1, open_max=True), default=0.999, help="AdamW beta2")
     g.add_argument("--weight-decay", type=cli.non_negative, default=1e-2, help="AdamW (decoupled) weight decay")
@@ -816,7 +817,7 @@ def truncate_metrics(output_dir: str | os.PathLike, step: int, d: Dist) -> None:
     path = Path(output_dir) / "metrics.jsonl"
     if d.is_main and path.exists():
         rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+        write_text(path, "".join(r + "\n" for r in rows))  # a kill mid-rewrite keeps the old history
 
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
@@ -917,9 +918,16 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
 
 def resolve_resume(resume: str | None, checkpoint_dir: str | os.PathLike) -> Path | None:
     """``--resume``: None/"" -> start fresh; "auto" -> the latest checkpoint if any; else a path (must exist).
-    Temporary files a killed run left in `checkpoint_dir` are removed."""
+    Temporary files a killed run left in `checkpoint_dir` are removed. A fresh start refuses a folder
+    that holds an earlier run's checkpoints: the keep-last rotation would delete the new, lower-step
+    ones first, and a later ``--resume auto`` would continue the old run."""
     clean_stale(checkpoint_dir)
     if not resume:
+        earlier = list_checkpoints(checkpoint_dir)
+        if earlier:
+            raise FileExistsError(f"{checkpoint_dir} holds {len(earlier)} checkpoint(s) of an earlier run (the latest "
+                                  f"{earlier[-1].name}): pass --resume auto to continue it, or start afresh in "
+                                  f"another --output-dir")
         return None
     if resume == "auto":
         return latest_checkpoint(checkpoint_dir)

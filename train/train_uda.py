@@ -92,7 +92,8 @@ def main(args):
                 + ("" if args.mic_aug else ", no colour augmentation") if args.mic_lambda > 0 else "; no MIC"))
 
     step = 0
-    state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt, scaler=scaler)
+    state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=model, optimizer=opt, scaler=scaler,
+                                     config=vars(args))
     if state is not None:
         step = int(state["step"])
         common.restore_feature_distance(state, fd, args, log)
@@ -112,6 +113,8 @@ def main(args):
     terms = ["loss", "loss_src", "loss_mix", "pseudo_weight"] + (["loss_fd"] if fd is not None else []) \
         + (["loss_masked"] if mic else [])
     meter, gen_n = common.Meter(step), 0
+    guard = common.DivergenceGuard(args.max_bad_steps, log)
+    progress = common.step_progress(step, args.max_iters, d)
     for batch in loader:
         common.set_poly_lr(opt, args, step)
         teacher.update(model, step)
@@ -155,20 +158,22 @@ def main(args):
                 loss_masked = args.mic_lambda * ddp(masked, pseudo, seg_weight=weight)["loss"]
             scaler.scale(loss_masked).backward()
 
-        common.optimizer_step(opt, scaler, None)
+        grad_norm = common.optimizer_step(opt, scaler, None)
         step += 1
+        guard.check(grad_norm, step)
         losses = {"loss_src": loss_src, "loss_fd": loss_fd, "loss_mix": loss_mix, "loss_masked": loss_masked,
                   "pseudo_weight": weight.mean()}
         losses["loss"] = loss_src.detach() + loss_fd.detach() + loss_mix.detach() + loss_masked.detach()
         meter.add(**{k: losses[k] for k in terms})
         gen_n += int((batch["group"] == 1).sum())
+        progress.update()
 
         if step % args.log_every == 0 or step == args.max_iters:
             metrics = meter.means(d)
             metrics |= {"lr": opt.param_groups[0]["lr"],
                         "generated_share": common.all_reduce_mean(gen_n / (meter.n * args.batch_size), d),
                         "samples_per_s": meter.samples_per_s(step, args.batch_size * d.world_size)}
-            common.log_metrics(log, out, step, metrics, d, tb)
+            common.log_metrics(log, out, step, metrics, d, tb, progress)
             meter.restart(step)
             gen_n = 0
 
@@ -183,7 +188,9 @@ def main(args):
         if step >= args.max_iters:
             break
 
+    progress.close()
     if d.is_main:
+        common.check_finite(common.unwrap(model).state_dict(), "the segmentor to export")
         path = save_segmentor(common.unwrap(model), out / "model.safetensors")
         log.info(f"exported {path}")
     common.finish_run(log, tb)
