@@ -37,6 +37,8 @@ from train.data import ImageDataset, find_images, shard_loader
 def class_folders(root: str | Path) -> tuple[list[str], list[Path], list[int]]:
     """(class names, files, labels) of an ImageFolder-layout root."""
     root = Path(root)
+    if not root.is_dir():
+        raise SystemExit(f"{root}: no such folder (expected ROOT/<class>/... images)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise SystemExit(f"{root}: needs two or more class subfolders, found {classes}")
@@ -58,6 +60,10 @@ def main(args):
     out = Path(args.output_dir)
     ckpt_dir = out / "checkpoints"
     classes, files, labels = class_folders(args.data)
+    if args.val:  # checked before training, not after it
+        val_classes, vfiles, vlabels = class_folders(args.val)
+        if val_classes != classes:
+            raise SystemExit(f"{args.val}: classes {val_classes} differ from the training classes {classes}")
     model = ImageClassifier(ClassifierConfig(tuple(classes), args.backbone)).to(d.device).train()
     ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.distributed else model
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -108,14 +114,11 @@ def main(args):
             state = None
     progress.close()
     if d.is_main:
+        log.info(f"exported {save_classifier(model.eval(), out / 'classifier.safetensors')}")
         if args.val:
-            val_classes, vfiles, vlabels = class_folders(args.val)
-            if val_classes != classes:
-                raise SystemExit(f"{args.val}: classes {val_classes} differ from the training classes {classes}")
             result = accuracy(model, vfiles, vlabels, classes, args.resolution, d.device)
             write_text(out / "val.json", json.dumps(result, indent=1) + "\n")
             log.info(f"validation top-1 accuracy {result['accuracy']:.4f}")
-        log.info(f"exported {save_classifier(model.to('cpu').eval(), out / 'classifier.safetensors')}")
     common.finish_run(log, tb)
 
 
