@@ -98,6 +98,7 @@ def main(args):
                             weight_decay=args.weight_decay)
     dopt = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
     scaler = common.grad_scaler(d.device, amp_dtype)
+    dscaler = common.grad_scaler(d.device, amp_dtype)  # its own loss scale: the two losses differ in size
     n_params = sum(p.numel() for p in vae.parameters())
     log.info(f"autoencoder {vae.cfg.to_json()}: {n_params / 1e6:.2f} M parameters, "
              f"downsampling x{vae.cfg.downsample_factor}")
@@ -109,6 +110,8 @@ def main(args):
         step, position = state["step"], state["sampler"]["position"]
         disc.load_state_dict(state["disc"])
         dopt.load_state_dict(state["disc_optimizer"])
+        if state.get("disc_scaler") is not None:
+            dscaler.load_state_dict(state["disc_scaler"])
         del state
 
     files = [f for root in args.data for f in find_images(root)]
@@ -152,18 +155,19 @@ def main(args):
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         grad_norm = common.optimizer_step(opt, scaler, vae.parameters(), args.max_grad_norm)
-        d_loss = torch.zeros(())
+        d_loss, d_norm = torch.zeros(()), torch.zeros(())
         if adversarial:
             common.requires_grad(disc, True)
             with amp:
                 d_loss = hinge_d_loss(dmodel(x), dmodel(rec.detach()))
             dopt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            dopt.step()
+            dscaler.scale(d_loss).backward()
+            # unclipped, as CompVis' discriminator; a non-finite gradient skips its update too
+            d_norm = common.optimizer_step(dopt, dscaler, disc.parameters())
         if ema is not None:
             common.update_ema(ema, vae, args.ema_decay)
         step += 1
-        guard.check(grad_norm, step)
+        guard.check(grad_norm + d_norm, step)  # either network's non-finite gradient counts
         progress.update()
         meter.add(loss=loss, rec=rec_loss, kl=kl, g=g_loss, d=d_loss,
                   psnr=torch.tensor(psnr(rec.detach().float(), x.float())))
@@ -184,7 +188,8 @@ def main(args):
         if step % args.ckpt_every == 0 or step == args.max_steps:
             state = {"model": vae.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                      "ema": ema.state_dict() if ema is not None else None, "disc": disc.state_dict(),
-                     "disc_optimizer": dopt.state_dict(), "config": vars(args), "arch": vae.cfg.to_dict(),
+                     "disc_optimizer": dopt.state_dict(),
+                     "disc_scaler": dscaler.state_dict(), "config": vars(args), "arch": vae.cfg.to_dict(),
                      "sampler": {"position": position, "world_size": d.world_size}}
             path = common.save_checkpoint(ckpt_dir, step, state, d, keep_last=args.keep_last)
             log.info(f"saved {path}")
