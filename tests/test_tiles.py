@@ -1,5 +1,6 @@
 """mrlf.tiles: view coverage, the original's view list where the stride divides, weights, fusion."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -121,6 +122,10 @@ def test_blend_weights(h, w):
             assert wt[h // 2, w // 2] > wt[0, w // 2]
     tent = blend_weights(64, 64, "tent", dtype=torch.float64)
     assert tent[0, 32].item() == pytest.approx(1 / 63, rel=1e-6)  # ends 1/n, over the even-length peak 1 - 1/n
+    gauss = blend_weights(64, 64, "gaussian", dtype=torch.float64)  # sigma 0.25 of the window
+    # the first and the central latents' centres, in sigmas; each axis is scaled to a peak of 1
+    edge, peak = (0.5 / 64 - 0.5) / 0.25, (0.5 / 64) / 0.25
+    assert gauss[0, 31].item() == pytest.approx(math.exp(-0.5 * (edge**2 - peak**2)), rel=1e-9)  # ~0.14
     with pytest.raises(ValueError):
         blend_weights(4, 4, "cosine")
 
@@ -175,9 +180,11 @@ def test_uncovered_latents_fuse_to_zero_and_counts():
 
 def test_half_precision_accumulates_in_float32():
     views = get_views(24, 24, 16, 4)
-    tiles = torch.full((len(views), 1, 16, 16), 1000.0, dtype=torch.float16) + 0.25
+    g = torch.Generator().manual_seed(0)
+    # sums of up to nine values near 1000 pass 2048, where fp16's spacing is 2: an fp16 sum rounds
+    tiles = (1000 + 24 * torch.rand(len(views), 1, 16, 16, generator=g)).half()
     out = fuse_views(tiles, views, (24, 24))
-    assert out.dtype == torch.float16 and torch.all(out == tiles[0, 0, 0, 0])
+    assert out.dtype == torch.float16 and torch.equal(out, fuse_views(tiles.double(), views, (24, 24)).half())
 
 
 def test_fusion_rejects_mismatched_inputs():

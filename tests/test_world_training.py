@@ -113,6 +113,20 @@ def test_style_classifier_learns_styles(tmp_path):
     assert train_classifier.accuracy(model, files, labels, classes, 32, "cpu")["accuracy"] == val["accuracy"]
 
 
+def test_style_classifier_checks_its_validation_folder_before_training(tmp_path):
+    for style in (SOURCE, PRIOR_STYLES[3]):
+        _images(tmp_path / "train" / style.name, (style,), 2)
+    for style in (SOURCE, PRIOR_STYLES[5]):  # snow where training has night
+        _images(tmp_path / "val" / style.name, (style,), 2)
+    base = ["--data", tmp_path / "train", "--resolution", 32, "--batch-size", 2, "--max-steps", 2,
+            "--num-workers", 0, "--device", "cpu"]
+    for val, msg in ((tmp_path / "missing", "no such folder"), (tmp_path / "val", "differ from the training classes")):
+        out = tmp_path / f"cls_{val.name}"
+        with pytest.raises(SystemExit, match=msg):
+            train_classifier.main(_parse(train_classifier, [*base, "--val", val, "--output-dir", out]))
+        assert not (out / "checkpoints").exists()  # refused before the first step
+
+
 # ---------------------------------------------------------------------------------------
 # train.finetune_unet: captions and the text encoder
 # ---------------------------------------------------------------------------------------
@@ -133,7 +147,11 @@ def test_unet_trainer_reads_captions_and_trains_the_text_encoder(tmp_path):
     assert set(a) == set(b) == {"unet", "vae", "text_encoder"}
     ta, tb = a["text_encoder"].state_dict(), b["text_encoder"].state_dict()
     changed = [k for k in ta if not torch.equal(ta[k], tb[k])]
-    assert len(changed) > len(ta) // 2  # trained jointly: the encoder moved; frozen: it did not
+    assert len(changed) > len(ta) // 2  # trained jointly: the encoder moved
+    start = tmp_path / "start"  # no step: the weights both runs began from
+    finetune_unet.main(_parse(finetune_unet, ["--data", data, "--output-dir", start, *FT, "--max-steps", 0]))
+    t0 = ckpt_io.load_components(start / "pipeline.safetensors")["text_encoder"].state_dict()
+    assert all(torch.equal(ta[k], t0[k]) for k in ta)  # frozen: it did not
     va, vb = a["vae"].state_dict(), b["vae"].state_dict()
     assert all(torch.equal(va[k], vb[k]) for k in va)  # the VAE is never trained here
 
