@@ -26,7 +26,7 @@ SHIPPED = Path(__file__).resolve().parent / "world"
 BUNDLE_FILE = "bundle.json"
 FILES = ("prior", "source_unet", "controlnet", "oracle", "style_classifier", "labels")
 GENERATION_KEYS = ("size", "steps", "window", "stride", "threshold", "weather_words", "weather_prob",
-                   "view_batch", "guidance", "num_samples")
+                   "view_batch", "guidance", "num_samples", "rcs_min_pixels", "rcs_temperature")
 
 
 class BundleError(ValueError):
@@ -55,6 +55,8 @@ def load_bundle(root: str | os.PathLike = SHIPPED) -> Bundle:
         d = json.loads(path.read_text())
     except ValueError as e:
         raise BundleError(f"{path}: unreadable ({e})") from e
+    if not isinstance(d, dict) or not isinstance(d.get("generation", {}), dict):
+        raise BundleError(f"{path}: not a bundle description (a JSON object, its generation settings one too)")
     files = {}
     for role in FILES:
         if d.get(role):

@@ -322,7 +322,7 @@ def main(argv=None) -> int:
     dataset = SegDataset(path, layout, args.source_split)
     out = Output(Path(args.out))
     jobs = plan(dataset, args.num_samples, args.seed, args.shuffle, args.exclude_classes)
-    indices = args.only if args.only else range(len(jobs))
+    indices = list(dict.fromkeys(args.only)) if args.only else range(len(jobs))
     bad = [i for i in indices if not 0 <= i < len(jobs)]
     if bad:
         raise SystemExit(f"error: --only {bad}: there are {len(jobs)} samples")
@@ -336,12 +336,21 @@ def main(argv=None) -> int:
                 "exclude_classes": args.exclude_classes, "shuffle": args.shuffle, "base": args.base,
                 "controlnet": args.controlnet, "style_source": args.style_source, "style": args.style,
                 "dtype": str(dtype), "seed": args.seed, "num_samples": len(jobs)}
-    out.open_run(settings)
-    done = out.done()
-    todo = [i for i in indices if i % world == rank and (args.only or sid(i) not in done)]
-    print(f"rank {rank}/{world}: {len(jobs)} samples, {len(todo)} to generate here -> {out.root}", file=sys.stderr)
-    if not todo:
-        return 0
+    try:
+        out.open_run(settings)
+        done = out.done()
+        todo = [i for i in indices if i % world == rank and (args.only or sid(i) not in done)]
+        print(f"rank {rank}/{world}: {len(jobs)} samples, {len(todo)} to generate here -> {out.root}", file=sys.stderr)
+        if todo:
+            _generate(args, out, dataset, jobs, todo, done, sid, settings, sampling, prompt_cfg, device, dtype, rank,
+                      world)
+    finally:
+        if not out.wrote:
+            out.remove_if_unused()
+    return 0
+
+
+def _generate(args, out, dataset, jobs, todo, done, sid, settings, sampling, prompt_cfg, device, dtype, rank, world):
     sd, cn = load_models(args, device, dtype)
     pipe = Pipeline(sd, cn if args.generator == "controlnet" else None)
     multiple = sd.latent_factor * sd.unet.cfg.downsample_factor
@@ -368,10 +377,10 @@ def main(argv=None) -> int:
                   "timing_s": {"total_s": time.perf_counter() - tic}}
         if labelled:
             record["label"] = f"labels/{sid(i)}{TRAIN_ID_SUFFIX}"
-        out.write(sid(i), result, label if labelled else None, record)
+        out.write(sid(i), result, label if labelled else None, None if sid(i) in done else record)  # --only: no new line
+        done.add(sid(i))
         progress.update(1, sid(i))
     progress.close()
-    return 0
 
 
 if __name__ == "__main__":

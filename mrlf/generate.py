@@ -44,7 +44,7 @@ from mrlf.pipeline import DATASET, DEMO, MRLFSettings, Pipeline, SamplingSetting
 from mrlf.prompts import PromptConfig, make_prompt
 from samplers import SAMPLERS
 from segmentation.labels import TRAIN_ID_SUFFIX, LabelError, colorize, load_label, save_label
-from segmentation.rcs import class_stats, place_crop
+from segmentation.rcs import DEFAULT_MIN_PIXELS, DEFAULT_TEMPERATURE, class_stats, place_crop
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "segmentation" / "examples"
 RUN_FILE = "run.json"
@@ -71,7 +71,8 @@ def make_jobs(args) -> list[dict]:
         folder = Path(args.labels or EXAMPLES)
         cache = args.labels is not None and not args.labels_shipped  # never write a cache into the installed package
         stats = class_stats(folder, pattern=args.pattern, cache=cache)
-        jobs = build_jobs(stats, args.num_samples, seed=args.seed, crop_size=(args.height, args.width))
+        jobs = build_jobs(stats, args.num_samples, seed=args.seed, temperature=args.rcs_temperature,
+                          min_pixels=args.rcs_min_pixels, crop_size=(args.height, args.width))
     return [job for job in jobs for _ in range(args.images_per_label)]
 
 
@@ -178,7 +179,12 @@ class Output:
                 shutil.rmtree(self.root / sub, ignore_errors=True)
                 (self.root / sub).mkdir()
         if self.run_file.exists():
-            diff = setting_differences(json.loads(self.run_file.read_text()), settings)
+            try:
+                saved = json.loads(self.run_file.read_text())
+            except ValueError as e:
+                raise RunMismatch(f"{self.run_file}: unreadable ({e}); choose another --out, or pass --overwrite to "
+                                  f"delete the folder's samples and start again") from e
+            diff = setting_differences(saved, settings)
             if diff:
                 raise RunMismatch(f"{self.root} holds a run with other settings ({'; '.join(diff)}): run with its "
                                   f"settings to resume it, choose another --out, or pass --overwrite to delete its "
@@ -263,7 +269,7 @@ def load_models(args, device, dtype):
 
 
 def settings_from_args(args) -> tuple[SamplingSettings, MRLFSettings, PromptConfig]:
-    base = DEMO if args.preset == "demo" else DATASET
+    base = DEMO if args.preset == "demo" else DATASET  # an explicit --preset: its keys were left unset above
     over = {k: v for k, v in dict(scale_factor=args.scale_factor, window=args.window, stride=args.stride,
                                   component_threshold=args.threshold, inpaint_level=args.inpaint_level,
                                   posterior=args.posterior, blend=args.blend, view_batch=args.view_batch).items()
@@ -290,7 +296,8 @@ def run_settings(args, sampling: SamplingSettings, fusion: MRLFSettings, prompts
     elif args.label_maps:
         inputs = {"label_maps": [_where(p) for p in args.label_maps]}
     else:
-        inputs = {"labels": _where(str(args.labels or EXAMPLES)), "pattern": args.pattern}
+        inputs = {"labels": _where(str(args.labels or EXAMPLES)), "pattern": args.pattern,
+                  "rcs_min_pixels": args.rcs_min_pixels, "rcs_temperature": args.rcs_temperature}
     return {"seed": args.seed, "height": args.height, "width": args.width, "images_per_label": args.images_per_label,
             "inputs": inputs, "faithful": args.faithful, "sampling": asdict(sampling),
             "mrlf": {k: v for k, v in asdict(fusion).items() if k != "view_batch"}, "prompt": asdict(prompts),
@@ -305,6 +312,11 @@ def get_parser() -> argparse.ArgumentParser:
     src.add_argument("--labels", metavar="FOLDER", help="folder of trainId label PNGs; rare-class sampling picks "
                                                         "(class, file) jobs")
     src.add_argument("--pattern", default="*_labelTrainIds.png", help="label file pattern in --labels")
+    src.add_argument("--rcs-min-pixels", type=cli.non_negative_int, metavar="PX",
+                     help="--labels: files eligible for class c hold more than PX pixels of it (default: the "
+                          "bundle's, else DGInStyle's 3000, sized for GTA's 1914x1052 labels)")
+    src.add_argument("--rcs-temperature", type=cli.positive, metavar="T",
+                     help="--labels: rare-class sampling temperature (default: the bundle's, else 0.01)")
     src.add_argument("-n", "--num-samples", type=cli.positive_int, metavar="N",
                      help="jobs drawn from --labels (each gives --images-per-label samples; default: the "
                           "bundle's, else 4)")
@@ -327,12 +339,15 @@ def get_parser() -> argparse.ArgumentParser:
     m.add_argument("--cuda-graphs", action="store_true",
                    help="replay the guided ControlNet + U-Net call as CUDA graphs (same images, fewer launches)")
     s = p.add_argument_group("generation")
-    s.add_argument("--preset", choices=["dataset", "demo"], default="dataset",
-                   help="dataset: stride 8, threshold 20000; demo: stride 16, threshold 30000")
+    s.add_argument("--preset", choices=["dataset", "demo"],
+                   help="the original's stride and threshold for 512 px SD-1.5 crops (dataset: stride 8, threshold "
+                        "20000 px; demo: stride 16, threshold 30000 px). Default: the bundle's or the tiny model's "
+                        "own, else dataset; given, it wins over those (not over --stride / --threshold)")
     s.add_argument("--faithful", action="store_true",
                    help="the original's crop index draw (rng.integers(0, n-1)); refuses the non-original options")
     s.add_argument("--size", type=cli.positive_int, default=None,
-                   help="square crop / base size in pixels (default 512; 256 with the tiny model)")
+                   help="square crop / base size in pixels (default: the bundle's; 512 with --base, 256 with "
+                        "--random-tiny)")
     s.add_argument("--height", type=cli.positive_int, default=None, help="crop height in pixels (default: --size)")
     s.add_argument("--width", type=cli.positive_int, default=None, help="crop width in pixels (default: --size)")
     s.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="ddim (the original), euler, dpmpp_2m")
@@ -343,11 +358,14 @@ def get_parser() -> argparse.ArgumentParser:
     s.add_argument("--control-scale", type=cli.finite, default=1.0, help="scale of the ControlNet residuals")
     s.add_argument("--scale-factor", type=cli.positive_int,
                    help="MRLF factor of the tiled pass (default 2; 1 = plain controlled generation)")
-    s.add_argument("--window", type=cli.positive_int, help="latent view size of the tiled pass (default 64)")
+    s.add_argument("--window", type=cli.positive_int,
+                   help="latent view size of the tiled pass (default: the bundle's; 64 with --base, an eighth of the "
+                        "crop with --random-tiny)")
     s.add_argument("--stride", type=cli.positive_int,
-                   help="latent view stride of the tiled pass (default: the preset's)")
+                   help="latent view stride of the tiled pass, at most --window (default: the bundle's, else the "
+                        "preset's)")
     s.add_argument("--threshold", type=cli.non_negative_int,
-                   help="large-component area threshold in pixels (default: the preset's)")
+                   help="large-component area threshold in pixels (default: the bundle's, else the preset's)")
     s.add_argument("--inpaint-level", choices=["faithful", "matched"],
                    help="noise level of the re-injected pass-1 latents (default faithful: the original's "
                         "t-1)")
@@ -355,7 +373,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="how pass 1 is re-encoded for pass 2 (default sample, as the original)")
     s.add_argument("--blend", choices=["uniform", "tent", "gaussian"],
                    help="view weights of the tiled pass (default uniform: the original's average)")
-    s.add_argument("--view-batch", type=cli.positive_int, help="views per network call (default 8)")
+    s.add_argument("--view-batch", type=cli.positive_int,
+                   help="views per network call (default: the bundle's, else 8)")
     s.add_argument("--weather-prob", type=cli.fraction,
                    help="share of prompts with a weather word (default: the bundle's, else 0.5)")
     s.add_argument("--weather-words", nargs="+", metavar="WORD",
@@ -382,7 +401,8 @@ def parse_args(argv=None):
         p.error("--random-tiny cannot be combined with --base or --bundle")
     if args.bundle or not (args.base or args.random_tiny):
         apply_bundle(args, p)
-    for name, default in (("guidance", 7.5), ("weather_prob", 0.5), ("num_samples", 4)):
+    for name, default in (("guidance", 7.5), ("weather_prob", 0.5), ("num_samples", 4),
+                          ("rcs_min_pixels", DEFAULT_MIN_PIXELS), ("rcs_temperature", DEFAULT_TEMPERATURE)):
         if getattr(args, name) is None:
             setattr(args, name, default)
     if args.controlnet and not args.base:
@@ -407,9 +427,18 @@ def parse_args(argv=None):
             p.error(f"--{name} {getattr(args, name)}: the crop must be a multiple of 8 pixels")
     args.steps = args.steps or (10 if tiny else 20)
     if tiny:
-        args.stride = args.stride or 16
         args.window = args.window or min(64, min(args.height, args.width) // 8)
-        args.threshold = args.threshold if args.threshold is not None else (args.height * args.width) // 13
+        if args.preset is None:
+            args.stride = args.stride or min(16, args.window)
+            args.threshold = args.threshold if args.threshold is not None else (args.height * args.width) // 13
+    window = args.window or DATASET.window
+    stride = args.stride or (DEMO if args.preset == "demo" else DATASET).stride
+    if stride > window:
+        p.error(f"--stride {stride} is larger than the tiled pass's window {window} (--window): views would leave "
+                "latents uncovered")
+    if args.base and not args.controlnet:
+        p.error("--base without --controlnet: the images would not follow their labels (the labels are saved next "
+                "to them); pass --controlnet, or a --bundle")
     return args
 
 
@@ -441,6 +470,8 @@ def apply_bundle(args, parser) -> None:
     if not (args.labels or args.jobs or args.label_maps) and "labels" in bundle.files:
         args.labels, args.labels_shipped = str(bundle["labels"]), bundle.root == SHIPPED
     for key, value in bundle.generation.items():
+        if args.preset is not None and key in ("stride", "threshold"):
+            continue  # an explicit --preset sets these two
         if getattr(args, key, None) is None:
             setattr(args, key, tuple(value) if isinstance(value, list) else value)
     args.bundle = str(bundle.root)
@@ -462,21 +493,27 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --only {bad}: there are {len(jobs)} samples")
     settings = run_settings(args, sampling, fusion, prompt_cfg, dtype)
     out = Output(Path(args.out))
+    models = None
+    if args.overwrite:  # what can still fail is checked before the folder's samples are deleted
+        models = load_models(args, device, dtype)
+        Pipeline(*models)._check_size(*size)
     try:
         out.open_run(settings, overwrite=args.overwrite)
         done = out.done()
         todo = [i for i in indices if i % world == rank and (args.only or sample_id(i, jobs[i], args.seed) not in done)]
         print(f"rank {rank}/{world}: {len(jobs)} samples, {len(todo)} to generate here -> {out.root}", file=sys.stderr)
         if todo:
-            generate(args, out, jobs, todo, done, settings, device, dtype, sampling, fusion, prompt_cfg, rank, world)
+            generate(args, out, jobs, todo, done, settings, device, dtype, sampling, fusion, prompt_cfg, rank, world,
+                     models)
     finally:
         if not out.wrote:
             out.remove_if_unused()
     return 0
 
 
-def generate(args, out: Output, jobs, todo, done, settings, device, dtype, sampling, fusion, prompt_cfg, rank, world):
-    sd, cn = load_models(args, device, dtype)
+def generate(args, out: Output, jobs, todo, done, settings, device, dtype, sampling, fusion, prompt_cfg, rank, world,
+             models=None):
+    sd, cn = models or load_models(args, device, dtype)
     pipe = Pipeline(sd, cn, cuda_graphs=args.cuda_graphs)
     size = (args.height, args.width)
     pipe._check_size(*size)  # before the first sample: the crop fits the model's latent grid

@@ -176,6 +176,9 @@ def test_only_and_resume_reproduce_samples(img2img_run, source, tmp_path):
     assert _run(tmp_path, source) == 0  # the resumed run adds 0 and 2
     assert sorted(r["index"] for r in _manifest(tmp_path)) == [0, 1, 2]
     assert _files(tmp_path) == _files(img2img_run)
+    assert _run(tmp_path, source, "--only", "0", "0") == 0  # a done sample, twice: regenerated once, no new line
+    assert sorted(r["index"] for r in _manifest(tmp_path)) == [0, 1, 2]
+    assert _files(tmp_path) == _files(img2img_run)
 
 
 def test_controlnet_and_txt2img_generators(source, tmp_path):

@@ -185,6 +185,10 @@ def test_resume_with_other_settings_is_refused(full_run, labels, tmp_path):
     assert _run(out, labels, n=4) == 0  # the same settings resume (here: one more sample)
     assert [r["index"] for r in _manifest(out)] == [0, 1, 2, 3]
 
+    # --overwrite with a size the model cannot take fails before deleting anything
+    with pytest.raises(ValueError, match="multiple of"):
+        generate.main(["--labels", str(labels), "-n", "3", "--out", str(out), *FAST[2:], "--size", "72", "--overwrite"])
+    assert [r["index"] for r in _manifest(out)] == [0, 1, 2, 3] and len(os.listdir(out / "images")) == 4
     assert _run(out, labels, "--steps", "3", "--overwrite", n=2) == 0  # an explicit fresh start
     rows = _manifest(out)
     assert [r["index"] for r in rows] == [0, 1] and {r["settings"]["sampling"]["steps"] for r in rows} == {3}
@@ -264,3 +268,46 @@ def test_progress_follows_the_steps_and_writes_lines_into_a_log(labels, tmp_path
     err = capsys.readouterr().err
     assert "\r" not in err  # not a terminal: whole lines
     assert "8/8 steps" in err and "sample 2/2" in err
+
+
+def test_rare_class_sampling_follows_the_bundle_and_the_flag():
+    """The shipped bundle's labels are 8192 pixels: with DGInStyle's 3000-pixel minimum (GTA's labels
+    have 2 M) only road would be eligible; the bundle's own minimum lets the rare classes be drawn."""
+    args = generate.parse_args(["-n", "64", "--out", "unused"])
+    assert args.rcs_min_pixels == 20 and args.rcs_temperature == 0.01
+    drawn = {j["class_name"] for j in generate.make_jobs(args)}
+    assert {"pole", "person", "rider", "bicycle"} <= drawn
+    args = generate.parse_args(["-n", "64", "--out", "unused", "--rcs-min-pixels", "3000"])
+    assert {j["class_name"] for j in generate.make_jobs(args)} == {"road"}
+    settings = generate.run_settings(args, *generate.settings_from_args(args), None)
+    assert settings["inputs"]["rcs_min_pixels"] == 3000  # a resume with another minimum is refused
+
+
+def test_preset_and_view_settings():
+    fusion = lambda *a: generate.settings_from_args(generate.parse_args(["--out", "unused", *a]))[1]  # noqa: E731
+    assert (fusion().stride, fusion().component_threshold) == (8, 512)  # the shipped bundle's own
+    assert (fusion("--preset", "demo").stride, fusion("--preset", "demo").component_threshold) == (16, 30000)
+    assert fusion("--preset", "demo", "--stride", "4").stride == 4  # a flag wins over the preset
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--out", "unused", "--stride", "32"])  # larger than the bundle's window 16
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--out", "unused", "--base", "sd.safetensors"])  # no ControlNet: labels ignored
+    tiny = generate.parse_args(["--out", "unused", "--random-tiny", "--size", "64"])
+    assert tiny.window == 8 and tiny.stride == 8  # the default stride fits the small window
+
+
+def test_corrupt_run_record_and_bundle_description_are_named(full_run, labels, tmp_path):
+    import shutil
+
+    from mrlf.bundle import BundleError, load_bundle
+
+    out = tmp_path / "out"
+    shutil.copytree(full_run, out)
+    (out / "run.json").write_text("{not json")
+    with pytest.raises(generate.RunMismatch, match=r"run.json: unreadable"):
+        _run(out, labels)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "bundle.json").write_text("[1, 2]")
+    with pytest.raises(BundleError, match=r"bundle.json: not a bundle description"):
+        load_bundle(tmp_path / "b")
+

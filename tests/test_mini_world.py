@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +59,12 @@ def test_every_output_loads_through_the_public_loaders(smoke_world):
     assert set(parts) == {"unet", "vae", "text_encoder"}
     unet_s = ckpt_io.load_unet(b["source_unet"])
     assert unet_s.cfg == parts["unet"].cfg
+    prior = parts["unet"].state_dict()  # U^S is U^P fine-tuned: it moved away from it
+    assert sum(not torch.equal(v, prior[k]) for k, v in unet_s.state_dict().items()) > len(prior) // 2
     cn = load_controlnet(b["controlnet"])
     assert cn.cfg.channels == parts["unet"].cfg.channels
+    # the zero convolutions start at zero: non-zero ones were trained
+    assert all(p.abs().max() > 0 for p in [*cn.zero_convs.parameters(), *cn.middle_block_out.parameters()])
     oracle = load_segmentor(b["oracle"])
     assert oracle(torch.zeros(1, 3, 64, 64)).shape[1] == 19
     classes = load_classifier(b["style_classifier"]).cfg.classes
@@ -80,6 +85,23 @@ def test_recipe_resumes_and_refuses_another_recipe(smoke_world, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "train.mini_world", "--out", str(out), "--device", "cpu"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "holds a run of another recipe" in proc.stderr
+
+
+def test_an_interrupted_recipe_keeps_its_record(tmp_path, monkeypatch):
+    """recipe.json is written before the first stage, so a restart with other options (here --smoke's
+    text encoder) is refused instead of mixing two recipes' stages."""
+    from train import mini_world
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mini_world, "train_stages", killed)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        mini_world.main(["--smoke", "--out", str(out), "--device", "cpu"])
+    assert json.loads((out / "recipe.json").read_text())["recipe"] == asdict(SMOKE)
+    with pytest.raises(SystemExit, match="holds a run of another recipe"):
+        mini_world.main(["--smoke", "--text-encoder", "frozen", "--out", str(out), "--device", "cpu"])
 
 
 def test_generation_with_a_bundle(smoke_world, tmp_path):
