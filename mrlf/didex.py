@@ -301,6 +301,10 @@ def parse_args(argv=None):
         p.error("--generator controlnet needs --controlnet")
     if args.style_source is None and args.style != 0.0:
         p.error("--style needs --style-source")
+    if args.style_source is not None and not args.base:
+        p.error("--style-source needs --base (the tiny random model has no U^S to blend)")
+    if args.controlnet and args.generator != "controlnet":
+        p.error(f"--controlnet is used by --generator controlnet only, not {args.generator}")
     args.strength = args.strength if args.strength is not None else (0.9 if args.generator == "img2img" else 1.0)
     if not 0.0 < args.strength <= 1.0 or (args.generator == "txt2img" and args.strength < 1.0):
         p.error("--strength must be in (0, 1]; txt2img starts from noise (1)")

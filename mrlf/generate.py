@@ -409,6 +409,8 @@ def parse_args(argv=None):
         p.error("--controlnet needs --base")
     if args.style_source is None and args.style != 0.0:
         p.error("--style needs --style-source")
+    if args.random_tiny and args.style_source is not None:
+        p.error("--style-source needs --base or a --bundle (the tiny random model has no U^S to blend)")
     if args.faithful:
         unfaithful = [f"--{k.replace('_', '-')} {v}" for k, v in
                       (("blend", args.blend), ("inpaint_level", args.inpaint_level), ("posterior", args.posterior),

@@ -292,6 +292,8 @@ def test_preset_and_view_settings():
         generate.parse_args(["--out", "unused", "--stride", "32"])  # larger than the bundle's window 16
     with pytest.raises(SystemExit):
         generate.parse_args(["--out", "unused", "--base", "sd.safetensors"])  # no ControlNet: labels ignored
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--out", "unused", "--random-tiny", "--style-source", "us.safetensors"])
     tiny = generate.parse_args(["--out", "unused", "--random-tiny", "--size", "64"])
     assert tiny.window == 8 and tiny.stride == 8  # the default stride fits the small window
 
