@@ -258,7 +258,7 @@ def load_models(args, device, dtype):
     if bundle:
         print(f"models: the bundle in {bundle}" + (" (the miniature world shipped with this package: a "
               "small world trained from scratch, not SD-1.5; pass --base/--controlnet for real data)"
-              if Path(bundle) == SHIPPED else ""), file=sys.stderr)
+              if Path(bundle).resolve() == SHIPPED else ""), file=sys.stderr)
     sd = StableDiffusion.from_checkpoint(args.base, dtype=dtype, device=device)
     if args.style_source is not None:
         from mrlf.style import blend_unet_
@@ -470,7 +470,7 @@ def apply_bundle(args, parser) -> None:
     if "source_unet" in bundle.files and args.style_source is None:
         args.style_source = str(bundle["source_unet"])
     if not (args.labels or args.jobs or args.label_maps) and "labels" in bundle.files:
-        args.labels, args.labels_shipped = str(bundle["labels"]), bundle.root == SHIPPED
+        args.labels, args.labels_shipped = str(bundle["labels"]), bundle.root.resolve() == SHIPPED
     for key, value in bundle.generation.items():
         if args.preset is not None and key in ("stride", "threshold"):
             continue  # an explicit --preset sets these two

@@ -275,6 +275,8 @@ def test_rare_class_sampling_follows_the_bundle_and_the_flag():
     have 2 M) only road would be eligible; the bundle's own minimum lets the rare classes be drawn."""
     args = generate.parse_args(["-n", "64", "--out", "unused"])
     assert args.rcs_min_pixels == 20 and args.rcs_temperature == 0.01
+    relative = os.path.relpath(generate.SHIPPED)  # the package's labels get no statistics cache, named either way
+    assert args.labels_shipped and generate.parse_args(["--bundle", relative, "--out", "unused"]).labels_shipped
     drawn = {j["class_name"] for j in generate.make_jobs(args)}
     assert {"pole", "person", "rider", "bicycle"} <= drawn
     args = generate.parse_args(["-n", "64", "--out", "unused", "--rcs-min-pixels", "3000"])
