@@ -27,6 +27,18 @@ BUNDLE_FILE = "bundle.json"
 FILES = ("prior", "source_unet", "controlnet", "oracle", "style_classifier", "labels")
 GENERATION_KEYS = ("size", "steps", "window", "stride", "threshold", "weather_words", "weather_prob",
                    "view_batch", "guidance", "num_samples", "rcs_min_pixels", "rcs_temperature")
+_COUNTS = {"size", "steps", "window", "stride", "view_batch", "num_samples"}  # positive integers
+_SIZES = {"threshold", "rcs_min_pixels"}  # non-negative integers; the rest are numbers but weather_words
+
+
+def _bad_generation_value(key: str, v) -> bool:
+    if key == "weather_words":
+        return not (isinstance(v, list) and v and all(isinstance(w, str) and w for w in v))
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return True
+    if key in _COUNTS | _SIZES:
+        return not isinstance(v, int) or v < (1 if key in _COUNTS else 0)
+    return not v == v or v in (float("inf"), float("-inf"))  # NaN or infinite
 
 
 class BundleError(ValueError):
@@ -67,6 +79,9 @@ def load_bundle(root: str | os.PathLike = SHIPPED) -> Bundle:
     unknown = set(d.get("generation", {})) - set(GENERATION_KEYS)
     if unknown:
         raise BundleError(f"{path}: unknown generation settings {sorted(unknown)}; known: {', '.join(GENERATION_KEYS)}")
+    bad = [f"{k}={v!r}" for k, v in d.get("generation", {}).items() if _bad_generation_value(k, v)]
+    if bad:
+        raise BundleError(f"{path}: generation settings of the wrong type or range: {', '.join(bad)}")
     info = {k: v for k, v in d.items() if k not in FILES and k != "generation"}
     return Bundle(root, files, dict(d.get("generation", {})), info)
 

@@ -114,7 +114,10 @@ def read_gen_file(path: str | os.PathLike, root: str | os.PathLike | None = None
             if named != c:
                 raise GenFileError(f"{where}: class_name {e['class_name']!r} does not match class {c} "
                                    f"({CLASS_NAMES[c]})")
-        f = Path(e.get("file_name", e.get("file")))
+        name = e.get("file_name", e.get("file"))
+        if not isinstance(name, str) or not name:
+            raise GenFileError(f"{where}: file_name must be a path, got {name!r}")
+        f = Path(name)
         if not f.is_absolute():
             cands = [Path(root) / f] if root is not None else [path.parent / f, Path.cwd() / f]
             f = next((p for p in cands if p.exists()), cands[0])

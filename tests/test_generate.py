@@ -314,4 +314,7 @@ def test_corrupt_run_record_and_bundle_description_are_named(full_run, labels, t
     (tmp_path / "b" / "bundle.json").write_text("[1, 2]")
     with pytest.raises(BundleError, match=r"bundle.json: not a bundle description"):
         load_bundle(tmp_path / "b")
+    (tmp_path / "b" / "bundle.json").write_text(json.dumps({"generation": {"size": "64", "weather_words": []}}))
+    with pytest.raises(BundleError, match=r"wrong type or range: size='64', weather_words=\[\]"):
+        load_bundle(tmp_path / "b")
 

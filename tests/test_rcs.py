@@ -232,6 +232,8 @@ def test_gen_file_roundtrip(elig_folder, tmp_path):
     ({"class": "1", "class_name": "bus", "file_name": "a_labelTrainIds.png"}, "does not match"),
     ({"class": "1", "file_name": "missing.png"}, "not found"),
     ({"class": "1"}, "file_name"),
+    ({"class": "1", "file_name": 5}, "file_name must be a path"),
+    ({"class": "1", "file_name": None}, "file_name must be a path"),
     ({"class": "1", "file_name": "bad_labelTrainIds.png"}, r"bad_labelTrainIds.png.*99"),
 ])
 def test_gen_file_validation_errors(elig_folder, tmp_path, entry, match):
