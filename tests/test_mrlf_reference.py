@@ -63,8 +63,13 @@ def test_mrlf_matches_reference(setup):
     _check(ref, ref_cases.mrlf_cases(pipe, label), same_machine)
 
 
-def test_reference_covers_the_inpainting_and_the_view_batching():
-    ref = np.load(ref_cases.NPZ)
+def test_reference_covers_the_inpainting_and_the_view_batching(setup):
+    from mrlf.components import large_component_mask
+
+    _, label, ref, _ = setup
+    for name, (_, fusion) in ref_cases.MRLF_CASES.items():  # pass 2 keeps some latents and redraws others
+        mask, _ = large_component_mask(label, fusion.component_threshold)
+        assert mask.any() and not mask.all(), name
     assert ref["mrlf_faithful/pass2_latents"].shape[-1] == 16  # 9 views of 8 at stride 4, batches of 4
     assert not np.array_equal(ref["mrlf_faithful/image"], ref["mrlf_tent/image"])
     assert not np.array_equal(ref["mrlf_faithful/pass2_latents"], ref["mrlf_matched/pass2_latents"])
