@@ -18,6 +18,7 @@ on the command line win.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ def _bad_generation_value(key: str, v) -> bool:
         return True
     if key in _COUNTS | _SIZES:
         return not isinstance(v, int) or v < (1 if key in _COUNTS else 0)
-    return not v == v or v in (float("inf"), float("-inf"))  # NaN or infinite
+    return not math.isfinite(v)
 
 
 class BundleError(ValueError):

@@ -340,17 +340,9 @@ def main(argv=None) -> int:
                 "exclude_classes": args.exclude_classes, "shuffle": args.shuffle, "base": args.base,
                 "controlnet": args.controlnet, "style_source": args.style_source, "style": args.style,
                 "dtype": str(dtype), "seed": args.seed, "num_samples": len(jobs)}
-    try:
-        out.open_run(settings)
-        done = out.done()
-        todo = [i for i in indices if i % world == rank and (args.only or sid(i) not in done)]
-        print(f"rank {rank}/{world}: {len(jobs)} samples, {len(todo)} to generate here -> {out.root}", file=sys.stderr)
-        if todo:
-            _generate(args, out, dataset, jobs, todo, done, sid, settings, sampling, prompt_cfg, device, dtype, rank,
-                      world)
-    finally:
-        if not out.wrote:
-            out.remove_if_unused()
+    out.run(settings, len(jobs), indices, sid, bool(args.only), rank, world,
+            lambda todo, done: _generate(args, out, dataset, jobs, todo, done, sid, settings, sampling, prompt_cfg,
+                                         device, dtype, rank, world))
     return 0
 
 
@@ -381,7 +373,8 @@ def _generate(args, out, dataset, jobs, todo, done, sid, settings, sampling, pro
                   "timing_s": {"total_s": time.perf_counter() - tic}}
         if labelled:
             record["label"] = f"labels/{sid(i)}{TRAIN_ID_SUFFIX}"
-        out.write(sid(i), result, label if labelled else None, None if sid(i) in done else record)  # --only: no new line
+        # --only a done sample: its files again, no second manifest line
+        out.write(sid(i), result, label if labelled else None, None if sid(i) in done else record)
         done.add(sid(i))
         progress.update(1, sid(i))
     progress.close()

@@ -234,6 +234,22 @@ class Output:
             except OSError:
                 pass  # not empty (another rank wrote), or already gone
 
+    def run(self, settings: dict, n: int, indices, sample_id_of, only: bool, rank: int, world: int, work,
+            overwrite: bool = False) -> None:
+        """Open the run (`open_run`), then call ``work(todo, done)`` with this rank's samples among
+        `indices` that are not done yet (all of them with `only`: --only regenerates); a run that
+        wrote nothing removes the folders it created."""
+        try:
+            self.open_run(settings, overwrite=overwrite)
+            done = self.done()
+            todo = [i for i in indices if i % world == rank and (only or sample_id_of(i) not in done)]
+            print(f"rank {rank}/{world}: {n} samples, {len(todo)} to generate here -> {self.root}", file=sys.stderr)
+            if todo:
+                work(todo, done)
+        finally:
+            if not self.wrote:
+                self.remove_if_unused()
+
 
 def load_models(args, device, dtype):
     from controlnet import ControlNet
@@ -499,17 +515,10 @@ def main(argv=None) -> int:
     if args.overwrite:  # what can still fail is checked before the folder's samples are deleted
         models = load_models(args, device, dtype)
         Pipeline(*models)._check_size(*size)
-    try:
-        out.open_run(settings, overwrite=args.overwrite)
-        done = out.done()
-        todo = [i for i in indices if i % world == rank and (args.only or sample_id(i, jobs[i], args.seed) not in done)]
-        print(f"rank {rank}/{world}: {len(jobs)} samples, {len(todo)} to generate here -> {out.root}", file=sys.stderr)
-        if todo:
-            generate(args, out, jobs, todo, done, settings, device, dtype, sampling, fusion, prompt_cfg, rank, world,
-                     models)
-    finally:
-        if not out.wrote:
-            out.remove_if_unused()
+    out.run(settings, len(jobs), indices, lambda i: sample_id(i, jobs[i], args.seed), bool(args.only), rank, world,
+            lambda todo, done: generate(args, out, jobs, todo, done, settings, device, dtype, sampling, fusion,
+                                        prompt_cfg, rank, world, models),
+            overwrite=args.overwrite)
     return 0
 
 

@@ -429,7 +429,8 @@ def test_checkpoints_hold_every_rng_state(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert common.resolve_resume("auto", tmp_path) == tmp_path / "step_0000005.pt"
     assert common.resolve_resume("auto", tmp_path / "none") is None
-    assert common.resolve_resume(None, tmp_path / "none") is None and common.resolve_resume("", tmp_path / "none") is None
+    assert common.resolve_resume(None, tmp_path / "none") is None
+    assert common.resolve_resume("", tmp_path / "none") is None
     with pytest.raises(FileNotFoundError):
         common.resolve_resume(str(tmp_path / "step_9.pt"), tmp_path)
     # a fresh start in a folder with an earlier run's checkpoints: the rotation would delete its own first

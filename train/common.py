@@ -237,7 +237,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, num_workers: int, log_every
 def add_diffusion_optimisation(p: argparse.ArgumentParser, *, batch_size: int, grad_accum: int, max_steps: int,
                                lr: float):
     """The "optimisation" group of the diffusion scripts (U-Net fine-tuning, ControlNet training):
-    AdamW (the lr constant unless the script adds a schedule), clipping, mixed precision with fp32 master weights, EMA."""
+    AdamW (the lr constant unless the script adds a schedule), clipping, mixed precision with fp32
+    master weights, EMA."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=cli.positive_int, default=batch_size, help="micro-batch per GPU")
     g.add_argument("--grad-accum", type=cli.positive_int, default=grad_accum, help="micro-batches per optimizer step")

@@ -234,7 +234,8 @@ def controlnet_args(base: Path, world: Path, size: int, steps: int, batch: int, 
     """train_controlnet options of the world's label ControlNet on the frozen `base` U-Net: rare-class
     crops of the source renders, 10 % empty prompts, AdamW 1e-3 from the zero-initialised ControlNet, the
     residuals' mean square penalised."""
-    return ["--base", base, "--data", world / "source", "--resolution", size, "--crop", "rcs", "--rcs-min-pixels", RCS_MIN_PIXELS,
+    return ["--base", base, "--data", world / "source", "--resolution", size, "--crop", "rcs",
+            "--rcs-min-pixels", RCS_MIN_PIXELS,
             "--proportion-empty-prompts", 0.1, "--batch-size", batch, "--grad-accum", 1, "--max-steps", steps,
             "--lr", "1e-3", "--weight-decay", 0.0, "--residual-penalty", residual_penalty,
             "--validation-every", max(steps // 3, 1) if validation else 0,
