@@ -36,7 +36,8 @@ def labels(tmp_path_factory):
 
 
 def _argv(labels, out):
-    # the tiny random model: deterministic at any thread count, which these byte-for-byte checks need
+    # the tiny random model, every run on one thread (the `one_thread` fixture, and in `reference`): the
+    # byte-for-byte checks need the same summation order, which on some CPUs changes with the thread count
     return ["--random-tiny", "--labels", str(labels), "-n", "2", "--out", str(out), *FAST]
 
 
@@ -61,7 +62,12 @@ def _tree(out: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def reference(labels, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
-    assert generate.main(_argv(labels, out)) == 0
+    n = torch.get_num_threads()  # a module fixture is set up before the tests' `one_thread`
+    torch.set_num_threads(1)
+    try:
+        assert generate.main(_argv(labels, out)) == 0
+    finally:
+        torch.set_num_threads(n)
     return _tree(out)
 
 

@@ -104,6 +104,19 @@ def test_an_interrupted_recipe_keeps_its_record(tmp_path, monkeypatch):
         mini_world.main(["--smoke", "--text-encoder", "frozen", "--out", str(out), "--device", "cpu"])
 
 
+def test_a_failed_stage_shows_the_end_of_its_log_when_quiet(tmp_path):
+    from types import SimpleNamespace
+
+    from train.mini_world import Runner
+
+    run = Runner(tmp_path, SimpleNamespace(device="cpu", nproc=1, quiet=True))
+    with pytest.raises(SystemExit) as e:  # a training script that refuses its folder: no such data
+        run("vae", "train.train_vae", ["--data", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "vae")])
+    message = str(e.value)
+    assert "stage vae failed (exit" in message and str(tmp_path / "logs" / "vae.log") in message
+    assert "nothing" in message.split("stage vae failed")[0]  # the script's own error, not only the log's path
+
+
 def test_generation_with_a_bundle(smoke_world, tmp_path):
     out = tmp_path / "gen"
     proc = subprocess.run([sys.executable, "-m", "mrlf.generate", "--bundle", str(smoke_world / "bundle"), "-n", "2",

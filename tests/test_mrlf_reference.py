@@ -26,6 +26,10 @@ TILED_IMAGE_ATOL = 1  # uint8 levels
 # one thread against the files' two gave 4.4e-4 on the eta-noise case, whose chain amplifies rounding)
 OTHER_MACHINE_RTOL = 1e-3
 OTHER_MACHINE_IMAGE_ATOL = 2
+# pass 2's init latents re-encode the uint8 first pass, so a pixel one level off there (2/255 in the
+# autoencoder's input) moves them by far more than rounding does elsewhere: 1.26e-3 measured on an
+# AVX-512 machine, against 1e-6 relative for pass 1's latents
+OTHER_MACHINE_INIT_ATOL = 5e-3
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +50,8 @@ def _check(ref, got, same_machine):
         diff = np.abs(value.astype(np.float64) - want.astype(np.float64)).max()
         if not same_machine:
             limit = OTHER_MACHINE_IMAGE_ATOL if is_image else OTHER_MACHINE_RTOL * np.abs(want).max()
+            if key.endswith("/init_latents"):
+                limit = max(limit, OTHER_MACHINE_INIT_ATOL)
         elif tiled:
             limit = TILED_IMAGE_ATOL if is_image else TILED_ATOL
         else:

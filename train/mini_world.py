@@ -46,6 +46,7 @@ Timings per stage go to OUT/recipe.json. --install copies OUT/bundle over mrlf/w
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import json
 import os
@@ -140,13 +141,17 @@ class Runner:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.out / "logs" / f"{stage}.log", "ab") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+            tail = collections.deque(maxlen=20)  # what a --quiet run shows of a failed stage
             for line in proc.stdout:
                 log.write(line)
+                tail.append(line)
                 if not a.quiet:
                     sys.stdout.buffer.write(line)
                     sys.stdout.flush()
             if proc.wait():
-                raise SystemExit(f"stage {stage} failed (exit {proc.returncode}); its log: {self.out / 'logs' / (stage + '.log')}")
+                shown = b"".join(tail).decode(errors="replace") if a.quiet else ""
+                raise SystemExit(f"{shown}stage {stage} failed (exit {proc.returncode}); its log: "
+                                 f"{self.out / 'logs' / (stage + '.log')}")
 
 
 def train_stages(out: Path, r: Recipe, run: Runner, args) -> dict:
