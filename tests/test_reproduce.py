@@ -145,7 +145,7 @@ class Recorder:
     def __call__(self, name, done, module, argv, training=False):
         self.steps.append((name, module, [str(a) for a in argv]))
 
-    def measure(self, name, done, main, argv):
+    def in_process(self, name, done, main, argv):
         self.steps.append((name, main.__module__, [str(a) for a in argv]))
 
 

@@ -45,7 +45,7 @@ adding its steps and its sections of the report; a part runs the arms and sets i
 
 Nothing is tuned: every setting is the recipe's, the bundle's or the Plan's below, fixed before any
 number was seen. The style `sunny` is the validation style (kept for any future choice); the held-out
-columns leave it out. Generation and training run as child processes, measurements in this process;
+columns leave it out. Training runs as child processes, generation and measurements in this process;
 every step's command and output go to OUT/logs/, and a step whose output exists is skipped, so a
 killed run resumes. OUT/reproduce.json holds the plan, the
 seconds of every step and every measured number; OUT/figures/ the plots and sample grids.
@@ -70,6 +70,7 @@ from PIL import Image, ImageDraw
 
 from ldm import cli
 from ldm.atomic import atomic_file, write_text
+from mrlf import didex, generate
 from mrlf.bundle import SHIPPED, load_bundle
 from mrlf.didex import DIDEX_SAMPLING
 from segmentation import adherence, evaluate
@@ -220,9 +221,10 @@ SETUPS = (("drift", "prompted_drift", "ControlNet on U^P (drift)"),
 class Steps:
     """Runs the steps that are not done yet (``done()`` says), timing each; the seconds go to the state file.
 
-    Generation and training run as child processes (mini_world.Runner); measurements (adherence,
-    evaluation) call their command line's ``main`` in this process, which saves a start-up per set.
-    Either way the command goes to OUT/logs/<step>.cmd and its output to OUT/logs/<step>.log."""
+    Training runs as child processes (mini_world.Runner: under torchrun with --nproc); generation and
+    measurements (adherence, evaluation) call their command line's ``main`` in this process, which saves
+    a start-up (the torch import) per step. Either way the command goes to OUT/logs/<step>.cmd and its
+    output to OUT/logs/<step>.log."""
 
     def __init__(self, out: Path, args, state: dict):
         self.run, self.args = Runner(out, args), args
@@ -234,14 +236,18 @@ class Steps:
         """A child process: ``python -m module argv`` (mini_world.Runner)."""
         self._timed(name, done, lambda: self.run(name, module, argv, training=training))
 
-    def measure(self, name: str, done: Callable[[], bool], main: Callable[[list], int], argv: list) -> None:
-        """In this process: a command line's ``main(argv + --device)``, its output to the step's log."""
+    def in_process(self, name: str, done: Callable[[], bool], main: Callable[[list], int | None], argv: list) -> None:
+        """In this process: a command line's ``main(argv + --device)``, its output (stdout and stderr) to
+        the step's log."""
         argv = [str(x) for x in argv] + ["--device", self.args.device]
 
         def call():
             write_text(self.logs / f"{name}.cmd", " ".join([sys.executable, "-m", main.__module__, *argv]) + "\n")
-            with open(self.logs / f"{name}.log", "a") as log, contextlib.redirect_stdout(log):
-                main(argv)
+            with open(self.logs / f"{name}.log", "a") as log, contextlib.redirect_stdout(log), \
+                    contextlib.redirect_stderr(log):
+                code = main(argv)
+            if code:
+                raise SystemExit(f"step {name} failed (exit {code}); its log: {self.logs / (name + '.log')}")
 
         self._timed(name, done, call)
 
@@ -315,12 +321,12 @@ def run_steps(step: Steps, plan: Plan, parts, bundle, world: Path, spec: WorldSp
     arms = part_arms(parts)
     if any(a.target for a in arms):
         folder = out / "gen" / "didex"
-        step("gen_didex", lambda: manifest_count(folder) >= plan.images, "mrlf.didex",
-             pseudo_target_args(plan, bundle, world, folder))
+        step.in_process("gen_didex", lambda: manifest_count(folder) >= plan.images, didex.main,
+                        pseudo_target_args(plan, bundle, world, folder))
     if "dginstyle" in parts:
         for g in gens:
             report = out / "measure" / g.name / "adherence"
-            step.measure(f"adherence_{g.name}", report.with_suffix(".json").exists, adherence.main,
+            step.in_process(f"adherence_{g.name}", report.with_suffix(".json").exists, adherence.main,
                          ["--checkpoint", bundle["oracle"], "--generated", out / "gen" / g.name,
                           "--small-area", plan.small_area, "--report", report, "--no-progress"])
     for arm in arms:
@@ -330,7 +336,7 @@ def run_steps(step: Steps, plan: Plan, parts, bundle, world: Path, spec: WorldSp
             step(f"seg_{arm.name}_seed{seed}", (run / "model.safetensors").exists, module, argv, training=True)
             for subset, name, file in evaluations(arm, plan, parts):
                 limit = ["--limit", plan.diff_eval] if subset else []
-                step.measure(f"{name}_{arm.name}_seed{seed}", (run / file).exists, evaluate.main,
+                step.in_process(f"{name}_{arm.name}_seed{seed}", (run / file).exists, evaluate.main,
                              [*evaluate_args(run / "model.safetensors", world, spec, EVAL_STYLES, run / file), *limit,
                               "--no-progress"])
 
@@ -345,9 +351,9 @@ def generate_all(step: Steps, plan: Plan, gens: list[Generation], bundle, world:
         if len(labels) < n and not g.rare:
             raise SystemExit(f"{world / 'source' / 'labels'}: {len(labels)} label maps, the plan needs {n}")
         model = ["--controlnet", drift_cn] if g.drift else []
-        step(f"gen_{g.name}", lambda folder=folder, n=n: manifest_count(folder) >= n, "mrlf.generate",
-             ["--bundle", bundle.root, *model, *inputs, *g.options, "--seed", GEN_SEED, "--out", folder,
-              "--no-progress"])
+        step.in_process(f"gen_{g.name}", lambda folder=folder, n=n: manifest_count(folder) >= n, generate.main,
+                        ["--bundle", bundle.root, *model, *inputs, *g.options, "--seed", GEN_SEED, "--out", folder,
+                         "--no-progress"])
 
 
 def pseudo_target_args(plan: Plan, bundle, world: Path, out: Path) -> list:
