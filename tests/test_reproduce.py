@@ -149,6 +149,24 @@ class Recorder:
         self.steps.append((name, main.__module__, [str(a) for a in argv]))
 
 
+def test_an_in_process_step_logs_both_streams_and_fails_on_a_non_zero_status(tmp_path):
+    from types import SimpleNamespace
+
+    state = {}
+    step = reproduce.Steps(tmp_path, SimpleNamespace(device="cpu", nproc=1, quiet=True), state)
+
+    def main(argv):
+        print("to stdout", argv)
+        print("to stderr", file=sys.stderr)
+        return 2
+
+    with pytest.raises(SystemExit, match="step gen_x failed \\(exit 2\\); its log: .*gen_x.log"):
+        step.in_process("gen_x", lambda: False, main, ["--n", 1])
+    log = (tmp_path / "logs" / "gen_x.log").read_text()
+    assert "to stdout ['--n', '1', '--device', 'cpu']" in log and "to stderr" in log
+    assert "seconds" not in state  # a failed step is not recorded as done
+
+
 def planned_steps(parts, tmp_path, seeds=2) -> dict[str, tuple[str, list[str]]]:
     """{step: (module, argv)} of run_steps with the TOY plan and the shipped bundle, in order."""
     from mrlf.bundle import SHIPPED, load_bundle

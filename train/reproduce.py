@@ -327,8 +327,8 @@ def run_steps(step: Steps, plan: Plan, parts, bundle, world: Path, spec: WorldSp
         for g in gens:
             report = out / "measure" / g.name / "adherence"
             step.in_process(f"adherence_{g.name}", report.with_suffix(".json").exists, adherence.main,
-                         ["--checkpoint", bundle["oracle"], "--generated", out / "gen" / g.name,
-                          "--small-area", plan.small_area, "--report", report, "--no-progress"])
+                            ["--checkpoint", bundle["oracle"], "--generated", out / "gen" / g.name,
+                             "--small-area", plan.small_area, "--report", report, "--no-progress"])
     for arm in arms:
         for seed in range(seeds):
             run = out / "seg" / arm.name / f"seed{seed}"
@@ -337,8 +337,8 @@ def run_steps(step: Steps, plan: Plan, parts, bundle, world: Path, spec: WorldSp
             for subset, name, file in evaluations(arm, plan, parts):
                 limit = ["--limit", plan.diff_eval] if subset else []
                 step.in_process(f"{name}_{arm.name}_seed{seed}", (run / file).exists, evaluate.main,
-                             [*evaluate_args(run / "model.safetensors", world, spec, EVAL_STYLES, run / file), *limit,
-                              "--no-progress"])
+                                [*evaluate_args(run / "model.safetensors", world, spec, EVAL_STYLES, run / file),
+                                 *limit, "--no-progress"])
 
 
 def generate_all(step: Steps, plan: Plan, gens: list[Generation], bundle, world: Path, out: Path,
