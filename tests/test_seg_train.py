@@ -260,6 +260,38 @@ def test_divergence_stops_the_run_with_finite_checkpoints_only(tmp_path, one_thr
     assert not (out / "model.safetensors").exists()
 
 
+def test_a_skipped_step_leaves_the_batchnorm_statistics_as_they_were(tmp_path, one_thread, monkeypatch):
+    """A NaN batch skips its update, and its forward's move of the running statistics is undone: they
+    would stay NaN for the rest of the run."""
+    from train import common
+    from train.common import list_checkpoints, load_checkpoint
+
+    build = common.build_segmentation_model
+
+    def nan_second_batch(*a, **k):
+        model, fd = build(*a, **k)
+        forward, calls = model.forward, []
+
+        def wrapped(image, *rest, **kw):
+            calls.append(1)
+            return forward(image * float("nan") if len(calls) == 2 else image, *rest, **kw)
+
+        model.forward = wrapped
+        return model, fd
+
+    monkeypatch.setattr(common, "build_segmentation_model", nan_second_batch)
+    src = write_scenes(tmp_path / "src", 3, size=48)
+    gen = write_scenes(tmp_path / "gen", 3, size=32, seed=1, generated=True)
+    out = tmp_path / "a"
+    main(_args(out, src, gen, "--max-iters", "3", "--ckpt-every", "1", "--keep-last", "3", "--eval-every", "0"))
+    steps = [load_checkpoint(p)["model"] for p in list_checkpoints(out / "checkpoints")]
+    stats = [k for k in steps[0] if k.endswith("running_mean") or k.endswith("running_var")]
+    assert stats and all(torch.isfinite(v).all() for m in steps for v in m.values() if v.is_floating_point())
+    assert all(torch.equal(steps[0][k], steps[1][k]) for k in steps[0])  # step 2: weights and statistics kept
+    assert not all(torch.equal(steps[1][k], steps[2][k]) for k in stats)  # step 3 trained and moved them
+    assert "non-finite loss or gradient" in (out / "log.txt").read_text()
+
+
 def test_resume_uses_the_new_learning_rate(tmp_path, one_thread):
     src = write_scenes(tmp_path / "src", 3, size=48)
     gen = write_scenes(tmp_path / "gen", 3, size=32, seed=1, generated=True)

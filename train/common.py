@@ -36,9 +36,9 @@ Typical use, top to bottom::
     sys.exit(cli.run_cli(lambda argv: run(main, get_parser().parse_args(argv))))
 
 Faults: `optimizer_step` skips an update whose loss or gradient is not finite (as AMP's loss
-scaling does under fp16) and `DivergenceGuard` stops the run with `TrainingDiverged` after
-``--max-bad-steps`` such steps in a row; `save_checkpoint` and the exports refuse non-finite
-tensors, so the rotation never replaces the last finite checkpoint. `resume_checkpoint` applies
+scaling does under fp16; given the model, `DivergenceGuard` also undoes the step's move of
+BatchNorm's running statistics) and `DivergenceGuard` stops the run with `TrainingDiverged` after
+``--max-bad-steps`` such steps in a row; `save_checkpoint` and the exports refuse non-finite tensors, so the rotation never replaces the last finite checkpoint. `resume_checkpoint` applies
 (and logs) hyper-parameters changed on the command line, and ``--resume auto`` falls back from an
 unreadable latest checkpoint to the one before.
 
@@ -705,15 +705,27 @@ class TrainingDiverged(RuntimeError):
 
 class DivergenceGuard:
     """Counts the optimizer steps `optimizer_step` skipped for a non-finite gradient; `max_bad` in a
-    row stop the run with `TrainingDiverged` (the same on every rank: DDP's gradients are all-reduced)."""
+    row stop the run with `TrainingDiverged` (the same on every rank: DDP's gradients are all-reduced).
 
-    def __init__(self, max_bad: int, logger: logging.Logger):
+    With `model`, `start_step()` (before the step's first forward) keeps a copy of the model's
+    buffers and a skipped step puts them back: a forward pass moves BatchNorm's running statistics
+    whatever the update does, and one NaN batch would otherwise leave them NaN for good."""
+
+    def __init__(self, max_bad: int, logger: logging.Logger, model: nn.Module | None = None):
         self.max_bad, self.log, self.bad = int(max_bad), logger, 0
+        self.buffers = list(model.buffers()) if model is not None else []
+        self.saved: list[torch.Tensor] = []
+
+    def start_step(self) -> None:
+        self.saved = [b.detach().clone() for b in self.buffers]
 
     def check(self, grad_norm: torch.Tensor, step: int) -> None:
         if torch.isfinite(grad_norm):
             self.bad = 0
             return
+        with torch.no_grad():
+            for b, s in zip(self.buffers, self.saved):
+                b.copy_(s)
         self.bad += 1
         self.log.warning(f"step {step}: non-finite loss or gradient (norm {float(grad_norm)}): update skipped "
                          f"({self.bad} in a row; the run stops at {self.max_bad})")

@@ -140,10 +140,11 @@ def main(args):
     if diff is not None:  # the model's IPKL loss: CE of both passes and the weighted consistency MSE
         terms += ["loss_uncond"] + (["loss_cond", "loss_consistency"] if diff.ipkl else [])
     meter, gen_n = common.Meter(step), 0  # gen_n: generated samples among this rank's since the last log line
-    guard = common.DivergenceGuard(args.max_bad_steps, log)
+    guard = common.DivergenceGuard(args.max_bad_steps, log, model)  # restores BatchNorm statistics on a skip
     progress = common.step_progress(step, args.max_iters, d)
     for batch in loader:
         common.set_poly_lr(opt, args, step)
+        guard.start_step()
         image = batch["image"].to(d.device, non_blocking=True)
         label = batch["label"].to(d.device, non_blocking=True)
         if shade is not None:  # the backbone returns [clean; hallucinated]: SHADE duplicates the labels

@@ -113,10 +113,11 @@ def main(args):
     terms = ["loss", "loss_src", "loss_mix", "pseudo_weight"] + (["loss_fd"] if fd is not None else []) \
         + (["loss_masked"] if mic else [])
     meter, gen_n = common.Meter(step), 0
-    guard = common.DivergenceGuard(args.max_bad_steps, log)
+    guard = common.DivergenceGuard(args.max_bad_steps, log, model)  # restores BatchNorm statistics on a skip
     progress = common.step_progress(step, args.max_iters, d)
     for batch in loader:
         common.set_poly_lr(opt, args, step)
+        guard.start_step()
         teacher.update(model, step)
         image = batch["image"].to(d.device, non_blocking=True)
         label = batch["label"].to(d.device, non_blocking=True)
