@@ -38,9 +38,10 @@ Typical use, top to bottom::
 Faults: `optimizer_step` skips an update whose loss or gradient is not finite (as AMP's loss
 scaling does under fp16; given the model, `DivergenceGuard` also undoes the step's move of
 BatchNorm's running statistics) and `DivergenceGuard` stops the run with `TrainingDiverged` after
-``--max-bad-steps`` such steps in a row; `save_checkpoint` and the exports refuse non-finite tensors, so the rotation never replaces the last finite checkpoint. `resume_checkpoint` applies
-(and logs) hyper-parameters changed on the command line, and ``--resume auto`` falls back from an
-unreadable latest checkpoint to the one before.
+``--max-bad-steps`` such steps in a row; `save_checkpoint` and the exports refuse non-finite tensors,
+so the rotation never replaces the last finite checkpoint. `resume_checkpoint` applies (and logs)
+hyper-parameters changed on the command line, and ``--resume auto`` falls back from an unreadable
+latest checkpoint to the one before.
 
 Checkpoints (``step_0001000.pt``) hold whatever state dict the script passes, plus ``step``,
 ``world_size`` and ``rng``: the python / numpy / torch CPU / CUDA generator states of *every* rank
