@@ -4,6 +4,7 @@ the report from hand-made results, and the command end to end at --toy size."""
 import dataclasses
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -444,13 +445,14 @@ def test_reproduce_toy_end_to_end(test_bundle, tmp_path):
     report = tmp_path / "docs" / "REPRODUCTION.md"
     cmd = [sys.executable, "-m", "train.mini_world", "reproduce", "--out", str(out), "--bundle", str(test_bundle),
            "--toy", "--seeds", "1", "--device", "cpu", "--quiet", "--report", str(report)]
-    subprocess.run([*cmd, "--parts", "dginstyle"], cwd=ROOT, check=True, capture_output=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # its training steps are child processes: one thread each
+    subprocess.run([*cmd, "--parts", "dginstyle"], cwd=ROOT, env=env, check=True, capture_output=True)
     check_report(out, report)
     state = json.loads((out / "reproduce.json").read_text())
     assert set(state["results"]["downstream"]) == {a.name for a in reproduce.ARMS}
     assert state["parts"] == ["dginstyle"] and not (out / "gen" / "didex").exists()
 
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)  # every part (the default)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)  # every part (the default)
     again = json.loads((out / "reproduce.json").read_text())
     assert {k: again["seconds"][k] for k in state["seconds"]} == state["seconds"]  # nothing of the first run re-ran
     assert {k: again["results"]["downstream"][k] for k in state["results"]["downstream"]} \
