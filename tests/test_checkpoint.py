@@ -731,7 +731,6 @@ def test_resolve_path_local_hf_cache(tiny, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full_size")  # with -n: one at a time (several GB each)
 def test_full_size_round_trip(tmp_path):
     models = {}
     for i, name in enumerate(ck.COMPONENTS):

@@ -426,7 +426,6 @@ def test_cli_inspect_and_convert(tiny20, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full_size")  # with -n: one at a time (several GB each)
 def test_full_size_round_trip(tmp_path):
     """DGInStyle's ControlNet (20 hint channels, fp16 to keep it quick): a prefix-less
     lllyasviel file -> inferred config -> diffusers names (vs the oracle) -> back."""

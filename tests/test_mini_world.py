@@ -40,7 +40,6 @@ LOSSES = {"text_encoder": "loss", "vae": "loss", "prior": "loss", "unet_s": "los
           "classifier": "loss"}
 
 
-@pytest.mark.xdist_group("smoke_world")  # with -n: the session fixture is built once
 def test_recipe_runs_every_stage_and_every_loss_goes_down(smoke_world):
     state = json.loads((smoke_world / "recipe.json").read_text())
     assert set(state["seconds"]) == set(STAGES)
@@ -54,7 +53,6 @@ def test_recipe_runs_every_stage_and_every_loss_goes_down(smoke_world):
         assert (smoke_world / "logs" / f"{stage}.cmd").read_text().startswith(sys.executable)
 
 
-@pytest.mark.xdist_group("smoke_world")  # with -n: the session fixture is built once
 def test_every_output_loads_through_the_public_loaders(smoke_world):
     b = load_bundle(smoke_world / "bundle")
     parts = ckpt_io.load_components(b["prior"])
@@ -77,7 +75,6 @@ def test_every_output_loads_through_the_public_loaders(smoke_world):
     assert b.generation["size"] == SMOKE.world.base and b.info["oracle_zoom"] == 2
 
 
-@pytest.mark.xdist_group("smoke_world")  # with -n: the session fixture is built once
 def test_recipe_resumes_and_refuses_another_recipe(smoke_world, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(smoke_world, out)
@@ -120,7 +117,6 @@ def test_a_failed_stage_shows_the_end_of_its_log_when_quiet(tmp_path):
     assert "nothing" in message.split("stage vae failed")[0]  # the script's own error, not only the log's path
 
 
-@pytest.mark.xdist_group("smoke_world")  # with -n: the session fixture is built once
 def test_generation_with_a_bundle(smoke_world, tmp_path):
     out = tmp_path / "gen"
     proc = subprocess.run([sys.executable, "-m", "mrlf.generate", "--bundle", str(smoke_world / "bundle"), "-n", "2",

@@ -117,18 +117,15 @@ def test_controlnet_tiny(hint_channels):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full_size")  # with -n: one at a time (several GB each)
 def test_unet_full_size():
     _check_unet(UNetConfig(), 8)
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full_size")  # with -n: one at a time (several GB each)
 def test_vae_full_size():
     _check_vae(AutoencoderConfig(), 32)
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("full_size")  # with -n: one at a time (several GB each)
 def test_clip_full_size():
     _check_clip(CLIPTextConfig())
