@@ -36,9 +36,9 @@ Typical use, top to bottom::
     sys.exit(cli.run_cli(lambda argv: run(main, get_parser().parse_args(argv))))
 
 Faults: `optimizer_step` skips an update whose loss or gradient is not finite (as AMP's loss
-scaling does under fp16; given the model, `DivergenceGuard` also undoes the step's move of
-BatchNorm's running statistics) and `DivergenceGuard` stops the run with `TrainingDiverged` after
-``--max-bad-steps`` such steps in a row; `save_checkpoint` and the exports refuse non-finite tensors,
+scaling does under fp16); `DivergenceGuard`, given the model, puts back what that step's forward
+moved in its buffers (BatchNorm's running statistics) and stops the run with `TrainingDiverged`
+after ``--max-bad-steps`` such steps in a row; `save_checkpoint` and the exports refuse non-finite tensors,
 so the rotation never replaces the last finite checkpoint. `resume_checkpoint` applies (and logs)
 hyper-parameters changed on the command line, and ``--resume auto`` falls back from an unreadable
 latest checkpoint to the one before.
