@@ -133,3 +133,32 @@ def test_uda_divergence_stops_the_run_and_resume_logs_changed_settings(tmp_path,
     assert "lr: 0.001 -> 1000000.0" in (out / "log.txt").read_text()
     assert not (out / "model.safetensors").exists()
 
+
+
+def test_a_skipped_step_puts_back_the_student_and_teacher_batchnorm_statistics(tmp_path, data, one_thread,
+                                                                               monkeypatch):
+    """A NaN second batch reaches the teacher's training-mode forward and the student's: the step is
+    skipped, and both models' running statistics are as they were (NaN ones would be refused at the
+    next checkpoint)."""
+    from train import common
+
+    loader = common.segmentation_loader
+
+    def nan_second_batch(*a, **k):
+        for i, batch in enumerate(loader(*a, **k)):
+            if i == 1:
+                batch = {**batch, "image": batch["image"] * float("nan"),
+                         "target_image": batch["target_image"] * float("nan")}
+            yield batch
+
+    monkeypatch.setattr(common, "segmentation_loader", nan_second_batch)
+    out = tmp_path / "a"
+    main(_args(out, data, "--max-iters", "3", "--ckpt-every", "1", "--keep-last", "3", "--log-every", "1"))
+    c = [_ckpt(out, s) for s in (1, 2, 3)]
+    for part in ("model", "teacher"):
+        stats = [k for k in c[0][part] if k.endswith(("running_mean", "running_var"))]
+        assert stats
+        assert all(torch.equal(c[0][part][k], c[1][part][k]) for k in stats)  # step 2 skipped: kept
+        assert not all(torch.equal(c[1][part][k], c[2][part][k]) for k in stats)  # step 3 moved them
+    assert _same_weights(c[0]["model"], c[1]["model"]) and not _same_weights(c[1]["model"], c[2]["model"])
+    assert "non-finite loss or gradient" in (out / "log.txt").read_text()

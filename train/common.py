@@ -36,8 +36,8 @@ Typical use, top to bottom::
     sys.exit(cli.run_cli(lambda argv: run(main, get_parser().parse_args(argv))))
 
 Faults: `optimizer_step` skips an update whose loss or gradient is not finite (as AMP's loss
-scaling does under fp16); `DivergenceGuard`, given the model, puts back what that step's forward
-moved in its buffers (BatchNorm's running statistics) and stops the run with `TrainingDiverged`
+scaling does under fp16); `DivergenceGuard`, given the models, puts back what that step's forwards
+moved in their buffers (BatchNorm's running statistics) and stops the run with `TrainingDiverged`
 after ``--max-bad-steps`` such steps in a row; `save_checkpoint` and the exports refuse non-finite tensors,
 so the rotation never replaces the last finite checkpoint. `resume_checkpoint` applies (and logs)
 hyper-parameters changed on the command line, and ``--resume auto`` falls back from an unreadable
@@ -708,13 +708,14 @@ class DivergenceGuard:
     """Counts the optimizer steps `optimizer_step` skipped for a non-finite gradient; `max_bad` in a
     row stop the run with `TrainingDiverged` (the same on every rank: DDP's gradients are all-reduced).
 
-    With `model`, `start_step()` (before the step's first forward) keeps a copy of the model's
-    buffers and a skipped step puts them back: a forward pass moves BatchNorm's running statistics
-    whatever the update does, and one NaN batch would otherwise leave them NaN for good."""
+    With models (the student, and a teacher whose forward passes also train BatchNorm), `start_step()`
+    (before the step's first forward) keeps a copy of their buffers and a skipped step puts them back:
+    a forward pass moves BatchNorm's running statistics whatever the update does, and one NaN batch
+    would otherwise leave them NaN for good."""
 
-    def __init__(self, max_bad: int, logger: logging.Logger, model: nn.Module | None = None):
+    def __init__(self, max_bad: int, logger: logging.Logger, *models: nn.Module):
         self.max_bad, self.log, self.bad = int(max_bad), logger, 0
-        self.buffers = list(model.buffers()) if model is not None else []
+        self.buffers = [b for m in models for b in m.buffers()]
         self.saved: list[torch.Tensor] = []
 
     def start_step(self) -> None:

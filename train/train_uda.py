@@ -113,7 +113,8 @@ def main(args):
     terms = ["loss", "loss_src", "loss_mix", "pseudo_weight"] + (["loss_fd"] if fd is not None else []) \
         + (["loss_masked"] if mic else [])
     meter, gen_n = common.Meter(step), 0
-    guard = common.DivergenceGuard(args.max_bad_steps, log, model)  # restores BatchNorm statistics on a skip
+    # a skipped step puts back the BatchNorm statistics its forwards moved, the teacher's too
+    guard = common.DivergenceGuard(args.max_bad_steps, log, model, teacher.model)
     progress = common.step_progress(step, args.max_iters, d)
     for batch in loader:
         common.set_poly_lr(opt, args, step)
