@@ -27,11 +27,23 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 @pytest.fixture(scope="session")
 def smoke_world(tmp_path_factory):
-    """The whole recipe at smoke size: every stage, a few steps each (the CLIs as child processes)."""
-    out = tmp_path_factory.mktemp("mini") / "run"
-    proc = subprocess.run([sys.executable, "-m", "train.mini_world", "--smoke", "--out", str(out), "--quiet",
-                           "--device", "cpu"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """The whole recipe at smoke size: every stage, a few steps each (the CLIs as child processes).
+
+    Under pytest-xdist the workers share one run (the session's common temporary folder, a lock, and a
+    marker written on success), so it is built once per session, not once per worker."""
+    from filelock import FileLock
+
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    root = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.mktemp("mini")
+    out, done = root / "mini_world_smoke", root / "mini_world_smoke.done"
+    with FileLock(str(root / "mini_world_smoke.lock")):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a worker's failed attempt
+            proc = subprocess.run([sys.executable, "-m", "train.mini_world", "--smoke", "--out", str(out), "--quiet",
+                                   "--device", "cpu"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                                  timeout=600)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            done.touch()
     return out
 
 
