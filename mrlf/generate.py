@@ -292,7 +292,7 @@ def settings_from_args(args) -> tuple[SamplingSettings, MRLFSettings, PromptConf
             if v is not None}
     fusion = dataclasses.replace(base, **over)
     sampling = SamplingSettings(steps=args.steps, guidance_scale=args.guidance, control_scale=args.control_scale,
-                                sampler=args.sampler)
+                                sampler=args.sampler, eta=args.eta)
     prompts = PromptConfig(weather_prob=args.weather_prob, negative_prompt=args.negative_prompt,
                            **({"weather_words": tuple(args.weather_words)} if args.weather_words else {}))
     return sampling, fusion, prompts
@@ -369,6 +369,9 @@ def get_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="ddim (the original), euler, dpmpp_2m")
     s.add_argument("--steps", type=cli.positive_int, default=None,
                    help="sampler steps (default 20; 10 with the tiny model)")
+    s.add_argument("--eta", type=cli.non_negative, default=0.0,
+                   help="ddim: fresh noise per step (0: deterministic DDIM, the original's; 1: as DDPM's ancestral "
+                        "steps)")
     s.add_argument("--guidance", type=cli.finite, help="classifier-free guidance scale (default: the bundle's, "
                                                        "else 7.5)")
     s.add_argument("--control-scale", type=cli.finite, default=1.0, help="scale of the ControlNet residuals")
@@ -432,9 +435,12 @@ def parse_args(argv=None):
                       (("blend", args.blend), ("inpaint_level", args.inpaint_level), ("posterior", args.posterior),
                        ("sampler", args.sampler))
                       if v not in (None, "uniform", "faithful", "sample", "ddim")]
+        unfaithful += [f"--eta {args.eta:g}"] if args.eta else []
         if unfaithful or args.negative_prompt:
             p.error(f"--faithful reproduces the original; it cannot be combined with "
                     f"{', '.join(unfaithful + (['--negative-prompt'] if args.negative_prompt else []))}")
+    if args.eta and args.sampler != "ddim":
+        p.error(f"--eta {args.eta:g} needs --sampler ddim (the {args.sampler} sampler draws no noise per step)")
     if args.overwrite and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         p.error("--overwrite deletes the folder's samples: run it on one process, not under torchrun")
     tiny = args.base is None  # the tiny random model: a quick smoke run unless told otherwise

@@ -160,6 +160,21 @@ def test_sampler_flag(full_run, labels, tmp_path, sampler):
         generate.parse_args(["--faithful", "--sampler", sampler])
 
 
+def test_eta_flag_draws_noise_per_step_and_is_recorded(full_run, labels, tmp_path):
+    """--eta 1 changes the image (fresh noise per DDIM step, from the sample's own generator: a rerun
+    gives the same file); it is recorded, and refused with samplers that draw no noise and with --faithful."""
+    for out in (tmp_path / "a", tmp_path / "b"):
+        assert _run(out, labels, "--eta", "1", "--only", "0") == 0
+    row = _manifest(tmp_path / "a")[0]
+    assert row["settings"]["sampling"]["eta"] == 1.0 and _manifest(full_run)[0]["settings"]["sampling"]["eta"] == 0
+    image = lambda root: np.asarray(Image.open(root / row["image"]))  # noqa: E731
+    assert np.array_equal(image(tmp_path / "a"), image(tmp_path / "b"))
+    assert not np.array_equal(image(tmp_path / "a"), image(full_run))
+    for argv in (["--eta", "1", "--sampler", "euler"], ["--eta", "0.5", "--faithful"], ["--eta", "-1"]):
+        with pytest.raises(SystemExit):
+            generate.parse_args(argv)
+
+
 def test_sample_seed_is_stable():
     assert generate.sample_seed(0, 5) == generate.sample_seed(0, 5) != generate.sample_seed(1, 5)
 
