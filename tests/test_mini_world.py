@@ -99,6 +99,41 @@ def test_recipe_resumes_and_refuses_another_recipe(smoke_world, tmp_path):
     assert proc.returncode == 1 and "holds a run of another recipe" in proc.stderr
 
 
+def test_measure_on_the_validation_maps_with_other_generation_options(smoke_world, tmp_path, one_thread,
+                                                                     monkeypatch):
+    """measure on the odd-numbered label maps with an extra mrlf.generate option, in a folder of its own
+    that keeps its settings; other settings there, options measure sets itself, and a non-default
+    measure in OUT/measure are refused. (The autoencoder's and U^P's own numbers, which depend on neither
+    setting, are stubbed: they take a third of the time.)"""
+    from train import mini_world
+
+    monkeypatch.setattr(mini_world, "measure_vae", lambda *a, **k: {})
+    monkeypatch.setattr(mini_world, "prompt_style_accuracy", lambda *a, **k: {})
+    out = tmp_path / "run"
+    shutil.copytree(smoke_world, out)
+    measure = ["measure", "--out", str(out), "--device", "cpu", "--quiet"]
+    assert mini_world.main([*measure, "--maps", "validation", "--generate-args", "--steps 3 --eta 1", "--name", "v"]) == 0
+    m = json.loads((out / "v" / "measure.json").read_text())
+    assert m["maps"] == "validation" and m["generate_args"] == ["--steps", "3", "--eta", "1"] and m["labels"] == 12
+    for arm, style in (("swap", 0.0), ("no_swap", 1.0)):
+        rows = [json.loads(x) for x in (out / "v" / arm / "manifest.jsonl").read_text().splitlines()]
+        assert len(rows) == m[arm]["samples"] == 12 and 0 <= m[arm]["adherence"] <= 1
+        assert {(r["settings"]["sampling"]["steps"], r["settings"]["sampling"]["eta"], r["settings"]["style"])
+                for r in rows} == {(3, 1.0, style)}
+        assert {int(Path(r["source"]).name[:6]) % 2 for r in rows} == {1}  # the odd-numbered maps
+    assert m["adherence_ratio"] == pytest.approx(m["swap"]["adherence"] / m["true_renders"]["adherence"])
+    for argv, message in (([*measure, "--maps", "validation", "--generate-args", "--steps 4", "--name", "v"],
+                           "was measured with other settings"),
+                          ([*measure, "--generate-args", "--style 1 --steps 3", "--name", "w"],
+                           "--style is set by measure itself"),
+                          ([*measure, "--generate-args", "--overw --steps 3", "--name", "w"],  # abbreviated
+                           "--overwrite is set by measure itself"),
+                          ([*measure, "--maps", "validation"], "need their own --name")):
+        with pytest.raises(SystemExit, match=message):
+            mini_world.main(argv)
+    assert not (out / "w").exists() and not (out / "measure").exists()
+
+
 def test_an_interrupted_recipe_keeps_its_record(tmp_path, monkeypatch):
     """recipe.json is written before the first stage, so a restart with other options (here --smoke's
     text encoder) is refused instead of mixing two recipes' stages."""

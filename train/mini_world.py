@@ -50,6 +50,7 @@ import collections
 import importlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -480,20 +481,57 @@ def _style_accuracy(folder: Path, bundle, size: int) -> dict:
             "source_look": accuracy(model, files, source, classes, size, "cpu")["accuracy"]}
 
 
+# mrlf.generate's options (their dests) that measure sets itself; the rest may come with --generate-args
+MEASURE_OWNS = ("bundle", "base", "random_tiny", "style", "labels", "jobs", "label_maps", "num_samples",
+                "images_per_label", "out", "overwrite", "only")
+
+
+def measure_settings(args, bundle) -> dict:
+    """What measure's numbers depend on besides the bundle's files: the label maps and the extra
+    generation options (checked by mrlf.generate's own parser before anything runs)."""
+    from mrlf import generate
+
+    extra = shlex.split(args.generate_args or "")
+    parser = generate.get_parser()
+    given, default = parser.parse_args(extra), parser.parse_args([])  # abbreviated or --opt=value forms too
+    owned = [f"--{k.replace('_', '-')}" for k in MEASURE_OWNS if getattr(given, k) != getattr(default, k)]
+    if owned:
+        raise SystemExit(f"--generate-args: {', '.join(owned)} {'is' if len(owned) == 1 else 'are'} set by "
+                         f"measure itself")
+    generate.parse_args(["--bundle", str(bundle.root), *extra])  # exits with generate's message when wrong
+    return {"bundle": str(bundle.root.resolve()), "maps": args.maps, "generate_args": extra}
+
+
 def run_measure(args) -> int:
     """The bundle's numbers: autoencoder, label adherence of generated images vs true renders, and
-    style-prompt accuracy with and without Style Swap, and of U^P alone."""
+    style-prompt accuracy with and without Style Swap, and of U^P alone. OUT/measure by default;
+    other label maps (--maps validation) or generation options (--generate-args) go to their own
+    folder (--name), which keeps the settings it was measured with and refuses others."""
     out = Path(args.out)
     bundle = load_bundle(args.bundle or out / "bundle")
     world = out / "world"
     spec = WorldSpec(**json.loads((world / "world.json").read_text()))
-    run = Runner(out / "measure", args)
+    settings = measure_settings(args, bundle)
+    name = args.name or "measure"
+    if name == "measure" and (settings["maps"] != "measured" or settings["generate_args"]):
+        raise SystemExit("--maps validation and --generate-args need their own --name (OUT/measure holds the "
+                         "defaults' numbers)")
+    mdir = out / name
+    saved = mdir / "settings.json"
+    if saved.exists() and json.loads(saved.read_text()) != settings:
+        raise SystemExit(f"{mdir} was measured with other settings ({saved}: {saved.read_text().strip()}); "
+                         f"choose another --name")
+    mdir.mkdir(parents=True, exist_ok=True)
+    write_text(saved, json.dumps(settings, indent=1) + "\n")
+    run = Runner(mdir, args)
     size = int(bundle.generation.get("size", spec.base))
-    labels = sorted((world / "source" / "labels").glob("*" + TRAIN_ID_SUFFIX))[:2 * MEASURE_LABELS:2]
-    result = {"bundle": str(bundle.root), "labels": len(labels), "vae": measure_vae(world, bundle)}
-    arms = {"swap": [], "no_swap": ["--style", 1]}  # U^P with the ControlNet (DGInStyle), and U^S
+    first = 0 if settings["maps"] == "measured" else 1  # the even- or the odd-numbered label maps
+    labels = sorted((world / "source" / "labels").glob("*" + TRAIN_ID_SUFFIX))[first:2 * MEASURE_LABELS:2]
+    result = {**settings, "labels": len(labels), "vae": measure_vae(world, bundle)}
+    # U^P with the ControlNet (DGInStyle), and U^S
+    arms = {"swap": settings["generate_args"], "no_swap": [*settings["generate_args"], "--style", 1]}
     for arm, extra in arms.items():
-        gen = out / "measure" / arm
+        gen = mdir / arm
         run(f"generate_{arm}", "mrlf.generate", ["--bundle", bundle.root, "--label-maps", *labels, "--out", gen,
                                                  "--no-progress", *extra], training=False)
         # sampling time from the samples' own records: a rerun that finds them done changes nothing
@@ -504,17 +542,17 @@ def run_measure(args) -> int:
                        **_style_accuracy(gen, bundle, size)}
     # U^P alone (text-to-image, no ControlNet): how much of the style accuracy the prior brings
     result["prior_alone"] = prompt_style_accuracy(bundle["prior"], bundle["style_classifier"], size=size)
-    true = _true_renders(out / "measure" / "swap", world, spec, out / "measure" / "true_renders")
+    true = _true_renders(mdir / "swap", world, spec, mdir / "true_renders")
     result["true_renders"] = {"adherence": _adherence(run, "true", true, "folder", bundle, size)}
     # the autoencoder's bound on adherence: the true renders through it, at 1x and at MRLF's factor
     vae = ckpt_io.load_vae(bundle["prior"]).eval()
     from mrlf import generate
     factor = generate.settings_from_args(generate.parse_args(["--bundle", str(bundle.root)]))[1].scale_factor
     result["true_renders"]["autoencoded"] = {
-        f"x{f}": _adherence(run, f"true_x{f}", autoencoded(true, vae, f, out / "measure" / f"true_renders_x{f}"),
+        f"x{f}": _adherence(run, f"true_x{f}", autoencoded(true, vae, f, mdir / f"true_renders_x{f}"),
                             "folder", bundle, size) for f in sorted({1, factor})}
     result["adherence_ratio"] = result["swap"]["adherence"] / max(result["true_renders"]["adherence"], 1e-9)
-    write_text(out / "measure" / "measure.json", json.dumps(result, indent=1) + "\n")
+    write_text(mdir / "measure.json", json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     return 0
 
@@ -663,6 +701,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="a few steps per stage (tests)")
     p.add_argument("--quiet", action="store_true", help="stage output to OUT/logs only")
     p.add_argument("--bundle", help="measure, figure: the bundle (default: OUT/bundle)")
+    p.add_argument("--maps", choices=("measured", "validation"), default="measured",
+                   help="measure: the even-numbered of the first 48 source label maps (BENCHMARKS' numbers) or the "
+                        "odd-numbered ones (for trying settings without tuning on the measured maps)")
+    p.add_argument("--generate-args", metavar="ARGS",
+                   help="measure: more mrlf.generate options for both arms, one quoted string (e.g. \"--eta 1 "
+                        "--controlnet runs/cn/controlnet.safetensors\"; a single option: --generate-args=--eta=1)")
+    p.add_argument("--name", help="measure: its folder in OUT (default: measure; needed with --maps validation or "
+                                  "--generate-args)")
     p.add_argument("--figure", default="docs/world_samples.png", help="figure: the PNG to write")
     p.add_argument("--rows", type=cli.positive_int, default=3, help="figure: label maps (rows)")
     p.add_argument("--te-steps", type=cli.positive_int, default=1000, help="text-encoder: U^P steps of each variant")
