@@ -100,7 +100,7 @@ def test_recipe_resumes_and_refuses_another_recipe(smoke_world, tmp_path):
 
 
 def test_measure_on_the_validation_maps_with_other_generation_options(smoke_world, tmp_path, one_thread,
-                                                                     monkeypatch):
+                                                                     monkeypatch, capsys):
     """measure on the odd-numbered label maps with an extra mrlf.generate option, in a folder of its own
     that keeps its settings; other settings there, options measure sets itself, and a non-default
     measure in OUT/measure are refused. (The autoencoder's and U^P's own numbers, which depend on neither
@@ -131,6 +131,9 @@ def test_measure_on_the_validation_maps_with_other_generation_options(smoke_worl
                           ([*measure, "--maps", "validation"], "need their own --name")):
         with pytest.raises(SystemExit, match=message):
             mini_world.main(argv)
+    with pytest.raises(SystemExit):  # measure's options given to another command
+        mini_world.main(["gate", "--out", str(out), "--name", "w"])
+    assert "are options of measure, not of gate" in capsys.readouterr().err
     assert not (out / "w").exists() and not (out / "measure").exists()
 
 

@@ -134,7 +134,6 @@ def test_uda_divergence_stops_the_run_and_resume_logs_changed_settings(tmp_path,
     assert not (out / "model.safetensors").exists()
 
 
-
 def test_a_skipped_step_puts_back_the_student_and_teacher_batchnorm_statistics(tmp_path, data, one_thread,
                                                                                monkeypatch):
     """A NaN second batch reaches the teacher's training-mode forward and the student's: the step is

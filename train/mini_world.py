@@ -723,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.out is None and not (args.command == "figure" and args.bundle):
         p.error(f"{args.command} needs --out")
+    if args.command != "measure" and (args.maps != "measured" or args.generate_args or args.name):
+        p.error(f"--maps, --generate-args and --name are options of measure, not of {args.command}")
     if args.command == "gate":
         return run_gate(args)
     if args.command == "measure":
