@@ -57,7 +57,8 @@ from PIL import Image
 
 from ldm.checkpoint import DTYPES
 from ldm import cli
-from mrlf.generate import Output, device_and_dtype, load_models, sample_id, sample_seed
+from mrlf.generate import (Output, add_control_arguments, check_control_arguments, device_and_dtype, load_models,
+                           sample_id, sample_seed)
 from mrlf.pipeline import Pipeline, SamplingSettings, from_pil
 from segmentation.datasets import SegDataset, pair_class_stats, parse_spec
 from segmentation.labels import CLASS_NAMES, IGNORE, NUM_CLASSES, TRAIN_ID_SUFFIX
@@ -272,7 +273,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=cli.finite, default=DIDEX_SAMPLING.guidance_scale,
                    help="classifier-free guidance scale")
     g.add_argument("--eta", type=cli.non_negative, default=DIDEX_SAMPLING.eta, help="DDIM eta")
-    g.add_argument("--control-scale", type=cli.finite, default=1.0, help="ControlNet residual scale")
+    add_control_arguments(g)
     g.add_argument("--squeeze-padding", action="store_true",
                    help="resize the padded result to the source size, padding included (the original's way)")
     q = p.add_argument_group("prompts")
@@ -305,6 +306,12 @@ def parse_args(argv=None):
         p.error("--style-source needs --base (the tiny random model has no U^S to blend)")
     if args.controlnet and args.generator != "controlnet":
         p.error(f"--controlnet is used by --generator controlnet only, not {args.generator}")
+    check_control_arguments(args, p)
+    control = [f"--{k} {v:g}" for k, v, default in (("control-scale", args.control_scale, 1.0),
+                                                      ("control-start", args.control_start, 0.0),
+                                                      ("control-end", args.control_end, 1.0)) if v != default]
+    if control and args.generator != "controlnet":
+        p.error(f"{', '.join(control)}: the ControlNet options need --generator controlnet, not {args.generator}")
     args.strength = args.strength if args.strength is not None else (0.9 if args.generator == "img2img" else 1.0)
     if not 0.0 < args.strength <= 1.0 or (args.generator == "txt2img" and args.strength < 1.0):
         p.error("--strength must be in (0, 1]; txt2img starts from noise (1)")
@@ -319,6 +326,7 @@ def main(argv=None) -> int:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device, dtype = device_and_dtype(args.device, args.dtype)
     sampling = SamplingSettings(steps=args.steps, guidance_scale=args.guidance, control_scale=args.control_scale,
+                                control_start=args.control_start, control_end=args.control_end,
                                 eta=args.eta, strength=args.strength)
     prompt_cfg = PromptConfig(args.template, args.base_prompt, args.locations, args.road_types or ROAD_TYPES,
                               args.conditions or CONDITIONS, args.negative_prompt)

@@ -135,9 +135,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Settings that run.json gained later, with the value the samples of a folder written before were made
+# with: such a folder resumes when they are at that value.
+ADDED_SETTINGS = {"sampling.control_start": 0.0, "sampling.control_end": 1.0}
+
+
 def setting_differences(saved: dict, now: dict) -> list[str]:
     """``"sampling.steps: 4 in the folder, 6 now"`` for every setting that differs."""
     a, b = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(now)))
+    a = ADDED_SETTINGS | a
     return [f"{k}: {json.dumps(a.get(k))} in the folder, {json.dumps(b.get(k))} now"
             for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
@@ -292,6 +298,7 @@ def settings_from_args(args) -> tuple[SamplingSettings, MRLFSettings, PromptConf
             if v is not None}
     fusion = dataclasses.replace(base, **over)
     sampling = SamplingSettings(steps=args.steps, guidance_scale=args.guidance, control_scale=args.control_scale,
+                                control_start=args.control_start, control_end=args.control_end,
                                 sampler=args.sampler, eta=args.eta)
     prompts = PromptConfig(weather_prob=args.weather_prob, negative_prompt=args.negative_prompt,
                            **({"weather_words": tuple(args.weather_words)} if args.weather_words else {}))
@@ -320,6 +327,22 @@ def run_settings(args, sampling: SamplingSettings, fusion: MRLFSettings, prompts
             "base": _where(args.base), "bundle": _where(args.bundle), "controlnet": _where(args.controlnet),
             "style_source": _where(args.style_source),
             "style": args.style, "dtype": str(dtype)}
+
+
+def add_control_arguments(g) -> None:
+    """How strongly and when the ControlNet acts (SamplingSettings.control_scale, control_start/end)."""
+    g.add_argument("--control-scale", type=cli.finite, default=1.0, help="scale of the ControlNet residuals")
+    g.add_argument("--control-start", type=cli.real(0, 1, open_max=True), default=0.0, metavar="F",
+                   help="fraction of the steps run before the ControlNet starts acting (diffusers' "
+                        "control_guidance_start)")
+    g.add_argument("--control-end", type=cli.real(0, 1, open_min=True), default=1.0, metavar="F",
+                   help="fraction of the steps run after which the ControlNet stops acting, the last steps then "
+                        "the U-Net's alone (diffusers' control_guidance_end)")
+
+
+def check_control_arguments(args, p: argparse.ArgumentParser) -> None:
+    if args.control_start >= args.control_end:
+        p.error(f"--control-start {args.control_start:g} must be below --control-end {args.control_end:g}")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -374,7 +397,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "steps)")
     s.add_argument("--guidance", type=cli.finite, help="classifier-free guidance scale (default: the bundle's, "
                                                        "else 7.5)")
-    s.add_argument("--control-scale", type=cli.finite, default=1.0, help="scale of the ControlNet residuals")
+    add_control_arguments(s)
     s.add_argument("--scale-factor", type=cli.positive_int,
                    help="MRLF factor of the tiled pass (default 2; 1 = plain controlled generation)")
     s.add_argument("--window", type=cli.positive_int,
@@ -436,9 +459,12 @@ def parse_args(argv=None):
                        ("sampler", args.sampler))
                       if v not in (None, "uniform", "faithful", "sample", "ddim")]
         unfaithful += [f"--eta {args.eta:g}"] if args.eta else []
+        unfaithful += [f"--control-start {args.control_start:g}"] if args.control_start else []
+        unfaithful += [f"--control-end {args.control_end:g}"] if args.control_end < 1 else []
         if unfaithful or args.negative_prompt:
             p.error(f"--faithful reproduces the original; it cannot be combined with "
                     f"{', '.join(unfaithful + (['--negative-prompt'] if args.negative_prompt else []))}")
+    check_control_arguments(args, p)
     if args.eta and args.sampler != "ddim":
         p.error(f"--eta {args.eta:g} needs --sampler ddim (the {args.sampler} sampler draws no noise per step)")
     if args.overwrite and int(os.environ.get("WORLD_SIZE", 1)) > 1:

@@ -42,9 +42,16 @@ class SamplingSettings:
     eta: float = 0.0  # DDIM's fresh noise per step
     strength: float = 1.0  # img2img (DDIM): fraction of the schedule run from the init image (1 = from noise)
     sampler: str = "ddim"  # a name in samplers.SAMPLERS: "ddim" (the original), "euler", "dpmpp_2m"
+    # The ControlNet acts in this window of the steps run (diffusers' control_guidance_start/end); the
+    # steps outside it are the U-Net's alone.
+    control_start: float = 0.0
+    control_end: float = 1.0
 
     def __post_init__(self):
         get_sampler(self.sampler)
+        if not 0.0 <= self.control_start < self.control_end <= 1.0:
+            raise ValueError(f"the control window needs 0 <= control_start < control_end <= 1, got "
+                             f"{self.control_start:g} to {self.control_end:g}")
         if self.sampler != "ddim" and (self.eta > 0 or self.strength < 1):
             raise ValueError(f"eta > 0 and strength < 1 (img2img) need the ddim sampler, not {self.sampler!r}")
 
@@ -74,6 +81,12 @@ class MRLFSettings:
             raise ValueError(f"posterior must be 'sample' or 'mean', got {self.posterior!r}")
         if self.view_batch < 1:
             raise ValueError("view_batch must be >= 1")
+
+
+def control_window(steps: int, start: float, end: float) -> list[bool]:
+    """Which of `steps` sampler steps get the ControlNet: step i unless i/steps < start or
+    (i+1)/steps > end, diffusers' rule for control_guidance_start/end."""
+    return [not (i / steps < start or (i + 1) / steps > end) for i in range(steps)]
 
 
 DEMO = MRLFSettings(stride=16, component_threshold=30000)  # the original demo.py
@@ -180,19 +193,26 @@ class Pipeline:
         _, _, H, W = latents.shape
         views = get_views(H, W, window or max(H, W), stride or max(H, W))
         weights = None if blend == "uniform" else blend_weights(views[0].height, views[0].width, blend)
-        fused = tiled_eps(self.model_fn(s), views, context=context, guidance=s.guidance_scale,
-                          hint=None if hint is None else hint.to(sd.device, sd.dtype), hint_factor=self.factor,
-                          view_batch=view_batch, weights=weights)
+
+        def fused_eps(hint):
+            return tiled_eps(self.model_fn(s), views, context=context, guidance=s.guidance_scale, hint=hint,
+                             hint_factor=self.factor, view_batch=view_batch, weights=weights)
+
+        controlled = fused_eps(None if hint is None else hint.to(sd.device, sd.dtype))
+        keep = control_window(s.steps if timesteps is None else len(timesteps), s.control_start, s.control_end)
+        alone = controlled if hint is None or all(keep) else fused_eps(None)
+        step = [0]  # the step under way, for samplers that call eps_fn more than once per step too
 
         def eps_fn(z, t):
             # t as a device tensor: a CUDA graph replays it as data (an int would be baked in).
-            return fused(z, torch.tensor(t, device=sd.device))
+            return (controlled if keep[step[0]] else alone)(z, torch.tensor(t, device=sd.device))
 
         grid = {} if timesteps is None else {"timesteps": timesteps}
         levels = None if inpaint is None else sampler.levels(s.steps, self.schedule, **grid)
         mask = None if inpaint is None else inpaint.mask.to(sd.device, latents.dtype)
 
         def after_step(i, t, z, x0):
+            step[0] = i + 1
             if inpaint is not None:
                 if inpaint.level == "faithful" and s.sampler == "ddim":
                     # Parity trap: the original noises the init to t-1 although z now sits at t - N//n.

@@ -219,4 +219,11 @@ def test_model_flags_that_would_be_ignored_are_refused(tmp_path):
         didex.parse_args([*base, "--base", "sd.safetensors", "--controlnet", "cn.safetensors"])  # img2img: unused
     assert didex.parse_args([*base, "--base", "sd.safetensors", "--controlnet", "cn.safetensors",
                              "--generator", "controlnet"]).controlnet == "cn.safetensors"
+    for control in (["--control-scale", "0.5"], ["--control-end", "0.7"], ["--control-start", "0.2"]):
+        with pytest.raises(SystemExit):
+            didex.parse_args([*base, *control])  # no ControlNet to scale or switch off
+    with pytest.raises(SystemExit):
+        didex.parse_args([*base, "--generator", "controlnet", "--control-start", "0.7", "--control-end", "0.7"])
+    args = didex.parse_args([*base, "--generator", "controlnet", "--control-end", "0.7"])
+    assert (args.control_start, args.control_end) == (0.0, 0.7)
 

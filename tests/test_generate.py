@@ -175,6 +175,32 @@ def test_eta_flag_draws_noise_per_step_and_is_recorded(full_run, labels, tmp_pat
             generate.parse_args(argv)
 
 
+def test_control_window_flags_are_recorded_checked_and_old_folders_resume(full_run, labels, tmp_path):
+    """--control-end 0.5 (the ControlNet off for the second of the two steps) changes the image and is
+    recorded; a bad window and --faithful refuse it; a folder whose run.json predates the window resumes."""
+    assert _run(tmp_path / "end", labels, "--control-end", "0.5", "--only", "0") == 0
+    row = _manifest(tmp_path / "end")[0]
+    assert (row["settings"]["sampling"]["control_start"], row["settings"]["sampling"]["control_end"]) == (0.0, 0.5)
+    image = lambda root: np.asarray(Image.open(root / row["image"]))  # noqa: E731
+    assert not np.array_equal(image(tmp_path / "end"), image(full_run))
+    for argv in (["--control-start", "0.6", "--control-end", "0.4"], ["--control-end", "0"],
+                 ["--control-start", "1"], ["--control-end", "0.5", "--faithful"]):
+        with pytest.raises(SystemExit):
+            generate.parse_args(argv)
+
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(full_run, out)
+    run = json.loads((out / "run.json").read_text())
+    for key in ("control_start", "control_end"):
+        del run["sampling"][key]
+    (out / "run.json").write_text(json.dumps(run))
+    with pytest.raises(ValueError, match=r"sampling.control_end: 1.0 in the folder, 0.5 now"):
+        _run(out, labels, "--control-end", "0.5", n=4)
+    assert _run(out, labels, n=4) == 0 and len(_manifest(out)) == 4
+
+
 def test_sample_seed_is_stable():
     assert generate.sample_seed(0, 5) == generate.sample_seed(0, 5) != generate.sample_seed(1, 5)
 

@@ -9,7 +9,7 @@ from helpers import randomize_, rel_err
 from ldm.sd import StableDiffusion
 from ldm.unet import UNetModel
 from mrlf.fusion import controlled_model, tiled_eps
-from mrlf.pipeline import Inpaint, MRLFSettings, Pipeline, SamplingSettings, from_pil, to_pil
+from mrlf.pipeline import Inpaint, MRLFSettings, Pipeline, SamplingSettings, control_window, from_pil, to_pil
 from mrlf.style import blend_unet_
 from mrlf.tiles import View, blend_weights, get_views
 from samplers import (SAMPLERS, SD15, cfg, ddim_sample, ddim_step, dpm_timesteps, euler_timesteps, guided_eps, randn,
@@ -61,6 +61,38 @@ def test_single_view_sampling_equals_plain_ddim_with_guidance(gen):
     eps_fn = cfg(controlled_model(gen.sd.unet, gen.controlnet), 7.5, context=ctx, hint=hint)
     ref = ddim_sample(eps_fn, z0, 4, SD15)
     assert rel_err(ours, ref) < 1e-5
+
+
+def test_control_window_runs_the_unet_alone_outside_it(gen):
+    """Steps outside [control_start, control_end] of the steps run are the guided U-Net without the
+    ControlNet (diffusers' control_guidance_start/end); the window is over the steps an img2img run takes."""
+    assert control_window(5, 0.2, 0.6) == [False, True, True, False, False]
+    assert control_window(4, 0.0, 1.0) == [True] * 4 and control_window(10, 0.0, 0.7) == [True] * 7 + [False] * 3
+    z0 = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    hint = gen.hint_from_labels(street_scene(128, 128, 2), 128, 128)
+    ctx = _ctx(gen)
+    ours = gen.sample(z0, ctx, hint, SamplingSettings(steps=5, control_start=0.2, control_end=0.6))
+    with_cn = cfg(controlled_model(gen.sd.unet, gen.controlnet), 7.5, context=ctx, hint=hint)
+    alone = cfg(controlled_model(gen.sd.unet, None), 7.5, context=ctx)
+    on = SD15.timesteps(5).tolist()[1:3]
+    ref = ddim_sample(lambda x, t: (with_cn if t in on else alone)(x, t), z0, 5, SD15)
+    assert rel_err(ours, ref) < 1e-5
+    assert rel_err(ours, gen.sample(z0, ctx, hint, SamplingSettings(steps=5))) > 1e-3
+    assert rel_err(ours, ddim_sample(alone, z0, 5, SD15)) > 1e-3
+    assert torch.equal(gen.sample(z0, ctx, hint, SamplingSettings(steps=5, control_end=1.0)),
+                       gen.sample(z0, ctx, hint, SamplingSettings(steps=5)))
+
+    calls = []
+    handle = gen.controlnet.register_forward_hook(lambda *_: calls.append(1))
+    try:  # img2img at strength 0.5 runs 2 of 4 steps: end 0.5 keeps the ControlNet for the first of them
+        gen.generate("x", street_scene(64, 64, 4), height=64, width=64, init_images=torch.zeros(1, 3, 64, 64),
+                     settings=SamplingSettings(steps=4, strength=0.5, control_end=0.5))
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    for bad in (dict(control_start=0.5, control_end=0.5), dict(control_end=1.5), dict(control_start=-0.1)):
+        with pytest.raises(ValueError, match="control window"):
+            SamplingSettings(**bad)
 
 
 def test_generate_is_seeded_and_batch_independent(gen):
