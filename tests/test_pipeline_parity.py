@@ -35,19 +35,22 @@ def pair(tmp_path_factory):
     return Pipeline(sd, cn), pipe
 
 
-@pytest.mark.parametrize("guidance,control_scale,negative", [(7.5, 1.0, ""), (3.0, 0.6, "blurry, night")])
-def test_controlled_sampling_matches_diffusers(pair, guidance, control_scale, negative):
+@pytest.mark.parametrize("guidance,control_scale,negative,window", [(7.5, 1.0, "", (0.0, 1.0)),
+                                                                    (3.0, 0.6, "blurry, night", (0.0, 1.0)),
+                                                                    (7.5, 1.0, "", (0.2, 0.7))])
+def test_controlled_sampling_matches_diffusers(pair, guidance, control_scale, negative, window):
     gen, pipe = pair
     label = street_scene(64, 64, 5)
     prompt = "road sidewalk building sky car"
     hint = gen.hint_from_labels(label, 64, 64)
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    settings = SamplingSettings(steps=6, guidance_scale=guidance, control_scale=control_scale)
+    settings = SamplingSettings(steps=6, guidance_scale=guidance, control_scale=control_scale,
+                                control_start=window[0], control_end=window[1])
     ours = gen.sample(latents, gen.contexts([prompt], negative), hint, settings)
     with torch.no_grad():
         ref = pipe(prompt, image=hint, num_inference_steps=6, guidance_scale=guidance, negative_prompt=negative or None,
                    controlnet_conditioning_scale=control_scale, latents=latents.clone(), output_type="latent",
-                   eta=0.0).images
+                   eta=0.0, control_guidance_start=window[0], control_guidance_end=window[1]).images
     assert rel_err(ours, ref) <= 1e-5
     with torch.no_grad():
         ref_img = pipe.vae.decode(ref / 0.18215).sample.clamp(-1, 1)
