@@ -190,6 +190,11 @@ def test_controlnet_and_txt2img_generators(source, tmp_path):
         got = np.asarray(Image.open(tmp_path / "cn" / r["label"]))
         assert np.array_equal(got, np.asarray(Image.open(r["source_label"])))  # the source label, kept
         assert (tmp_path / "cn" / "vis" / f"{r['id']}.png").is_file()
+    # the ControlNet for the first half of the steps only: another image of the same sample, recorded
+    assert _run(tmp_path / "end", source, "--generator", "controlnet", "--only", "0", "--control-end", "0.5") == 0
+    row = _manifest(tmp_path / "end")[0]
+    assert row["id"] == rows[0]["id"] and row["settings"]["sampling"]["control_end"] == 0.5
+    assert _files(tmp_path / "end")[row["image"]] != _files(tmp_path / "cn")[row["image"]]
     assert _run(tmp_path / "t2i", source, "--generator", "txt2img", "-n", "1", "--template", "rand_cond") == 0
     row = _manifest(tmp_path / "t2i")[0]
     assert row["settings"]["sampling"]["strength"] == 1.0 and row["least_class"] is None
