@@ -307,9 +307,9 @@ def parse_args(argv=None):
     if args.controlnet and args.generator != "controlnet":
         p.error(f"--controlnet is used by --generator controlnet only, not {args.generator}")
     check_control_arguments(args, p)
-    control = [f"--{k} {v:g}" for k, v, default in (("control-scale", args.control_scale, 1.0),
-                                                      ("control-start", args.control_start, 0.0),
-                                                      ("control-end", args.control_end, 1.0)) if v != default]
+    control = [f"--{k.replace('_', '-')} {getattr(args, k):g}"
+               for k in ("control_scale", "control_start", "control_end")
+               if getattr(args, k) != getattr(SamplingSettings, k)]
     if control and args.generator != "controlnet":
         p.error(f"{', '.join(control)}: the ControlNet options need --generator controlnet, not {args.generator}")
     args.strength = args.strength if args.strength is not None else (0.9 if args.generator == "img2img" else 1.0)

@@ -331,11 +331,13 @@ def run_settings(args, sampling: SamplingSettings, fusion: MRLFSettings, prompts
 
 def add_control_arguments(g) -> None:
     """How strongly and when the ControlNet acts (SamplingSettings.control_scale, control_start/end)."""
-    g.add_argument("--control-scale", type=cli.finite, default=1.0, help="scale of the ControlNet residuals")
-    g.add_argument("--control-start", type=cli.real(0, 1, open_max=True), default=0.0, metavar="F",
+    d = SamplingSettings
+    g.add_argument("--control-scale", type=cli.finite, default=d.control_scale,
+                   help="scale of the ControlNet residuals")
+    g.add_argument("--control-start", type=cli.real(0, 1, open_max=True), default=d.control_start, metavar="F",
                    help="fraction of the steps run before the ControlNet starts acting (diffusers' "
                         "control_guidance_start)")
-    g.add_argument("--control-end", type=cli.real(0, 1, open_min=True), default=1.0, metavar="F",
+    g.add_argument("--control-end", type=cli.real(0, 1, open_min=True), default=d.control_end, metavar="F",
                    help="fraction of the steps run after which the ControlNet stops acting, the last steps then "
                         "the U-Net's alone (diffusers' control_guidance_end)")
 
