@@ -154,6 +154,10 @@ def test_unet_trainer_reads_captions_and_trains_the_text_encoder(tmp_path):
     assert all(torch.equal(ta[k], t0[k]) for k in ta)  # frozen: it did not
     va, vb = a["vae"].state_dict(), b["vae"].state_dict()
     assert all(torch.equal(va[k], vb[k]) for k in va)  # the VAE is never trained here
+    # resuming the joint run without the text encoder in its optimizer is refused, not half-loaded
+    with pytest.raises(SystemExit, match="--train-text-encoder True -> False"):
+        finetune_unet.main(_parse(finetune_unet, ["--data", data, "--output-dir", joint, *FT, "--max-steps", 4,
+                                                  "--resume", "auto"]))
 
 
 def test_unet_from_scratch_with_another_vae_and_text_encoder_config(tmp_path):

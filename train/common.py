@@ -65,7 +65,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -1067,7 +1067,8 @@ def load_resumable(path: Path, auto: bool, d: Dist, logger: logging.Logger) -> t
 
 def resume_checkpoint(resume: str | None, checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, d: Dist,
                       logger: logging.Logger, *, model: nn.Module, optimizer, scaler=None,
-                      ema: nn.Module | None = None, config: Mapping[str, Any] | None = None) -> dict | None:
+                      ema: nn.Module | None = None, config: Mapping[str, Any] | None = None,
+                      fixed: Sequence[str] = ()) -> dict | None:
     """``--resume``: the checkpoint to continue from (`resolve_resume`), or None for a fresh start.
 
     Loads the model, optimizer and grad-scaler states (and the EMA's: the model's for a checkpoint
@@ -1079,7 +1080,8 @@ def resume_checkpoint(resume: str | None, checkpoint_dir: str | os.PathLike, out
     ``step_*.pt.unreadable`` and the one before it is used, with a warning. The optimizer's
     hyper-parameters (lr, betas, weight decay, ...) are this run's, as `config` (the script's
     ``vars(args)``) may change them: every setting that differs from the checkpoint's ``config`` is
-    logged. Temporary files a killed run left in `output_dir` and its sub-folders are removed."""
+    logged; the `fixed` ones (those that choose which parameters train) must not differ: the run
+    stops with both values. Temporary files a killed run left in `output_dir` and its sub-folders are removed."""
     for folder in (Path(output_dir), *(p for p in Path(output_dir).glob("*") if p.is_dir())):
         clean_stale(folder)
     path = resolve_resume(resume, checkpoint_dir)
@@ -1089,9 +1091,19 @@ def resume_checkpoint(resume: str | None, checkpoint_dir: str | os.PathLike, out
     if found is None:
         return None
     path, state = found
+    saved = state.get("config") or {}
+    moved = [f"--{k.replace('_', '-')} {saved[k]} -> {config[k]}" for k in fixed
+             if config is not None and k in saved and k in config and saved[k] != config[k]]
+    if moved:
+        raise SystemExit(f"{path} trained other parameters than this run would: {'; '.join(moved)}; resume with "
+                         f"the checkpoint's setting, or start a new run in another --output-dir")
     model.load_state_dict(state["model"])
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as e:  # torch: "... doesn't match the size of optimizer's group"
+        raise SystemExit(f"{path}: its optimizer state is for other trained parameters than this run's "
+                         f"({e})") from None
     for group, hyper in zip(optimizer.param_groups, fresh):
         group.update(hyper)
     if config is not None:

@@ -240,7 +240,7 @@ def main(args):
 
     step, position = 0, 0  # optimizer steps; items this rank has drawn from its sampler stream
     state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=unet, optimizer=opt, scaler=scaler,
-                                     ema=ema, config=vars(args))
+                                     ema=ema, config=vars(args), fixed=("train_text_encoder",))
     if state is not None:
         step, position = state["step"], state.get("sampler", {}).get("position", 0)
         if args.train_text_encoder:
