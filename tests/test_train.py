@@ -528,6 +528,35 @@ def test_residual_penalty_adds_the_residuals_mean_square_and_shrinks_them():
     assert after[40.0] < 0.7 * after[0.0], after
 
 
+@pytest.mark.parametrize("mode, trained_blocks", [
+    ("none", "all"), ("encoder", ()), ("encoder-but-first", ("input_blocks.1.", "input_blocks.2.", "input_blocks.3.")),
+    ("encoder-but-middle", ("middle_block.",))])
+def test_freeze_trains_the_original_partial_freeze_parts(gta, tmp_path, mode, trained_blocks):
+    """--freeze (partial_freeze_expid 1, 2, 3): the hint encoder and zero convs always train; of the
+    copied encoder half only the first level (tiny: two res blocks and the downsampler) or the middle
+    block. Three steps (the zero convs open the path in the first) leave every frozen tensor as U^S's
+    and move every trained one."""
+    kw = dict(batch_size=2, grad_accum=1, freeze=mode)
+    run_controlnet(gta, tmp_path / "start", max_steps=0, **kw)  # 0 steps: the export is the initial ControlNet
+    start = load_controlnet(tmp_path / "start" / "controlnet.safetensors").state_dict()
+    run_controlnet(gta, tmp_path / "run", max_steps=3, lr=1e-2, ckpt_every=3, **kw)
+    after = _ckpt(tmp_path / "run", 3)["model"]
+    always = ("input_hint_block.", "zero_convs.", "middle_block_out.")
+    moved = {k for k in after if not torch.equal(after[k], start[k])}
+    expected = set(after) if trained_blocks == "all" else {k for k in after if k.startswith(always + trained_blocks)}
+    assert moved == expected, (sorted(moved ^ expected)[:6], mode)
+    if mode == "encoder":  # resuming with other trained parameters is refused, naming both settings
+        with pytest.raises(SystemExit, match=r"step_0*3.pt trained other parameters .*--freeze encoder -> none"):
+            run_controlnet(gta, tmp_path / "run", max_steps=4, resume="auto", batch_size=2, grad_accum=1)
+        # a checkpoint that does not record the mode: the optimizer's state does not fit, said in one line
+        path = common.checkpoint_path(tmp_path / "run" / "checkpoints", 3)
+        state = common.load_checkpoint(path)
+        del state["config"]["freeze"]
+        torch.save(state, path)
+        with pytest.raises(SystemExit, match=r"optimizer state is for other trained parameters"):
+            run_controlnet(gta, tmp_path / "run", max_steps=4, resume="auto", batch_size=2, grad_accum=1)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     import ldm.unet
 

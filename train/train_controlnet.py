@@ -12,9 +12,12 @@ original parsed and ignored it). --residual-penalty λ adds λ times the residua
 loss (not in the original): a ControlNet trained freely on a small U-Net learns residuals that outweigh
 the U-Net's own features, and carries the source's colours with the layout into the swapped-in U^P; the
 penalty makes it say the layout with less, and U^P keeps more of its style (BENCHMARKS.md, the
-miniature world). Validation renders the same labels with this ControlNet on U^S
-and, with --prior PATH, swapped onto U^P (the Style Swap check the original skipped: its
---inference_basemodel_path was unused).
+miniature world). --freeze is the original's partial_freeze_expid: ``encoder`` (1) trains only the hint
+encoder and the zero convolutions, the encoder half staying as it starts (U^S's copy, or --controlnet's);
+``encoder-but-first`` (2) also trains the first resolution level (diffusers' down_blocks[0]),
+``encoder-but-middle`` (3) the middle block; a resumed run keeps its checkpoint's mode. Validation
+renders the same labels with this ControlNet on U^S and, with --prior PATH, swapped onto U^P (the Style
+Swap check the original skipped: its --inference_basemodel_path was unused).
 
 Single GPU (the original: batch 2 x accumulation 4):
     python -m train.train_controlnet --base runs/unet_s/diffusers --prior stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -85,6 +88,34 @@ def load_base(args) -> StableDiffusion:
         raise SystemExit(f"--base {args.base}: holds no {', '.join(missing)}; pass U^S as a pipeline folder, "
                          f"CompVis file or native pipeline file")
     return StableDiffusion(parts["unet"], parts["vae"], parts["text_encoder"])
+
+
+# --freeze: the original's partial_freeze_expid 1, 2, 3 -> the part of the copied encoder half left trainable
+FREEZE_MODES = {"none": None, "encoder": (), "encoder-but-first": ("first",), "encoder-but-middle": ("middle",)}
+
+
+def freeze(controlnet: ControlNet, mode: str) -> list[str]:
+    """Freeze the copied encoder half (time embedding, every input block, middle block) as --freeze
+    `mode` says; the hint encoder and the zero convolutions always train. Returns the frozen parameters'
+    names. The first level is what diffusers calls down_blocks[0]: its res/attention blocks and its
+    downsampler, not the input convolution (conv_in), which stays frozen."""
+    keep = FREEZE_MODES[mode]
+    if keep is None:
+        return []
+    cfg = controlnet.cfg
+    downsampler = 1 if len(cfg.channels) > 1 else 0  # the last level has none
+    first_level = range(1, 1 + cfg.num_res_blocks + downsampler)  # input_blocks[0] is conv_in
+    frozen = [controlnet.time_embed, controlnet.input_blocks[0]]
+    frozen += [b for i, b in enumerate(controlnet.input_blocks) if i and not ("first" in keep and i in first_level)]
+    if "middle" not in keep:
+        frozen.append(controlnet.middle_block)
+    ids = {id(p) for m in frozen for p in m.parameters()}
+    names = []
+    for name, p in controlnet.named_parameters():
+        if id(p) in ids:
+            p.requires_grad_(False)
+            names.append(name)
+    return names
 
 
 def controlnet_loss(controlnet, unet, z0, noise, t, context, hint, residual_penalty: float = 0.0) -> torch.Tensor:
@@ -184,6 +215,7 @@ def main(args):
                                           hint_block_channels=hint_blocks(args.hint_block_channels, sd.latent_factor))
         log.info("ControlNet initialised from U^S's encoder half (zero convs zero)")
     controlnet = common.requires_grad(controlnet.to(d.device, torch.float32).train(), True)
+    frozen = freeze(controlnet, args.freeze)
     controlnet.gradient_checkpointing = args.gradient_checkpointing
     for m in (sd.unet, sd.vae, sd.text_encoder):
         common.requires_grad(m.to(d.device, amp_dtype).eval(), False)
@@ -200,15 +232,18 @@ def main(args):
     ema = common.requires_grad(copy.deepcopy(controlnet).eval(), False) if args.ema else None
     model = (DDP(controlnet, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
              if d.distributed else controlnet)
-    opt = torch.optim.AdamW(controlnet.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+    trainable = [p for p in controlnet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                             weight_decay=args.weight_decay, eps=args.adam_eps)
     scaler = common.grad_scaler(d.device, amp_dtype)
-    log.info(f"ControlNet: {sum(p.numel() for p in controlnet.parameters()) / 1e6:.1f} M parameters")
+    log.info(f"ControlNet: {sum(p.numel() for p in controlnet.parameters()) / 1e6:.1f} M parameters"
+             + (f", {sum(p.numel() for p in trainable) / 1e6:.2f} M trained (--freeze {args.freeze}: "
+                f"{len(frozen)} tensors frozen)" if frozen else ""))
 
     step, position = 0, 0  # optimizer steps; items this rank has drawn from its sampler stream
     label_totals = torch.zeros(len(CLASS_NAMES) + 1, dtype=torch.float64)  # + void; all ranks, previous runs
     state = common.resume_checkpoint(args.resume, ckpt_dir, out, d, log, model=controlnet, optimizer=opt,
-                                     scaler=scaler, ema=ema, config=vars(args))
+                                     scaler=scaler, ema=ema, config=vars(args), fixed=("freeze",))
     if state is not None:
         step, position = state["step"], state.get("sampler", {}).get("position", 0)
         label_totals = state.get("label_totals", label_totals).double()
@@ -345,6 +380,10 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--residual-penalty", type=cli.non_negative, default=0.0,
                    help="weight of the residuals' mean square in the loss (0: none, the original); the logged "
                         "loss includes it")
+    g.add_argument("--freeze", choices=tuple(FREEZE_MODES), default="none",
+                   help="keep the copied encoder half as it starts (the original's partial_freeze_expid): "
+                        "encoder (1) trains the hint encoder and zero convs only; encoder-but-first (2) also the "
+                        "first resolution level; encoder-but-middle (3) also the middle block")
     g = common.add_run_arguments(p, num_workers=4, log_every=10, ckpt_every=2000, keep_last=3)
     g.add_argument("--validation-every", type=cli.non_negative_int, default=1000,
                    help="optimizer steps between validation grids (0: none)")
