@@ -94,14 +94,14 @@ def load_base(args) -> StableDiffusion:
 FREEZE_MODES = {"none": None, "encoder": (), "encoder-but-first": ("first",), "encoder-but-middle": ("middle",)}
 
 
-def freeze(controlnet: ControlNet, mode: str) -> list[str]:
+def freeze(controlnet: ControlNet, mode: str) -> int:
     """Freeze the copied encoder half (time embedding, every input block, middle block) as --freeze
-    `mode` says; the hint encoder and the zero convolutions always train. Returns the frozen parameters'
-    names. The first level is what diffusers calls down_blocks[0]: its res/attention blocks and its
+    `mode` says; the hint encoder and the zero convolutions always train. Returns the number of frozen
+    tensors. The first level is what diffusers calls down_blocks[0]: its res/attention blocks and its
     downsampler, not the input convolution (conv_in), which stays frozen."""
     keep = FREEZE_MODES[mode]
     if keep is None:
-        return []
+        return 0
     cfg = controlnet.cfg
     downsampler = 1 if len(cfg.channels) > 1 else 0  # the last level has none
     first_level = range(1, 1 + cfg.num_res_blocks + downsampler)  # input_blocks[0] is conv_in
@@ -109,13 +109,7 @@ def freeze(controlnet: ControlNet, mode: str) -> list[str]:
     frozen += [b for i, b in enumerate(controlnet.input_blocks) if i and not ("first" in keep and i in first_level)]
     if "middle" not in keep:
         frozen.append(controlnet.middle_block)
-    ids = {id(p) for m in frozen for p in m.parameters()}
-    names = []
-    for name, p in controlnet.named_parameters():
-        if id(p) in ids:
-            p.requires_grad_(False)
-            names.append(name)
-    return names
+    return sum(len(list(common.requires_grad(m, False).parameters())) for m in frozen)
 
 
 def controlnet_loss(controlnet, unet, z0, noise, t, context, hint, residual_penalty: float = 0.0) -> torch.Tensor:
@@ -238,7 +232,7 @@ def main(args):
     scaler = common.grad_scaler(d.device, amp_dtype)
     log.info(f"ControlNet: {sum(p.numel() for p in controlnet.parameters()) / 1e6:.1f} M parameters"
              + (f", {sum(p.numel() for p in trainable) / 1e6:.2f} M trained (--freeze {args.freeze}: "
-                f"{len(frozen)} tensors frozen)" if frozen else ""))
+                f"{frozen} tensors frozen)" if frozen else ""))
 
     step, position = 0, 0  # optimizer steps; items this rank has drawn from its sampler stream
     label_totals = torch.zeros(len(CLASS_NAMES) + 1, dtype=torch.float64)  # + void; all ranks, previous runs
