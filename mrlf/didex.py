@@ -57,8 +57,9 @@ from PIL import Image
 
 from ldm.checkpoint import DTYPES
 from ldm import cli
-from mrlf.generate import (Output, add_control_arguments, check_control_arguments, device_and_dtype, load_models,
-                           sample_id, sample_seed)
+from mrlf.generate import (Output, add_control_arguments, add_style_arguments, check_control_arguments,
+                           check_style_arguments, device_and_dtype, keep_source_setting, load_models, sample_id,
+                           sample_seed)
 from mrlf.pipeline import Pipeline, SamplingSettings, from_pil
 from segmentation.datasets import SegDataset, pair_class_stats, parse_spec
 from segmentation.labels import CLASS_NAMES, IGNORE, NUM_CLASSES, TRAIN_ID_SUFFIX
@@ -258,9 +259,7 @@ def get_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("models")
     m.add_argument("--base", help="SD-1.5 file, folder or local HF cache id (default: tiny random model)")
     m.add_argument("--controlnet", help="label ControlNet (for --generator controlnet)")
-    m.add_argument("--style-source", help="U^S checkpoint for the style knob (U-Net weights interpolated)")
-    m.add_argument("--style", type=cli.fraction, default=0.0,
-                   help="0 = DGInStyle's swap (U^P), 1 = no swap (U^S)")
+    add_style_arguments(m)
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     m.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     g = p.add_argument_group("generation (defaults: DIDEX's)")
@@ -300,8 +299,7 @@ def parse_args(argv=None):
         p.error("--controlnet needs --base")
     if args.generator == "controlnet" and args.base and not args.controlnet:
         p.error("--generator controlnet needs --controlnet")
-    if args.style_source is None and args.style != 0.0:
-        p.error("--style needs --style-source")
+    check_style_arguments(args, p)
     if args.style_source is not None and not args.base:
         p.error("--style-source needs --base (the tiny random model has no U^S to blend)")
     if args.controlnet and args.generator != "controlnet":
@@ -347,7 +345,7 @@ def main(argv=None) -> int:
                 "squeeze_padding": args.squeeze_padding, "prompt": asdict(prompt_cfg),
                 "exclude_classes": args.exclude_classes, "shuffle": args.shuffle, "base": args.base,
                 "controlnet": args.controlnet, "style_source": args.style_source, "style": args.style,
-                "dtype": str(dtype), "seed": args.seed, "num_samples": len(jobs)}
+                "dtype": str(dtype), "seed": args.seed, "num_samples": len(jobs), **keep_source_setting(args)}
     out.run(settings, len(jobs), indices, sid, bool(args.only), rank, world,
             lambda todo, done: _generate(args, out, dataset, jobs, todo, done, sid, settings, sampling, prompt_cfg,
                                          device, dtype, rank, world))

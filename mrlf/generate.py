@@ -285,7 +285,7 @@ def load_models(args, device, dtype):
     if args.style_source is not None:
         from mrlf.style import blend_unet_
 
-        blend_unet_(sd.unet, args.style_source, args.style)
+        blend_unet_(sd.unet, args.style_source, args.style, args.keep_source)
     cn = load_controlnet(args.controlnet, dtype=dtype, device=device) if args.controlnet else None
     return sd, cn
 
@@ -326,7 +326,29 @@ def run_settings(args, sampling: SamplingSettings, fusion: MRLFSettings, prompts
             "mrlf": {k: v for k, v in asdict(fusion).items() if k != "view_batch"}, "prompt": asdict(prompts),
             "base": _where(args.base), "bundle": _where(args.bundle), "controlnet": _where(args.controlnet),
             "style_source": _where(args.style_source),
-            "style": args.style, "dtype": str(dtype)}
+            "style": args.style, "dtype": str(dtype), **keep_source_setting(args)}
+
+
+def keep_source_setting(args) -> dict:
+    # Only when set, so that folders written before --keep-source existed still resume.
+    return {"keep_source": list(args.keep_source)} if args.keep_source else {}
+
+
+def add_style_arguments(g) -> None:
+    """Style Swap: U^S, the weight interpolation towards it and the U-Net parts kept at U^S."""
+    g.add_argument("--style-source", help="U^S checkpoint for the style knob (U-Net weights interpolated)")
+    g.add_argument("--style", type=cli.fraction, default=0.0, help="0 = DGInStyle's swap (U^P), 1 = no swap (U^S)")
+    g.add_argument("--keep-source", nargs="+", metavar="PREFIX", default=[],
+                   help="U-Net parts (key prefixes: out, output_blocks.11, ...) that keep U^S's weights under the "
+                        "swap; e.g. the shallowest decoder level (SD-1.5: output_blocks.9 output_blocks.10 "
+                        "output_blocks.11 out), where the ControlNet's finest residuals are read")
+
+
+def check_style_arguments(args, parser) -> None:
+    if args.style_source is None and args.style != 0.0:
+        parser.error("--style needs --style-source")
+    if args.style_source is None and args.keep_source:
+        parser.error("--keep-source needs --style-source (or a bundle with a U^S)")
 
 
 def add_control_arguments(g) -> None:
@@ -373,8 +395,7 @@ def get_parser() -> argparse.ArgumentParser:
     m.add_argument("--random-tiny", action="store_true",
                    help="a tiny randomly initialised model instead (a smoke run: the images are noise)")
     m.add_argument("--controlnet", help="ControlNet checkpoint (file or diffusers folder)")
-    m.add_argument("--style-source", help="U^S checkpoint for the style knob (U-Net weights interpolated)")
-    m.add_argument("--style", type=cli.fraction, default=0.0, help="0 = DGInStyle's swap (U^P), 1 = no swap (U^S)")
+    add_style_arguments(m)
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     m.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     m.add_argument("--cuda-graphs", action="store_true",
@@ -451,8 +472,7 @@ def parse_args(argv=None):
             setattr(args, name, default)
     if args.controlnet and not args.base:
         p.error("--controlnet needs --base")
-    if args.style_source is None and args.style != 0.0:
-        p.error("--style needs --style-source")
+    check_style_arguments(args, p)
     if args.random_tiny and args.style_source is not None:
         p.error("--style-source needs --base or a --bundle (the tiny random model has no U^S to blend)")
     if args.faithful:

@@ -216,10 +216,15 @@ def test_img2img_from_a_checkpoint_file(img2img_run, source, tmp_path):
     assert _files(tmp_path / "out")[row["image"]] == _files(img2img_run)[row["image"]]
 
 
-def test_model_flags_that_would_be_ignored_are_refused(tmp_path):
+def test_model_flags_that_would_be_ignored_are_refused(tmp_path, capsys):
     base = ["--source", f"gta:{tmp_path}", "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit):
         didex.parse_args([*base, "--style-source", "us.safetensors", "--style", "0.5"])  # no --base to blend into
+    with pytest.raises(SystemExit):
+        didex.parse_args([*base, "--base", "sd.safetensors", "--keep-source", "out"])
+    assert "--keep-source needs --style-source" in capsys.readouterr().err
+    assert didex.parse_args([*base, "--base", "sd.safetensors", "--style-source", "us.safetensors",
+                             "--keep-source", "out"]).keep_source == ["out"]
     with pytest.raises(SystemExit):
         didex.parse_args([*base, "--base", "sd.safetensors", "--controlnet", "cn.safetensors"])  # img2img: unused
     assert didex.parse_args([*base, "--base", "sd.safetensors", "--controlnet", "cn.safetensors",

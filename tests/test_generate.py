@@ -175,6 +175,20 @@ def test_eta_flag_draws_noise_per_step_and_is_recorded(full_run, labels, tmp_pat
             generate.parse_args(argv)
 
 
+def test_keep_source_changes_the_image_is_recorded_and_checked(full_run, labels, tmp_path):
+    """--keep-source out (the bundle's U^S output layer under the swap) changes the image and is recorded;
+    a prefix that names no U-Net tensor is an error that lists the parts, and it needs a U^S."""
+    assert _run(tmp_path / "k", labels, "--keep-source", "out", "--only", "0") == 0
+    row = _manifest(tmp_path / "k")[0]
+    assert row["settings"]["keep_source"] == ["out"] and "keep_source" not in _manifest(full_run)[0]["settings"]
+    image = lambda root: np.asarray(Image.open(root / row["image"]))  # noqa: E731
+    assert not np.array_equal(image(tmp_path / "k"), image(full_run))
+    with pytest.raises(ValueError, match="no U-Net tensor under outp; its parts: time_embed input_blocks.0"):
+        _run(tmp_path / "bad", labels, "--keep-source", "outp", "--only", "0")
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--random-tiny", "--keep-source", "out"])
+
+
 def test_control_window_flags_are_recorded_checked_and_old_folders_resume(full_run, labels, tmp_path):
     """--control-end 0.5 (the ControlNet off for the second of the two steps) changes the image and is
     recorded; a bad window and --faithful refuse it; a folder whose run.json predates the window resumes."""

@@ -303,3 +303,22 @@ def test_style_knob_endpoints_and_midpoint():
         blend_unet_(m, us, 1.5)
     with pytest.raises(ValueError, match="missing"):
         blend_unet_(m, {"time_embed.0.weight": p0["time_embed.0.weight"]}, 0.5)
+
+
+def test_style_knob_keeps_the_named_parts_at_us():
+    up = randomize_(UNetModel(UNetModel().cfg.tiny()), seed=1)
+    us = randomize_(UNetModel(up.cfg), seed=2).state_dict()
+    p0 = {k: v.clone() for k, v in up.state_dict().items()}
+    blend_unet_(up, us, 0.0, keep=["out", "output_blocks.1"])
+    kept = [k for k in p0 if k.startswith(("out.", "output_blocks.1."))]
+    # "out" is a whole key component: output_blocks.* stay U^P's unless named
+    assert kept and not any(k.startswith("output_blocks.0") for k in kept)
+    for k, v in up.state_dict().items():
+        assert torch.equal(v, us[k] if k in kept else p0[k]), k
+    up.load_state_dict(p0)
+    blend_unet_(up, us, 0.5, keep=["out"])
+    k = "input_blocks.1.0.in_layers.2.weight"
+    assert torch.allclose(up.state_dict()[k], 0.5 * p0[k] + 0.5 * us[k], atol=1e-7)
+    assert torch.equal(up.state_dict()["out.2.weight"], us["out.2.weight"])
+    with pytest.raises(ValueError, match=r"no U-Net tensor under output_blocks\.99, outp; its parts: .*output_blocks\.1"):
+        blend_unet_(up, us, 0.0, keep=["output_blocks.99", "outp"])
