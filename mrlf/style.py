@@ -3,8 +3,8 @@
 DGInStyle trains its ControlNet on U^S (SD-1.5 fine-tuned on GTA) and samples with U^P (SD-1.5):
 alpha = 0 is that swap, alpha = 1 keeps U^S (no swap), values between trade the prior's style
 diversity against the source U-Net the ControlNet was trained with; `keep` leaves chosen parts at U^S
-whatever alpha is (a partial swap). The blend is done in place,
-tensor by tensor, from an mmap'd source file: no second full U-Net ever sits on the device.
+whatever alpha is (a partial swap). The blend is done in place, tensor by tensor, from an mmap'd
+source file: no second full U-Net ever sits on the device.
 """
 from __future__ import annotations
 
