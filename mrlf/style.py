@@ -42,14 +42,6 @@ def unet_parts(unet: UNetModel) -> list[str]:
     return parts
 
 
-def shallowest_decoder_level(unet: UNetModel) -> list[str]:
-    """Key prefixes of the decoder's full-resolution level and the output layer (SD-1.5:
-    output_blocks.9 to 11 and out), where the ControlNet's finest residuals are read."""
-    per_level = unet.cfg.num_res_blocks + 1
-    total = len(unet.cfg.channels) * per_level
-    return [f"output_blocks.{i}" for i in range(total - per_level, total)] + ["out"]
-
-
 @torch.no_grad()
 def blend_unet_(unet: UNetModel, source, alpha: float, keep: Sequence[str] = ()) -> UNetModel:
     """In place: w <- w_P + alpha * (w_S - w_P) for every U-Net tensor (computed in fp32).

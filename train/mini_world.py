@@ -66,7 +66,6 @@ from ldm import checkpoint as ckpt_io
 from ldm import cli
 from ldm.atomic import atomic_dir, atomic_file, write_text
 from mrlf.bundle import BUNDLE_FILE, SHIPPED, load_bundle
-from mrlf.style import shallowest_decoder_level
 from segmentation.labels import TRAIN_ID_SUFFIX
 from segmentation.world import PRIOR_STYLES, WorldSpec, write_world
 
@@ -262,8 +261,7 @@ def make_bundle(out: Path, r: Recipe, seconds: dict | None = None) -> Path:
     with atomic_dir(out / "bundle") as tmp:
         parts = ckpt_io.load_components(out / "prior" / "pipeline.safetensors")
         ckpt_io.save_native(tmp / "prior.safetensors", parts, dtype=half)
-        unet_s = ckpt_io.load_unet(out / "unet_s" / "unet.safetensors")
-        ckpt_io.save_native(tmp / "unet_s.safetensors", unet_s, dtype=half)
+        ckpt_io.save_native(tmp / "unet_s.safetensors", ckpt_io.load_unet(out / "unet_s" / "unet.safetensors"), dtype=half)
         save_controlnet(tmp / "controlnet.safetensors", load_controlnet(out / "controlnet" / "controlnet.safetensors"),
                         dtype=half)
         save_segmentor(load_segmentor(out / "oracle" / "model.safetensors"), tmp / "oracle.safetensors", dtype=half)
@@ -284,10 +282,7 @@ def make_bundle(out: Path, r: Recipe, seconds: dict | None = None) -> Path:
             "generation": {"size": spec.base, "steps": 20, "window": spec.base // 4, "stride": spec.base // 8,
                            "threshold": spec.base * spec.base // 8, "view_batch": 9, "weather_prob": 1.0,
                            "weather_words": [s.word for s in PRIOR_STYLES], "num_samples": 8,
-                           "rcs_min_pixels": RCS_MIN_PIXELS,
-                           # a partial swap, the ControlNet off in the last fifth of the steps: more style at
-                           # the same adherence (BENCHMARKS.md)
-                           "control_end": 0.8, "keep_source": shallowest_decoder_level(unet_s)},
+                           "rcs_min_pixels": RCS_MIN_PIXELS},
             "recipe": {"spec": asdict(r), "seconds": {**recipe.get("seconds", {}), **(seconds or {})}},  # this run's too
         }
         write_text(tmp / BUNDLE_FILE, json.dumps(bundle, indent=1) + "\n")
