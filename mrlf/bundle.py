@@ -12,8 +12,8 @@ The miniature world's trained bundle (``train/mini_world.py``) ships inside this
 
 Every file loads through the ordinary loaders (``ldm.checkpoint``, ``controlnet.checkpoint``,
 ``segmentation.models``); nothing here is special-cased. ``generation`` holds defaults for the
-options of ``mrlf.generate`` (size, steps, window, stride, threshold, weather words, the ControlNet's
-last fraction of the steps, the U-Net parts kept at U^S, ...); options given on the command line win.
+options of ``mrlf.generate`` (size, steps, window, stride, threshold, weather words, ...); options given
+on the command line win.
 """
 from __future__ import annotations
 
@@ -27,17 +27,14 @@ SHIPPED = Path(__file__).resolve().parent / "world"
 BUNDLE_FILE = "bundle.json"
 FILES = ("prior", "source_unet", "controlnet", "oracle", "style_classifier", "labels")
 GENERATION_KEYS = ("size", "steps", "window", "stride", "threshold", "weather_words", "weather_prob",
-                   "view_batch", "guidance", "num_samples", "rcs_min_pixels", "rcs_temperature", "control_end",
-                   "keep_source")
+                   "view_batch", "guidance", "num_samples", "rcs_min_pixels", "rcs_temperature")
 _COUNTS = {"size", "steps", "window", "stride", "view_batch", "num_samples"}  # positive integers
 _SIZES = {"threshold", "rcs_min_pixels"}  # non-negative integers; the rest are numbers but weather_words
 
 
 def _bad_generation_value(key: str, v) -> bool:
-    if key in ("weather_words", "keep_source"):
+    if key == "weather_words":
         return not (isinstance(v, list) and v and all(isinstance(w, str) and w for w in v))
-    if key == "control_end":
-        return isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return True
     if key in _COUNTS | _SIZES:

@@ -338,11 +338,10 @@ def add_style_arguments(g) -> None:
     """Style Swap: U^S, the weight interpolation towards it and the U-Net parts kept at U^S."""
     g.add_argument("--style-source", help="U^S checkpoint for the style knob (U-Net weights interpolated)")
     g.add_argument("--style", type=cli.fraction, default=0.0, help="0 = DGInStyle's swap (U^P), 1 = no swap (U^S)")
-    g.add_argument("--keep-source", nargs="*", metavar="PREFIX", default=[],
+    g.add_argument("--keep-source", nargs="+", metavar="PREFIX", default=[],
                    help="U-Net parts (key prefixes: out, output_blocks.11, ...) that keep U^S's weights under the "
                         "swap; e.g. the shallowest decoder level (SD-1.5: output_blocks.9 output_blocks.10 "
-                        "output_blocks.11 out), where the ControlNet's finest residuals are read. Without a "
-                        "PREFIX: none (a bundle's default is then not used)")
+                        "output_blocks.11 out), where the ControlNet's finest residuals are read")
 
 
 def check_style_arguments(args, parser) -> None:
@@ -456,7 +455,6 @@ def get_parser() -> argparse.ArgumentParser:
     o.add_argument("--only", type=cli.non_negative_int, nargs="+", metavar="I",
                    help="(re)generate only these sample indices")
     o.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
-    p.set_defaults(control_end=None, keep_source=None)  # a bundle may set them; parse_args fills the rest in
     return p
 
 
@@ -469,8 +467,7 @@ def parse_args(argv=None):
     if args.bundle or not (args.base or args.random_tiny):
         apply_bundle(args, p)
     for name, default in (("guidance", 7.5), ("weather_prob", 0.5), ("num_samples", 4),
-                          ("rcs_min_pixels", DEFAULT_MIN_PIXELS), ("rcs_temperature", DEFAULT_TEMPERATURE),
-                          ("control_end", SamplingSettings.control_end), ("keep_source", [])):
+                          ("rcs_min_pixels", DEFAULT_MIN_PIXELS), ("rcs_temperature", DEFAULT_TEMPERATURE)):
         if getattr(args, name) is None:
             setattr(args, name, default)
     if args.controlnet and not args.base:
@@ -547,8 +544,6 @@ def apply_bundle(args, parser) -> None:
     for key, value in bundle.generation.items():
         if args.preset is not None and key in ("stride", "threshold"):
             continue  # an explicit --preset sets these two
-        if args.faithful and key in ("control_end", "keep_source"):
-            continue  # the original has neither
         if getattr(args, key, None) is None:
             setattr(args, key, tuple(value) if isinstance(value, list) else value)
     args.bundle = str(bundle.root)

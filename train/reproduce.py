@@ -136,9 +136,6 @@ class Generation:
 
 SINGLE = ("--scale-factor", 1)
 PLAIN = ("--weather-prob", 0)  # no style prompts: the bare class list
-# DGInStyle's own Style Swap: the whole U-Net swapped and the ControlNet to the last step, whatever the
-# bundle's defaults (a partial swap would keep U^S parts under the drift ControlNet and the knob's sweep)
-ORIGINAL = ("--keep-source", "--control-end", 1)
 
 
 def generations(plan: Plan) -> list[Generation]:
@@ -355,8 +352,8 @@ def generate_all(step: Steps, plan: Plan, gens: list[Generation], bundle, world:
             raise SystemExit(f"{world / 'source' / 'labels'}: {len(labels)} label maps, the plan needs {n}")
         model = ["--controlnet", drift_cn] if g.drift else []
         step.in_process(f"gen_{g.name}", lambda folder=folder, n=n: manifest_count(folder) >= n, generate.main,
-                        ["--bundle", bundle.root, *model, *inputs, *ORIGINAL, *g.options, "--seed", GEN_SEED,
-                         "--out", folder, "--no-progress"])
+                        ["--bundle", bundle.root, *model, *inputs, *g.options, "--seed", GEN_SEED, "--out", folder,
+                         "--no-progress"])
 
 
 def pseudo_target_args(plan: Plan, bundle, world: Path, out: Path) -> list:
