@@ -305,6 +305,41 @@ def test_caption_dropout_really_drops(gta):
         ControlNetDataset(pairs, RES, "random", proportion_empty_prompts=1.5)
 
 
+def test_caption_template_words_controlnet_captions(gta, tmp_path):
+    words = ["rainy", "foggy", "night", "snowy", "dusk", "rainy"]
+    data = tmp_path / "styled.jsonl"
+    rows = [{"image": str(gta / "images" / f"{i:05d}.png"), "weather": w,
+             "conditioning_image": str(gta / "labels" / f"{i:05d}_labelTrainIds.png")} for i, w in enumerate(words)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, pairs = discover_pairs(data)
+    template = "A city street scene with {classes}, in {weather} weather."
+    plain = ControlNetDataset(pairs, RES, "random", seed=0, proportion_empty_prompts=0.3)
+    styled = ControlNetDataset(pairs, RES, "random", seed=0, proportion_empty_prompts=0.3, caption_template=template)
+    keys = [(e, i) for e in range(3) for i in range(len(pairs))]
+    for k in keys:
+        a, b = plain[k], styled[k]
+        assert a["desc"] == b["desc"] and a["seed"] == b["seed"]  # the template draws nothing
+        word = words[int(a["desc"].split("@")[0][:5])]
+        assert b["caption"] == (f"A city street scene with {a['caption']}, in {word} weather." if a["caption"] else "")
+    assert sum(bool(styled[k]["caption"]) for k in keys) >= len(keys) // 2
+    # a key the rows lack, a layout without rows, a malformed template: clear errors
+    with pytest.raises(DatasetError, match=r"needs the key\(s\) \['season'\].*00000\.png; its row has \["):
+        ControlNetDataset(pairs, RES, "random", caption_template="{classes} in {season}")
+    with pytest.raises(DatasetError, match=r"\['weather'\].*only a \.jsonl dataset file's rows have keys"):
+        ControlNetDataset(discover_pairs(gta)[1], RES, "random", caption_template=template)
+    for bad in ("{classes", "{0} street", "a {} street"):
+        with pytest.raises(SystemExit):
+            _args(train_controlnet, data=data, output_dir=tmp_path / "x", caption_template=bad)
+    # training captions and validation prompts follow the template; PNG validation labels carry no words
+    out = tmp_path / "run"
+    run_controlnet(data, out, max_steps=1, caption_template=template, validation_every=1, num_validation=2,
+                   validation_images=1, validation_steps=2)
+    assert "in rainy weather.', 'A city street scene with" in (out / "log.txt").read_text()
+    with pytest.raises(SystemExit, match=r"needs \['weather'\] for the validation label .*00001_labelTrainIds"):
+        run_controlnet(data, tmp_path / "png", max_steps=1, caption_template=template, validation_every=1,
+                       validation_labels=[gta / "labels" / "00001_labelTrainIds.png"])
+
+
 def test_image_dataset_rescales_pads_and_crops(tmp_path):
     Image.fromarray(_scene(0, 40, 50)[0]).save(tmp_path / "a_small.png")
     Image.fromarray(_scene(1)[0]).save(tmp_path / "b_big.png")

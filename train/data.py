@@ -7,6 +7,9 @@ Finding files: ``discover_pairs`` reads any layout of the one layout table,
 leftImg8bit/ + gtFine/ and ``gta`` for images/ + labels/ holding trainId files. Raw label ids are
 refused with the ``segmentation.labels convert`` command that makes the trainId files.
 ``find_images`` lists every ``*.png/*.jpg`` under a folder (recursive) for U^S fine-tuning.
+A ControlNet crop's caption is its class stack, as the original's, or a caption template
+(``format_caption``) whose other fields come from the keys of a .jsonl dataset file's rows (a
+per-image style word, say).
 
 Sampling and randomness (what makes DDP and resume exact):
   ``ShardSampler`` is an infinite, index-based, rank-sharded sampler (DistributedSampler's split,
@@ -40,7 +43,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import string
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -75,6 +79,7 @@ class Pair:
     image: Path
     label: Path  # trainId label PNG (0..18, 255)
     text: str | None = None  # the dataset file's "text" (the full label's class stack; informational)
+    fields: dict = field(default_factory=dict, compare=False)  # the dataset file row's keys (caption templates)
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
@@ -154,8 +159,42 @@ def discover_pairs(root: str | os.PathLike, layout: str = "auto", split: str = "
         layout = detect_layout(root)
     if layout == "jsonl":
         records = read_dataset_file(root)
-        return layout, [Pair(Path(r["image_path"]), Path(r["label_path"]), r.get("text")) for r in records]
+        return layout, [Pair(Path(r["image_path"]), Path(r["label_path"]), r.get("text"), r) for r in records]
     return layout, [Pair(image, label) for image, label in find_pairs(root, layout, split)]
+
+
+CLASSES_FIELD = "classes"  # a caption template's field for the crop's class stack
+
+
+def template_fields(template: str) -> list[str]:
+    """The ``{field}`` names of a caption template; a malformed one raises ``ValueError``."""
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"caption template {template!r}: {e}") from None
+    bad = [f for f in names if not f.isidentifier()]
+    if bad:
+        raise ValueError(f"caption template {template!r}: fields must be plain names, got {bad}")
+    return names
+
+
+def check_caption_fields(template: str, pairs: Sequence[Pair], source: str) -> None:
+    """Every field of `template` but {classes} must be a key of every pair's dataset-file row
+    (`source` names the data in the error)."""
+    needed = sorted(set(template_fields(template)) - {CLASSES_FIELD})
+    for pair in pairs:
+        missing = [f for f in needed if f not in pair.fields]
+        if missing:
+            has = f"its row has {sorted(pair.fields)}" if pair.fields else "only a .jsonl dataset file's rows have keys"
+            raise DatasetError(f"{source}: the caption template {template!r} needs the key(s) {missing} for "
+                               f"{pair.image}; {has}")
+
+
+def format_caption(template: str, label: np.ndarray, fields: dict) -> str:
+    """The caption of a label crop: `template` with {classes} = its class stack and the other fields from
+    `fields`; "" for a crop without any class (as the bare class stack)."""
+    classes = class_stack(label)
+    return template.format(**{**fields, CLASSES_FIELD: classes}) if classes else ""
 
 
 def pair_class_stats(pairs: Sequence[Pair], cache_dir: str | os.PathLike | None = None) -> ClassStats:
@@ -534,15 +573,16 @@ class ControlNetDataset(_Cached, Dataset):
       5. caption dropout: ``rng.random() < proportion_empty_prompts`` -> "" (always drawn);
       6. the 64-bit noise seed.
     Items: pixel_values (3, R, R) in [-1, 1] (or moments from the cache), label (R, R) uint8 trainIds
-    (void 255; one-hot on the device, 20 channels), caption (the crop's class stack, or ""),
-    seed, desc ("file@x1,y1[#c]").
+    (void 255; one-hot on the device, 20 channels), caption (``caption_template`` formatted by
+    `format_caption`: the original's is the crop's class stack, "{classes}"; or ""), seed,
+    desc ("file@x1,y1[#c]").
     """
 
     def __init__(self, pairs: Sequence[Pair], resolution: int = 512, crop: str = "rcs", *, seed: int = 0,
                  rank: int = 0, stats: ClassStats | None = None, rcs_temperature: float = DEFAULT_TEMPERATURE,
                  rcs_min_pixels: int = DEFAULT_MIN_PIXELS, rcs_tries: int = 1, rcs_min_crop_ratio: float = 0.01,
                  resize_ratios: Sequence[float] = (1.0,), proportion_empty_prompts: float = 0.0,
-                 cache: LatentCache | None = None):
+                 cache: LatentCache | None = None, caption_template: str = "{" + CLASSES_FIELD + "}"):
         if crop not in ("rcs", "random", "center"):
             raise ValueError(f"crop must be 'rcs', 'random' or 'center', got {crop!r}")
         if not 0.0 <= proportion_empty_prompts <= 1.0:
@@ -555,6 +595,8 @@ class ControlNetDataset(_Cached, Dataset):
         if not self.ratios or min(self.ratios) <= 0:
             raise ValueError(f"resize ratios must be positive, got {resize_ratios}")
         self.p_empty = float(proportion_empty_prompts)
+        check_caption_fields(caption_template, self.pairs, "ControlNetDataset")
+        self.caption_template = caption_template
         self.rcs_tries, self.rcs_min_crop_ratio = int(rcs_tries), float(rcs_min_crop_ratio)
         self.sampler = None
         if crop == "rcs":
@@ -612,7 +654,8 @@ class ControlNetDataset(_Cached, Dataset):
             x1, y1 = self._snap(x1, y1)
         label = np.ascontiguousarray(label[y1:y1 + r, x1:x1 + r])
         drop = rng.random() < self.p_empty
-        item = {"label": torch.from_numpy(label), "caption": "" if drop else class_stack(label)}
+        caption = "" if drop else format_caption(self.caption_template, label, self.pairs[index].fields)
+        item = {"label": torch.from_numpy(label), "caption": caption}
         if self.cache is not None:
             item["moments"] = self._latents(index, x1, y1)
         else:

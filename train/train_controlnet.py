@@ -5,7 +5,8 @@ default-initialised, zero convs zero) or from --controlnet PATH; U^S, the VAE an
 are frozen and cast to the compute dtype. Data: --resolution crops of (image, trainId label),
 placed by rare-class sampling (seeded per rank and item, so ranks differ; the original's draws were
 the same on every rank), captioned
-with the crop's class stack ("road sidewalk ... car"), with the label as a 20-channel one-hot hint
+with the crop's class stack ("road sidewalk ... car"; --caption-template words it otherwise, e.g. with a
+style word from each row of a .jsonl dataset file), with the label as a 20-channel one-hot hint
 (19 classes + void). ε-MSE, AdamW lr 1e-5 (0.9/0.999, wd 1e-2, eps 1e-8), constant schedule,
 clipping at 1.0. --proportion-empty-prompts replaces that share of captions by "" (really; the
 original parsed and ignored it). --residual-penalty λ adds λ times the residuals' mean square to the
@@ -58,12 +59,12 @@ from ldm import cli
 from ldm.atomic import atomic_file, write_text
 from ldm.sd import StableDiffusion
 from mrlf.pipeline import Pipeline, SamplingSettings
-from mrlf.prompts import class_stack
 from samplers import SD15, add_noise
 from segmentation.labels import CLASS_NAMES, IGNORE, NUM_CHANNELS, colorize, load_label, one_hot, train_id_path
 from train import common
-from train.data import (CITYSCAPES_RATIOS, LAYOUTS, ControlNetDataset, LatentCache, center_box, diffusion_inputs,
-                        discover_pairs, fill_latent_cache, pad_to, pair_class_stats, shard_loader)
+from train.data import (CITYSCAPES_RATIOS, CLASSES_FIELD, LAYOUTS, ControlNetDataset, LatentCache, center_box,
+                        diffusion_inputs, discover_pairs, fill_latent_cache, format_caption, pad_to, pair_class_stats,
+                        shard_loader, template_fields)
 
 
 def hint_blocks(widths, latent_factor: int) -> tuple[int, ...]:
@@ -127,37 +128,48 @@ def residual_energy(control: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([c.float().pow(2).mean() for c in control]).mean()
 
 
-def validation_labels(args, pairs) -> list[np.ndarray]:
+def validation_labels(args, pairs) -> tuple[list[np.ndarray], list[dict]]:
     """Centre crops (padded with 255) of --validation-labels (trainId PNGs, or a .jsonl file whose
-    conditioning_image labels are read as trainIds), else of the first training labels."""
-    paths = []
+    conditioning_image labels are read as trainIds), else of the first training labels; and the
+    caption template's fields of each (a .jsonl row's keys; none for PNGs)."""
+    paths, fields = [], []
     for v in args.validation_labels or []:
         v = Path(v)
         if v.suffix in (".json", ".jsonl"):
             for line in v.read_text().splitlines():
                 if line.strip():
-                    c = Path(json.loads(line)["conditioning_image"])
+                    row = json.loads(line)
+                    c = Path(row["conditioning_image"])
                     c = c if c.is_absolute() or c.exists() else v.parent / c
                     paths.append(c if c.name.endswith("_labelTrainIds.png") else train_id_path(c))
+                    fields.append(row)
         else:
             paths.append(v)
+            fields.append({})
     if not paths:
         paths = [p.label for p in pairs[: args.num_validation]]
+        fields = [p.fields for p in pairs[: args.num_validation]]
+    needed = set(template_fields(args.caption_template)) - {CLASSES_FIELD}
+    for p, f in zip(paths, fields):
+        if needed - set(f):
+            raise SystemExit(f"--caption-template {args.caption_template!r} needs {sorted(needed - set(f))} for the "
+                             f"validation label {p}: pass --validation-labels as a .jsonl file with those keys")
     r = args.resolution
     out = []
     for p in paths:
         lab = pad_to(load_label(p), r, IGNORE)
         x1, y1 = center_box(*lab.shape, r)
         out.append(np.ascontiguousarray(lab[y1:y1 + r, x1:x1 + r]))
-    return out
+    return out, fields
 
 
 @torch.no_grad()
-def validate(sd, prior_unet, controlnet, labels, args, amp):
-    """One grid row per label: colour label | images on U^S | images on U^P (Style Swap)."""
+def validate(sd, prior_unet, controlnet, labels, fields, args, amp):
+    """One grid row per label: colour label | images on U^S | images on U^P (Style Swap), each prompted
+    with its training caption (empty for a crop without any class)."""
     was_training = controlnet.training
     controlnet.eval()
-    prompts = [class_stack(lab) for lab in labels]
+    prompts = [format_caption(args.caption_template, lab, f) for lab, f in zip(labels, fields)]
     k, r = args.validation_images, args.resolution
     seeds = list(range(args.seed, args.seed + k * len(labels)))
     settings = SamplingSettings(steps=args.validation_steps)
@@ -255,7 +267,7 @@ def main(args):
                                 rcs_temperature=args.rcs_temperature, rcs_min_pixels=args.rcs_min_pixels,
                                 rcs_tries=args.rcs_tries, rcs_min_crop_ratio=args.rcs_min_crop_ratio,
                                 resize_ratios=ratios, proportion_empty_prompts=args.proportion_empty_prompts,
-                                cache=cache)
+                                cache=cache, caption_template=args.caption_template)
     if cache is not None:
         fill_latent_cache(dataset, sd.vae, d.device, d.rank, d.world_size, logger=log)
     per_step = args.batch_size * args.grad_accum
@@ -263,7 +275,7 @@ def main(args):
                           pin_memory=d.device.type == "cuda")
     log.info(f"{len(pairs)} pairs ({layout} layout) from {args.data}; crop {args.crop}, resize ratios {ratios}; "
              f"{args.batch_size} x {args.grad_accum} per rank and step, {per_step * d.world_size} per step in all")
-    val_labels = validation_labels(args, pairs) if d.is_main and args.validation_every else []
+    val_labels, val_fields = validation_labels(args, pairs) if d.is_main and args.validation_every else ([], [])
 
     amp = common.autocast(d.device, amp_dtype)
     batches = iter(loader)
@@ -303,7 +315,8 @@ def main(args):
             meter.restart(step)
 
         if args.validation_every and (step % args.validation_every == 0 or step == args.max_steps) and d.is_main:
-            grid, prompts = validate(sd, prior, ema if ema is not None else controlnet, val_labels, args, amp)
+            grid, prompts = validate(sd, prior, ema if ema is not None else controlnet, val_labels, val_fields, args,
+                                     amp)
             log.info(f"validation grid at step {step}: prompts {prompts}")
             with atomic_file(out / "validation" / f"step_{step:07d}.png") as tmp:
                 grid.save(tmp, format="PNG")
@@ -338,6 +351,15 @@ def main(args):
     common.finish_run(log, tb)
 
 
+def caption_template(value: str) -> str:
+    """--caption-template: a str.format template with plain field names."""
+    try:
+        template_fields(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m train.train_controlnet", __doc__)
     g = p.add_argument_group("models")
@@ -367,6 +389,10 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--resize-ratios", type=cli.positive, nargs="+",
                    help="random rescale ratios (default: 1.0; Cityscapes: 0.5 0.75 1 1.25 1.5)")
     g.add_argument("--proportion-empty-prompts", type=cli.fraction, default=0.0, help="caption dropout probability")
+    g.add_argument("--caption-template", type=caption_template, default="{classes}",
+                   help="the training caption: {classes} is the crop's class stack (the original's caption), any "
+                        "other {key} that key of the .jsonl dataset file's row, e.g. \"A city street scene with "
+                        "{classes}, in {weather} weather.\" for data labelled with weather words")
     g.add_argument("--cache-latents", metavar="DIR",
                    help="cache VAE moments in DIR (needs one resize ratio; random and RCS crops snap to the latent "
                         "grid, see train.data)")
