@@ -314,9 +314,13 @@ class WorldSpec:
     seed: int = 0
 
 
+def class_list(label: np.ndarray) -> str:
+    """The names of the classes in `label`, ascending train id (captions' and prompts' {classes})."""
+    return " ".join(CLASS_NAMES[c] for c in np.unique(label) if c < len(CLASS_NAMES))
+
+
 def caption(label: np.ndarray, style: Style, rng: np.random.Generator) -> str:
-    classes = " ".join(CLASS_NAMES[c] for c in np.unique(label) if c < len(CLASS_NAMES))
-    return str(rng.choice(CAPTIONS)).format(classes=classes, word=style.word)
+    return str(rng.choice(CAPTIONS)).format(classes=class_list(label), word=style.word)
 
 
 def _scene(spec: WorldSpec, part: str, i: int, layout: Layout, two_scales: bool):
@@ -383,19 +387,31 @@ def write_eval(root: Path, style: Style, spec: WorldSpec) -> None:
         save_label(sc.seg, label_path)
 
 
+LABELLED_FILE = "dataset.jsonl"  # a labelled set's images with their styles, as a jsonl dataset file
+
+
 def write_labelled(root: Path, styles, n: int, spec: WorldSpec, part: str = "oracle") -> None:
     """GTA-like, the given styles in turn, both layouts and scales: an oracle segmenter's training set
-    (every style), or the gate's (the prior styles)."""
+    (every style), or the gate's (the prior styles). Beside it, ``dataset.jsonl`` lists the same pairs
+    as a jsonl dataset file (paths relative to it) with each image's ``style``, its caption word as
+    ``weather`` (the field of the generation prompt's template) and its label's class list as ``text``."""
     for sub in ("images", "labels"):
         (root / sub).mkdir(parents=True, exist_ok=True)
+    rows = []
     for i in range(n):
         label_path = root / "labels" / f"{i:06d}{TRAIN_ID_SUFFIX}"
+        style = styles[i % len(styles)]
         if label_path.exists():
-            continue
-        layout = TARGET_LAYOUT if (i // len(styles)) % 2 else Layout()
-        sc, rng = _scene(spec, part, i, layout, two_scales=True)
-        _save_png(render(sc, styles[i % len(styles)], rng), root / "images" / f"{i:06d}.png")
-        save_label(sc.seg, label_path)
+            seg = np.asarray(Image.open(label_path))
+        else:
+            layout = TARGET_LAYOUT if (i // len(styles)) % 2 else Layout()
+            sc, rng = _scene(spec, part, i, layout, two_scales=True)
+            _save_png(render(sc, style, rng), root / "images" / f"{i:06d}.png")
+            save_label(sc.seg, label_path)
+            seg = sc.seg
+        rows.append({"image": f"images/{i:06d}.png", "conditioning_image": f"labels/{label_path.name}",
+                     "text": class_list(seg), "style": style.name, "weather": style.word})
+    write_text(root / LABELLED_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_styles(root: Path, spec: WorldSpec) -> None:

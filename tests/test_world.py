@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segmentation.datasets import SegDataset, parse_spec
+from segmentation.datasets import SegDataset, parse_spec, read_dataset_file
 from segmentation.labels import CLASS_NAMES, TRAIN_ID_SUFFIX, load_label
 from segmentation.synthetic import POLE, ROAD, SIDEWALK, SKY, TRAFFIC_LIGHT, TRAFFIC_SIGN, Layout, street_scene
 from segmentation.world import (CLASSIFIED, PRIOR_STYLES, SOURCE, STYLES, TARGET_LAYOUT, UNSEEN_STYLES, WorldSpec,
@@ -108,13 +108,23 @@ def test_world_layouts_are_read_by_the_real_data_tools(world):
         assert words[r["style"]] in r["text"] and (root / "prior" / r["file_name"]).is_file()
     assert np.mean([any(name in r["text"] for name in CLASS_NAMES) for r in rows]) > 0.5  # most list the classes
     assert len(list((root / "oracle" / "labels").glob("*" + TRAIN_ID_SUFFIX))) == spec.oracle
+    # the oracle set as a jsonl dataset file: every pair with the style it is painted in, in turn
+    records = read_dataset_file(root / "oracle" / "dataset.jsonl")
+    order = (SOURCE, *PRIOR_STYLES, *UNSEEN_STYLES)
+    assert [r["style"] for r in records] == [order[i % len(order)].name for i in range(spec.oracle)]
+    for r in records:
+        label = load_label(r["label_path"])
+        assert r["weather"] == STYLES[r["style"]].word and r["label_path"].endswith(r["conditioning_image"])
+        assert r["text"].split() == " ".join(CLASS_NAMES[c] for c in np.unique(label) if c < 19).split()
     assert sorted(p.name for p in (root / "styles" / "train").iterdir()) == sorted(s.name for s in CLASSIFIED)
 
 
 def test_world_is_resumable_and_refuses_another_spec(world):
     root, spec = world
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*.png")}
+    listed = (root / "oracle" / "dataset.jsonl").read_text()
     write_world(root, spec)  # nothing to do: no file is rewritten
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*.png")} == before
+    assert (root / "oracle" / "dataset.jsonl").read_text() == listed
     with pytest.raises(ValueError, match="holds a world made with"):
         write_world(root, WorldSpec(base=32, source=5))
