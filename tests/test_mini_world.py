@@ -133,8 +133,39 @@ def test_measure_on_the_validation_maps_with_other_generation_options(smoke_worl
             mini_world.main(argv)
     with pytest.raises(SystemExit):  # measure's options given to another command
         mini_world.main(["gate", "--out", str(out), "--name", "w"])
-    assert "are options of measure, not of gate" in capsys.readouterr().err
+    assert "are options of measure and bound, not of gate" in capsys.readouterr().err
     assert not (out / "w").exists() and not (out / "measure").exists()
+
+
+def test_bound_trains_a_controlnet_on_labelled_prior_style_renders(smoke_world, tmp_path, monkeypatch):
+    """bound: the ControlNet stage on U^P with the oracle set's prior-style scenes, captioned with the
+    generation prompt and their style word, then measured with it (the measure itself is stubbed: the
+    test above runs it)."""
+    from segmentation.world import PRIOR_STYLES, UNSEEN_STYLES
+    from train import mini_world
+
+    measured = []
+    monkeypatch.setattr(mini_world, "run_measure", lambda a: measured.append(a) or 0)
+    out = tmp_path / "run"
+    shutil.copytree(smoke_world, out)
+    assert mini_world.main(["bound", "--smoke", "--out", str(out), "--device", "cpu", "--quiet",
+                            "--maps", "validation"]) == 0
+    rows = [json.loads(x) for x in (out / "bound" / "data.jsonl").read_text().splitlines()]
+    words = {s.name: s.word for s in PRIOR_STYLES}
+    oracle = SMOKE.world.oracle
+    every = len(PRIOR_STYLES) + len(UNSEEN_STYLES) + 1  # the oracle set paints the source, prior, unseen styles in turn
+    assert len(rows) == sum(1 <= i % every <= len(PRIOR_STYLES) for i in range(oracle))
+    assert all(words[r["style"]] == r["weather"] and (out / "bound" / r["image"]).is_file() for r in rows)
+    assert {r["style"] for r in rows} == set(words)
+    cmd = (out / "bound" / "logs" / "controlnet.cmd").read_text()
+    assert "--caption-template 'A city street scene with {classes}, in {weather} weather.'" in cmd
+    assert f"--base {out / 'bundle' / 'prior.safetensors'}" in cmd and "data.jsonl" in cmd
+    controlnet = out / "bound" / "controlnet" / "controlnet.safetensors"
+    assert load_controlnet(controlnet).control_cfg.unet == ckpt_io.load_unet(out / "bundle" / "prior.safetensors").cfg
+    (a,) = measured
+    assert a.name == "bound_validation" and a.maps == "validation" and a.generate_args == f"--controlnet {controlnet}"
+    with pytest.raises(SystemExit):
+        mini_world.main(["bound", "--out", str(out), "--generate-args", "--eta 1"])
 
 
 def test_an_interrupted_recipe_keeps_its_record(tmp_path, monkeypatch):
@@ -190,10 +221,30 @@ def test_bundle_errors_name_the_file(tmp_path):
         load_bundle(tmp_path)
 
 
-def test_recipe_scaling():
+def test_recipe_scaling(tmp_path, monkeypatch):
+    from ldm.config import UNetConfig, config_from_text
+    from train import mini_world
+
     r = Recipe().scaled(0.5)
     assert r.vae_steps == Recipe().vae_steps // 2 and r.world.source == Recipe().world.source // 2
     assert r.world.base == Recipe().world.base  # sizes of images do not scale, amounts do
+    # --width: the U-Net's channels, nothing else; 1 keeps the preset's name in the stages' commands
+    args = mini_world.get_parser().parse_args(["--out", str(tmp_path), "--width", "1.5", "--scale", "2"])
+    wide = mini_world.recipe_from_args(args)
+    assert wide.unet_width == 1.5 and wide.prior_steps == 2 * Recipe().prior_steps
+    assert config_from_text("unet", wide.unet_config()) == UNetConfig.mini().replace(channels=(48, 72, 96))
+    assert Recipe().unet_config() == "mini"
+    assert config_from_text("unet", Recipe(unet_width=0.1).unet_config()).channels == (8, 8, 8)
+    with pytest.raises(SystemExit):
+        mini_world.main(["measure", "--out", str(tmp_path), "--width", "2"])
+    # a run recorded before a field existed resumes (the field had its default); another width is refused
+    state = {"recipe": {k: v for k, v in asdict(SMOKE).items() if k != "unet_width"}, "seconds": {}}
+    (tmp_path / "recipe.json").write_text(json.dumps(state))
+    with pytest.raises(SystemExit, match="holds a run of another recipe"):
+        mini_world.main(["--smoke", "--width", "2", "--out", str(tmp_path), "--device", "cpu"])
+    monkeypatch.setattr(mini_world, "train_stages", lambda *a: {})  # the stages are the smoke tests' business
+    assert mini_world.main(["--smoke", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "recipe.json").read_text())["recipe"] == asdict(SMOKE)
 
 
 # ---------------------------------------------------------------------------------------

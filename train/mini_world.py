@@ -4,9 +4,11 @@ project's own training scripts, and package the result as a model bundle.
     python -m train.mini_world --out runs/mini                # the recipe (see BENCHMARKS.md for its time)
     python -m train.mini_world --out runs/mini --install      # ... and make it the shipped default (mrlf/world/)
     python -m train.mini_world --out runs/mini_x4 --scale 4 --device cuda   # four times the data and steps, on a GPU
+    python -m train.mini_world --out runs/mini_w2 --scale 4 --width 2 --device cuda   # ... U-Nets twice as wide
     python -m train.mini_world --out runs/mini --nproc 2      # every training stage under torchrun
     python -m train.mini_world gate --out runs/gate           # the renderer's gate: segmenters on renders alone
     python -m train.mini_world reproduce --out runs/repro     # DGInStyle's claims on the bundle (train/reproduce.py)
+    python -m train.mini_world bound --out runs/mini          # a ControlNet given labelled target-style data, measured
 
 Stages, each a run of the CLI a user would run on real data (its command is printed and kept in
 OUT/logs/<stage>.cmd), each resumable (a stage whose outputs exist is skipped; a killed training
@@ -65,6 +67,7 @@ from PIL import Image
 from ldm import checkpoint as ckpt_io
 from ldm import cli
 from ldm.atomic import atomic_dir, atomic_file, write_text
+from ldm.config import UNetConfig
 from mrlf.bundle import BUNDLE_FILE, SHIPPED, load_bundle
 from segmentation.labels import TRAIN_ID_SUFFIX
 from segmentation.world import PRIOR_STYLES, WorldSpec, write_world
@@ -99,10 +102,19 @@ class Recipe:
     oracle_steps: int = 1000
     oracle_batch: int = 16
     classifier_steps: int = 600
+    unet_width: float = 1.0  # the U-Net's channels (U^P, U^S and the ControlNet's copy) times this
     noise_offset: float = 0.1  # U^P and U^S: the prompt, not the start noise, sets an image's overall colour
     text_encoder: str = "clip"  # "clip" (contrastively pretrained, frozen), "train" (jointly with U^P), "frozen" (random)
     log_every: int = 50
     sample_grids: bool = True  # the prior's sample grids and the ControlNet's validation images
+
+    def unet_config(self) -> str:
+        """finetune_unet's --unet-config: the 'mini' preset, its channels times `unet_width` (multiples of its
+        8 normalisation groups, which its head counts divide)."""
+        if self.unet_width == 1.0:
+            return "mini"
+        cfg = UNetConfig.mini()
+        return cfg.replace(channels=tuple(8 * max(1, round(c * self.unet_width / 8)) for c in cfg.channels)).to_json()
 
     def scaled(self, s: float) -> "Recipe":
         n = lambda v: max(1, int(round(v * s)))  # noqa: E731
@@ -137,8 +149,8 @@ class Runner:
                    "-m", module, *argv]
         else:
             cmd = [sys.executable, "-m", module, *argv]
-        write_text(self.out / "logs" / f"{stage}.cmd", " ".join(cmd) + "\n")
-        print(f"  $ {' '.join(cmd[1:])}", flush=True)
+        write_text(self.out / "logs" / f"{stage}.cmd", shlex.join(cmd) + "\n")  # a shell runs it as it ran
+        print(f"  $ {shlex.join(cmd[1:])}", flush=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.out / "logs" / f"{stage}.log", "ab") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
@@ -186,7 +198,7 @@ def train_stages(out: Path, r: Recipe, run: Runner, args) -> dict:
         "--output-dir", out / "vae", "--num-workers", 0]))
     te = prior_text_encoder_args(r.text_encoder, out)
     stage("prior", out / "prior" / "pipeline.safetensors", lambda: run("prior", "train.finetune_unet", [
-        "--vae", out / "vae" / "vae.safetensors", "--unet-config", "mini", *te, "--data", w / "prior",
+        "--vae", out / "vae" / "vae.safetensors", "--unet-config", r.unet_config(), *te, "--data", w / "prior",
         "--resolution", spec.base, "--scales", 1.0, "--proportion-empty-prompts", 0.1, "--random-flip",
         "--noise-offset", r.noise_offset, "--batch-size", r.prior_batch, "--grad-accum", 1,
         "--max-steps", r.prior_steps, "--lr", "1e-3",
@@ -201,8 +213,9 @@ def train_stages(out: Path, r: Recipe, run: Runner, args) -> dict:
         "--weight-decay", 0.0, "--sample-every", 0, "--log-every", r.log_every, "--ckpt-every", 200, "--output-dir", out / "unet_s",
         "--num-workers", 0]))
     stage("controlnet", out / "controlnet" / "controlnet.safetensors", lambda: run("controlnet", "train.train_controlnet", [
-        *controlnet_args(out / "unet_s" / "pipeline.safetensors", w, spec.base, r.controlnet_steps, r.controlnet_batch,
-                         out / "controlnet", r.log_every, r.sample_grids, r.controlnet_residual_penalty),
+        *controlnet_args(out / "unet_s" / "pipeline.safetensors", w / "source", spec.base, r.controlnet_steps,
+                         r.controlnet_batch, out / "controlnet", r.log_every, r.sample_grids,
+                         r.controlnet_residual_penalty),
         "--prior", out / "prior" / "pipeline.safetensors"]))
     stage("oracle", out / "oracle" / "model.safetensors", lambda: run("oracle", "train.train_segmentation", [
         "--model", "mini", "--source", f"gta:{w / 'oracle'}", "--source-scale", ORACLE_ZOOM * 2 * spec.base,
@@ -235,12 +248,12 @@ def prior_text_encoder_args(mode: str, out: Path) -> list:
     return ["--text-encoder-config", "mini"] + (["--train-text-encoder"] if mode == "train" else [])
 
 
-def controlnet_args(base: Path, world: Path, size: int, steps: int, batch: int, out: Path, log_every: int = 50,
+def controlnet_args(base: Path, data: Path, size: int, steps: int, batch: int, out: Path, log_every: int = 50,
                     validation: bool = True, residual_penalty: float = Recipe.controlnet_residual_penalty) -> list:
     """train_controlnet options of the world's label ControlNet on the frozen `base` U-Net: rare-class
-    crops of the source renders, 10 % empty prompts, AdamW 1e-3 from the zero-initialised ControlNet, the
-    residuals' mean square penalised."""
-    return ["--base", base, "--data", world / "source", "--resolution", size, "--crop", "rcs",
+    crops of `data` (the recipe: the source renders), 10 % empty prompts, AdamW 1e-3 from the
+    zero-initialised ControlNet, the residuals' mean square penalised."""
+    return ["--base", base, "--data", data, "--resolution", size, "--crop", "rcs",
             "--rcs-min-pixels", RCS_MIN_PIXELS,
             "--proportion-empty-prompts", 0.1, "--batch-size", batch, "--grad-accum", 1, "--max-steps", steps,
             "--lr", "1e-3", "--weight-decay", 0.0, "--residual-penalty", residual_penalty,
@@ -557,6 +570,48 @@ def run_measure(args) -> int:
     return 0
 
 
+def bound_data(world: Path, dest: Path) -> Path:
+    """`dest`: the oracle set's scenes painted in the prior styles (labelled, each with its style's
+    word) as a jsonl dataset file, paths relative to it."""
+    from segmentation.world import LABELLED_FILE
+
+    src = world / "oracle" / LABELLED_FILE
+    prior = {s.name for s in PRIOR_STYLES}
+    rows = [json.loads(line) for line in src.read_text().splitlines()]
+    rel = lambda p: os.path.relpath(src.parent / p, dest.parent)  # noqa: E731
+    rows = [{**r, "image": rel(r["image"]), "conditioning_image": rel(r["conditioning_image"])}
+            for r in rows if r["style"] in prior]
+    write_text(dest, "".join(json.dumps(r) + "\n" for r in rows))
+    return dest
+
+
+def run_bound(args) -> int:
+    """A bound, not a method: the recipe's ControlNet stage run on U^P itself with labelled renders of
+    the prior styles (the oracle set's), captioned with the generation prompt and each image's style word.
+    That is the labelled target-style data DGInStyle does not have, so it bounds what the ControlNet can
+    give U^P here: its label adherence and style accuracy with these networks at this scale. Trains
+    OUT/bound/controlnet/ on the bundle's U^P, then measures it as `measure` does (OUT/bound_measured or
+    OUT/bound_validation; --name to choose)."""
+    from mrlf.prompts import DEFAULT_TEMPLATE
+
+    out = Path(args.out)
+    r = (SMOKE if args.smoke else Recipe()).scaled(args.scale)
+    bundle = load_bundle(args.bundle or out / "bundle")
+    spec = WorldSpec(**json.loads((out / "world" / "world.json").read_text()))
+    write_world(out / "world", spec)  # resumable: adds what an older world lacks (the labelled sets' dataset files)
+    dest = out / "bound"
+    data = bound_data(out / "world", dest / "data.jsonl")
+    controlnet = dest / "controlnet" / "controlnet.safetensors"
+    if not controlnet.exists():
+        Runner(dest, args)("controlnet", "train.train_controlnet", [
+            *controlnet_args(bundle["prior"], data, spec.base, r.controlnet_steps, r.controlnet_batch,
+                             dest / "controlnet", r.log_every, False, r.controlnet_residual_penalty),
+            "--caption-template", DEFAULT_TEMPLATE])
+    measure = argparse.Namespace(**{**vars(args), "generate_args": f"--controlnet {shlex.quote(str(controlnet))}",
+                                    "name": args.name or f"bound_{args.maps}"})
+    return run_measure(measure)
+
+
 FIGURE_STYLES = ("night", "snowy", "foggy", "desert")  # the four style columns of the sample figure
 
 
@@ -632,7 +687,7 @@ def run_text_encoder(args) -> int:
     """U^P trained with each text encoder (contrastively pretrained and frozen, trained jointly, random and
     frozen), same steps and data: style-prompt accuracy of their text-to-image samples (OUT/text_encoder.json)."""
     out = Path(args.out)
-    r = Recipe().scaled(args.scale)
+    r = recipe_from_args(args)
     w = out / "world"
     run = Runner(out, args)
     # the EMA starts at the initial weights: a decay whose horizon is a tenth of the run, or a short run's
@@ -646,7 +701,7 @@ def run_text_encoder(args) -> int:
                 w / "prior", r.world.base, r.text_encoder_steps, r.text_encoder_batch, out / "text_encoder"))
         if not (dest / "pipeline.safetensors").exists():
             run(f"text_encoder_{mode}", "train.finetune_unet", [
-                "--vae", out / "vae" / "vae.safetensors", "--unet-config", "mini",
+                "--vae", out / "vae" / "vae.safetensors", "--unet-config", r.unet_config(),
                 *prior_text_encoder_args(mode, out), "--data", w / "prior",
                 "--resolution", r.world.base, "--scales", 1.0, "--proportion-empty-prompts", 0.1, "--random-flip",
                 "--noise-offset", r.noise_offset, "--batch-size", r.prior_batch, "--grad-accum", 1, "--max-steps", args.te_steps, "--lr", "1e-3",
@@ -659,14 +714,21 @@ def run_text_encoder(args) -> int:
     return 0
 
 
+def recipe_from_args(args) -> Recipe:
+    """The recipe of the command line: --smoke's or the full one, --text-encoder, --width, --scale."""
+    return replace(SMOKE if args.smoke else Recipe(), text_encoder=args.text_encoder,
+                   unet_width=args.width).scaled(args.scale)
+
+
 def run_recipe(args) -> int:
     out = Path(args.out)
-    r = replace(SMOKE if args.smoke else Recipe(), text_encoder=args.text_encoder).scaled(args.scale)
+    r = recipe_from_args(args)
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "recipe.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     spec = asdict(r)
-    if state.get("recipe") not in (None, spec):
+    # a field an older run's record lacks had its default then
+    if state.get("recipe") is not None and {**asdict(Recipe()), **state["recipe"]} != spec:
         raise SystemExit(f"{out}: holds a run of another recipe ({state_file}); use another --out")
     if not state:  # recorded before the first stage, so that a restart with other options cannot mix recipes
         state = {"recipe": spec, "seconds": {}}
@@ -684,13 +746,19 @@ def run_recipe(args) -> int:
 
 def get_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m train.mini_world", __doc__)
-    p.add_argument("command", nargs="?", default="train", choices=("train", "gate", "measure", "figure", "text-encoder"),
+    p.add_argument("command", nargs="?", default="train",
+                   choices=("train", "gate", "measure", "bound", "figure", "text-encoder"),
                    help="train: the recipe; gate: the renderer's gate (segmenters on renders alone); measure: "
-                        "the trained bundle's numbers (OUT/measure/measure.json); figure: its sample grid (--figure); text-encoder: U^P with each text encoder (see "
+                        "the trained bundle's numbers (OUT/measure/measure.json); bound: the same for a ControlNet "
+                        "trained on U^P with labelled prior-style renders (data DGInStyle lacks; OUT/bound_MAPS); "
+                        "figure: its sample grid (--figure); text-encoder: U^P with each text encoder (see "
                         "--text-encoder), by style-prompt accuracy")
     p.add_argument("--out", help="output folder (resumable); every command but figure with --bundle needs it")
     p.add_argument("--scale", type=cli.positive, default=1.0,
                    help="multiply data sizes and steps (1: sized for 2 CPU cores)")
+    p.add_argument("--width", type=cli.positive, default=1.0,
+                   help="train, text-encoder: multiply the U-Net's channels (U^P, U^S, the ControlNet; 1: the 'mini' "
+                        "preset's 32, 48, 64; rounded to multiples of 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device of every stage (cpu, cuda, cuda:N)")
     p.add_argument("--nproc", type=cli.positive_int, default=1, help="processes per training stage (torchrun)")
@@ -700,15 +768,15 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--install", action="store_true", help="copy the bundle over mrlf/world/ at the end")
     p.add_argument("--smoke", action="store_true", help="a few steps per stage (tests)")
     p.add_argument("--quiet", action="store_true", help="stage output to OUT/logs only")
-    p.add_argument("--bundle", help="measure, figure: the bundle (default: OUT/bundle)")
+    p.add_argument("--bundle", help="measure, bound, figure: the bundle (default: OUT/bundle)")
     p.add_argument("--maps", choices=("measured", "validation"), default="measured",
-                   help="measure: the even-numbered of the first 48 source label maps (BENCHMARKS' numbers) or the "
-                        "odd-numbered ones (for trying settings without tuning on the measured maps)")
+                   help="measure, bound: the even-numbered of the first 48 source label maps (BENCHMARKS' numbers) "
+                        "or the odd-numbered ones (for trying settings without tuning on the measured maps)")
     p.add_argument("--generate-args", metavar="ARGS",
                    help="measure: more mrlf.generate options for both arms, one quoted string (e.g. \"--eta 1 "
                         "--controlnet runs/cn/controlnet.safetensors\"; a single option: --generate-args=--eta=1)")
-    p.add_argument("--name", help="measure: its folder in OUT (default: measure; needed with --maps validation or "
-                                  "--generate-args)")
+    p.add_argument("--name", help="measure, bound: its folder in OUT (measure's default: measure, needed with --maps "
+                                  "validation or --generate-args; bound's: bound_MAPS)")
     p.add_argument("--figure", default="docs/world_samples.png", help="figure: the PNG to write")
     p.add_argument("--rows", type=cli.positive_int, default=3, help="figure: label maps (rows)")
     p.add_argument("--te-steps", type=cli.positive_int, default=1000, help="text-encoder: U^P steps of each variant")
@@ -723,12 +791,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.out is None and not (args.command == "figure" and args.bundle):
         p.error(f"{args.command} needs --out")
-    if args.command != "measure" and (args.maps != "measured" or args.generate_args or args.name):
-        p.error(f"--maps, --generate-args and --name are options of measure, not of {args.command}")
+    if args.command not in ("measure", "bound") and (args.maps != "measured" or args.generate_args or args.name):
+        p.error(f"--maps, --generate-args and --name are options of measure and bound, not of {args.command}")
+    if args.width != 1.0 and args.command not in ("train", "text-encoder"):
+        p.error(f"--width sizes the U-Nets the recipe trains; {args.command} trains none (bound: the bundle's U-Net)")
+    if args.command == "bound" and args.generate_args:
+        p.error("bound sets the generation options itself (its ControlNet)")
     if args.command == "gate":
         return run_gate(args)
     if args.command == "measure":
         return run_measure(args)
+    if args.command == "bound":
+        return run_bound(args)
     if args.command == "figure":
         return run_figure(args)
     if args.command == "text-encoder":

@@ -292,7 +292,7 @@ def find_world(args, bundle, out: Path) -> tuple[Path, WorldSpec]:
 
 def drift_controlnet_args(bundle, world: Path, spec: WorldSpec, steps: int, batch: int, out: Path) -> list:
     """The recipe's ControlNet stage with U^P as the frozen base and validation model."""
-    return controlnet_args(bundle["prior"], world, spec.base, steps, batch, out)
+    return controlnet_args(bundle["prior"], world / "source", spec.base, steps, batch, out)
 
 
 def part_generations(plan: Plan, parts) -> list[Generation]:
