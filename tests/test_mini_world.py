@@ -166,6 +166,10 @@ def test_bound_trains_a_controlnet_on_labelled_prior_style_renders(smoke_world, 
     assert a.name == "bound_validation" and a.maps == "validation" and a.generate_args == f"--controlnet {controlnet}"
     with pytest.raises(SystemExit):
         mini_world.main(["bound", "--out", str(out), "--generate-args", "--eta 1"])
+    other = tmp_path / "other_bundle"
+    shutil.copytree(out / "bundle", other)
+    with pytest.raises(SystemExit, match="holds a bound trained with"):  # not reused for another U^P
+        mini_world.main(["bound", "--smoke", "--out", str(out), "--bundle", str(other), "--device", "cpu"])
 
 
 def test_an_interrupted_recipe_keeps_its_record(tmp_path, monkeypatch):

@@ -595,11 +595,19 @@ def run_bound(args) -> int:
     from mrlf.prompts import DEFAULT_TEMPLATE
 
     out = Path(args.out)
-    r = (SMOKE if args.smoke else Recipe()).scaled(args.scale)
+    r = recipe_from_args(args)
     bundle = load_bundle(args.bundle or out / "bundle")
     spec = WorldSpec(**json.loads((out / "world" / "world.json").read_text()))
     write_world(out / "world", spec)  # resumable: adds what an older world lacks (the labelled sets' dataset files)
     dest = out / "bound"
+    # one bound per OUT: its ControlNet is only valid for the U^P and the steps it was trained with
+    trained = {"prior": str(Path(bundle["prior"]).resolve()), "steps": r.controlnet_steps}
+    record = dest / "trained_on.json"
+    if record.exists() and json.loads(record.read_text()) != trained:
+        raise SystemExit(f"{dest} holds a bound trained with {record.read_text().strip()}, not {trained}; "
+                         f"use another --out")
+    dest.mkdir(parents=True, exist_ok=True)
+    write_text(record, json.dumps(trained) + "\n")
     data = bound_data(out / "world", dest / "data.jsonl")
     controlnet = dest / "controlnet" / "controlnet.safetensors"
     if not controlnet.exists():
