@@ -27,9 +27,11 @@ SHIPPED = Path(__file__).resolve().parent / "world"
 BUNDLE_FILE = "bundle.json"
 FILES = ("prior", "source_unet", "controlnet", "oracle", "style_classifier", "labels")
 GENERATION_KEYS = ("size", "steps", "window", "stride", "threshold", "weather_words", "weather_prob",
-                   "view_batch", "guidance", "num_samples", "rcs_min_pixels", "rcs_temperature")
+                   "view_batch", "guidance", "guidance_start", "guidance_end", "num_samples", "rcs_min_pixels",
+                   "rcs_temperature")
 _COUNTS = {"size", "steps", "window", "stride", "view_batch", "num_samples"}  # positive integers
 _SIZES = {"threshold", "rcs_min_pixels"}  # non-negative integers; the rest are numbers but weather_words
+_FRACTIONS = {"weather_prob", "guidance_start", "guidance_end"}  # in [0, 1]
 
 
 def _bad_generation_value(key: str, v) -> bool:
@@ -39,7 +41,7 @@ def _bad_generation_value(key: str, v) -> bool:
         return True
     if key in _COUNTS | _SIZES:
         return not isinstance(v, int) or v < (1 if key in _COUNTS else 0)
-    return not math.isfinite(v)
+    return not math.isfinite(v) or (key in _FRACTIONS and not 0 <= v <= 1)
 
 
 class BundleError(ValueError):

@@ -57,9 +57,9 @@ from PIL import Image
 
 from ldm.checkpoint import DTYPES
 from ldm import cli
-from mrlf.generate import (Output, add_control_arguments, add_style_arguments, check_control_arguments,
-                           check_style_arguments, device_and_dtype, keep_source_setting, load_models, sample_id,
-                           sample_seed)
+from mrlf.generate import (Output, add_control_arguments, add_guidance_window_arguments, add_style_arguments,
+                           check_control_arguments, check_guidance_window, check_style_arguments, device_and_dtype,
+                           keep_source_setting, load_models, sample_id, sample_seed)
 from mrlf.pipeline import Pipeline, SamplingSettings, from_pil
 from segmentation.datasets import SegDataset, pair_class_stats, parse_spec
 from segmentation.labels import CLASS_NAMES, IGNORE, NUM_CLASSES, TRAIN_ID_SUFFIX
@@ -271,6 +271,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=cli.positive_int, default=None, help="DDIM steps (default 25; 4 with the tiny model)")
     g.add_argument("--guidance", type=cli.finite, default=DIDEX_SAMPLING.guidance_scale,
                    help="classifier-free guidance scale")
+    add_guidance_window_arguments(g)
     g.add_argument("--eta", type=cli.non_negative, default=DIDEX_SAMPLING.eta, help="DDIM eta")
     add_control_arguments(g)
     g.add_argument("--squeeze-padding", action="store_true",
@@ -305,6 +306,7 @@ def parse_args(argv=None):
     if args.controlnet and args.generator != "controlnet":
         p.error(f"--controlnet is used by --generator controlnet only, not {args.generator}")
     check_control_arguments(args, p)
+    check_guidance_window(args, p)
     control = [f"--{k.replace('_', '-')} {getattr(args, k):g}"
                for k in ("control_scale", "control_start", "control_end")
                if getattr(args, k) != getattr(SamplingSettings, k)]
@@ -325,6 +327,7 @@ def main(argv=None) -> int:
     device, dtype = device_and_dtype(args.device, args.dtype)
     sampling = SamplingSettings(steps=args.steps, guidance_scale=args.guidance, control_scale=args.control_scale,
                                 control_start=args.control_start, control_end=args.control_end,
+                                guidance_start=args.guidance_start, guidance_end=args.guidance_end,
                                 eta=args.eta, strength=args.strength)
     prompt_cfg = PromptConfig(args.template, args.base_prompt, args.locations, args.road_types or ROAD_TYPES,
                               args.conditions or CONDITIONS, args.negative_prompt)

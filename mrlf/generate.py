@@ -137,7 +137,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 # Settings that run.json gained later, with the value the samples of a folder written before were made
 # with: such a folder resumes when they are at that value.
-ADDED_SETTINGS = {"sampling.control_start": 0.0, "sampling.control_end": 1.0}
+ADDED_SETTINGS = {"sampling.control_start": 0.0, "sampling.control_end": 1.0, "sampling.guidance_start": 0.0,
+                  "sampling.guidance_end": 1.0}
 
 
 def setting_differences(saved: dict, now: dict) -> list[str]:
@@ -299,6 +300,7 @@ def settings_from_args(args) -> tuple[SamplingSettings, MRLFSettings, PromptConf
     fusion = dataclasses.replace(base, **over)
     sampling = SamplingSettings(steps=args.steps, guidance_scale=args.guidance, control_scale=args.control_scale,
                                 control_start=args.control_start, control_end=args.control_end,
+                                guidance_start=args.guidance_start, guidance_end=args.guidance_end,
                                 sampler=args.sampler, eta=args.eta)
     prompts = PromptConfig(weather_prob=args.weather_prob, negative_prompt=args.negative_prompt,
                            **({"weather_words": tuple(args.weather_words)} if args.weather_words else {}))
@@ -369,6 +371,25 @@ def check_control_arguments(args, p: argparse.ArgumentParser) -> None:
         p.error(f"--control-start {args.control_start:g} must be below --control-end {args.control_end:g}")
 
 
+def add_guidance_window_arguments(g, bundle: bool = False) -> None:
+    """When classifier-free guidance acts (SamplingSettings.guidance_start/end). With `bundle`, unset
+    flags are None, to be filled from a bundle's generation settings or else the defaults."""
+    d = SamplingSettings
+    g.add_argument("--guidance-start", type=cli.real(0, 1, open_max=True), metavar="F",
+                   default=None if bundle else d.guidance_start,
+                   help="fraction of the steps run before classifier-free guidance starts; the steps before take "
+                        "the conditional prediction alone" + (" (default: the bundle's, else 0)" if bundle else ""))
+    g.add_argument("--guidance-end", type=cli.real(0, 1, open_min=True), metavar="F",
+                   default=None if bundle else d.guidance_end,
+                   help="fraction of the steps run after which classifier-free guidance stops, the last steps "
+                        "then the conditional prediction alone" + (" (default: the bundle's, else 1)" if bundle else ""))
+
+
+def check_guidance_window(args, p: argparse.ArgumentParser) -> None:
+    if args.guidance_start >= args.guidance_end:
+        p.error(f"--guidance-start {args.guidance_start:g} must be below --guidance-end {args.guidance_end:g}")
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m mrlf.generate", __doc__)
     src = p.add_argument_group("inputs (default: the bundle's label maps)")
@@ -420,6 +441,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "steps)")
     s.add_argument("--guidance", type=cli.finite, help="classifier-free guidance scale (default: the bundle's, "
                                                        "else 7.5)")
+    add_guidance_window_arguments(s, bundle=True)
     add_control_arguments(s)
     s.add_argument("--scale-factor", type=cli.positive_int,
                    help="MRLF factor of the tiled pass (default 2; 1 = plain controlled generation)")
@@ -466,7 +488,8 @@ def parse_args(argv=None):
         p.error("--random-tiny cannot be combined with --base or --bundle")
     if args.bundle or not (args.base or args.random_tiny):
         apply_bundle(args, p)
-    for name, default in (("guidance", 7.5), ("weather_prob", 0.5), ("num_samples", 4),
+    for name, default in (("guidance", 7.5), ("guidance_start", SamplingSettings.guidance_start),
+                          ("guidance_end", SamplingSettings.guidance_end), ("weather_prob", 0.5), ("num_samples", 4),
                           ("rcs_min_pixels", DEFAULT_MIN_PIXELS), ("rcs_temperature", DEFAULT_TEMPERATURE)):
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -483,10 +506,13 @@ def parse_args(argv=None):
         unfaithful += [f"--eta {args.eta:g}"] if args.eta else []
         unfaithful += [f"--control-start {args.control_start:g}"] if args.control_start else []
         unfaithful += [f"--control-end {args.control_end:g}"] if args.control_end < 1 else []
+        unfaithful += [f"--guidance-start {args.guidance_start:g}"] if args.guidance_start else []
+        unfaithful += [f"--guidance-end {args.guidance_end:g}"] if args.guidance_end < 1 else []
         if unfaithful or args.negative_prompt:
             p.error(f"--faithful reproduces the original; it cannot be combined with "
                     f"{', '.join(unfaithful + (['--negative-prompt'] if args.negative_prompt else []))}")
     check_control_arguments(args, p)
+    check_guidance_window(args, p)
     if args.eta and args.sampler != "ddim":
         p.error(f"--eta {args.eta:g} needs --sampler ddim (the {args.sampler} sampler draws no noise per step)")
     if args.overwrite and int(os.environ.get("WORLD_SIZE", 1)) > 1:

@@ -46,12 +46,18 @@ class SamplingSettings:
     # steps outside it are the U-Net's alone.
     control_start: float = 0.0
     control_end: float = 1.0
+    # Classifier-free guidance acts in this window of the steps run (guidance in a limited interval,
+    # Kynkäänniemi et al. 2024); the steps outside it take the conditional prediction alone, at half the cost.
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
 
     def __post_init__(self):
         get_sampler(self.sampler)
-        if not 0.0 <= self.control_start < self.control_end <= 1.0:
-            raise ValueError(f"the control window needs 0 <= control_start < control_end <= 1, got "
-                             f"{self.control_start:g} to {self.control_end:g}")
+        for name in ("control", "guidance"):
+            start, end = getattr(self, f"{name}_start"), getattr(self, f"{name}_end")
+            if not 0.0 <= start < end <= 1.0:
+                raise ValueError(f"the {name} window needs 0 <= {name}_start < {name}_end <= 1, got "
+                                 f"{start:g} to {end:g}")
         if self.sampler != "ddim" and (self.eta > 0 or self.strength < 1):
             raise ValueError(f"eta > 0 and strength < 1 (img2img) need the ddim sampler, not {self.sampler!r}")
 
@@ -83,9 +89,9 @@ class MRLFSettings:
             raise ValueError("view_batch must be >= 1")
 
 
-def control_window(steps: int, start: float, end: float) -> list[bool]:
-    """Which of `steps` sampler steps get the ControlNet: step i unless i/steps < start or
-    (i+1)/steps > end, diffusers' rule for control_guidance_start/end."""
+def step_window(steps: int, start: float, end: float) -> list[bool]:
+    """Which of `steps` sampler steps lie in the window [start, end] of the steps run: step i unless
+    i/steps < start or (i+1)/steps > end, diffusers' rule for control_guidance_start/end."""
     return [not (i / steps < start or (i + 1) / steps > end) for i in range(steps)]
 
 
@@ -194,18 +200,19 @@ class Pipeline:
         views = get_views(H, W, window or max(H, W), stride or max(H, W))
         weights = None if blend == "uniform" else blend_weights(views[0].height, views[0].width, blend)
 
-        def fused_eps(hint):
-            return tiled_eps(self.model_fn(s), views, context=context, guidance=s.guidance_scale, hint=hint,
-                             hint_factor=self.factor, view_batch=view_batch, weights=weights)
-
-        controlled = fused_eps(None if hint is None else hint.to(sd.device, sd.dtype))
-        keep = control_window(s.steps if timesteps is None else len(timesteps), s.control_start, s.control_end)
-        alone = controlled if hint is None or all(keep) else fused_eps(None)
+        hint = None if hint is None else hint.to(sd.device, sd.dtype)
+        n_steps = s.steps if timesteps is None else len(timesteps)
+        # per step: (with the ControlNet, guided); steps outside a window drop the ControlNet or the guidance
+        modes = list(zip([c and hint is not None for c in step_window(n_steps, s.control_start, s.control_end)],
+                         step_window(n_steps, s.guidance_start, s.guidance_end)))
+        fns = {(c, g): tiled_eps(self.model_fn(s), views, context=context, guidance=s.guidance_scale if g else 1.0,
+                                 hint=hint if c else None, hint_factor=self.factor, view_batch=view_batch,
+                                 weights=weights) for c, g in set(modes)}
         step = [0]  # the step under way, for samplers that call eps_fn more than once per step too
 
         def eps_fn(z, t):
             # t as a device tensor: a CUDA graph replays it as data (an int would be baked in).
-            return (controlled if keep[step[0]] else alone)(z, torch.tensor(t, device=sd.device))
+            return fns[modes[step[0]]](z, torch.tensor(t, device=sd.device))
 
         grid = {} if timesteps is None else {"timesteps": timesteps}
         levels = None if inpaint is None else sampler.levels(s.steps, self.schedule, **grid)

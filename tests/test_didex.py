@@ -195,6 +195,11 @@ def test_controlnet_and_txt2img_generators(source, tmp_path):
     row = _manifest(tmp_path / "end")[0]
     assert row["id"] == rows[0]["id"] and row["settings"]["sampling"]["control_end"] == 0.5
     assert _files(tmp_path / "end")[row["image"]] != _files(tmp_path / "cn")[row["image"]]
+    # guidance in the first half of the steps only: the same sample again, another image, recorded
+    assert _run(tmp_path / "guided", source, "--generator", "controlnet", "--only", "0", "--guidance-end", "0.5") == 0
+    row = _manifest(tmp_path / "guided")[0]
+    assert row["id"] == rows[0]["id"] and row["settings"]["sampling"]["guidance_end"] == 0.5
+    assert _files(tmp_path / "guided")[row["image"]] != _files(tmp_path / "cn")[row["image"]]
     assert _run(tmp_path / "t2i", source, "--generator", "txt2img", "-n", "1", "--template", "rand_cond") == 0
     row = _manifest(tmp_path / "t2i")[0]
     assert row["settings"]["sampling"]["strength"] == 1.0 and row["least_class"] is None
@@ -236,4 +241,8 @@ def test_model_flags_that_would_be_ignored_are_refused(tmp_path, capsys):
         didex.parse_args([*base, "--generator", "controlnet", "--control-start", "0.7", "--control-end", "0.7"])
     args = didex.parse_args([*base, "--generator", "controlnet", "--control-end", "0.7"])
     assert (args.control_start, args.control_end) == (0.0, 0.7)
+    args = didex.parse_args([*base, "--guidance-start", "0.2"])  # any generator guides
+    assert (args.guidance_start, args.guidance_end) == (0.2, 1.0)
+    with pytest.raises(SystemExit):
+        didex.parse_args([*base, "--guidance-start", "0.6", "--guidance-end", "0.5"])
 

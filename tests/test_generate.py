@@ -215,6 +215,33 @@ def test_control_window_flags_are_recorded_checked_and_old_folders_resume(full_r
     assert _run(out, labels, n=4) == 0 and len(_manifest(out)) == 4
 
 
+def test_guidance_window_flags_are_recorded_checked_and_old_folders_resume(full_run, labels, tmp_path):
+    """--guidance-end 0.5 (the second of the two steps unguided) changes the image and is recorded; a bad
+    window and --faithful refuse it; a folder whose run.json predates the window resumes."""
+    assert _run(tmp_path / "end", labels, "--guidance-end", "0.5", "--only", "0") == 0
+    row = _manifest(tmp_path / "end")[0]
+    sampling = row["settings"]["sampling"]
+    assert (sampling["guidance_start"], sampling["guidance_end"]) == (0.0, 0.5)
+    image = lambda root: np.asarray(Image.open(root / row["image"]))  # noqa: E731
+    assert not np.array_equal(image(tmp_path / "end"), image(full_run))
+    for argv in (["--guidance-start", "0.6", "--guidance-end", "0.4"], ["--guidance-end", "0"],
+                 ["--guidance-start", "1"], ["--guidance-end", "0.5", "--faithful"]):
+        with pytest.raises(SystemExit):
+            generate.parse_args(argv)
+
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(full_run, out)
+    run = json.loads((out / "run.json").read_text())
+    for key in ("guidance_start", "guidance_end"):
+        del run["sampling"][key]
+    (out / "run.json").write_text(json.dumps(run))
+    with pytest.raises(ValueError, match=r"sampling.guidance_end: 1.0 in the folder, 0.5 now"):
+        _run(out, labels, "--guidance-end", "0.5", n=4)
+    assert _run(out, labels, n=4) == 0 and len(_manifest(out)) == 4
+
+
 def test_sample_seed_is_stable():
     assert generate.sample_seed(0, 5) == generate.sample_seed(0, 5) != generate.sample_seed(1, 5)
 
@@ -340,6 +367,23 @@ def test_rare_class_sampling_follows_the_bundle_and_the_flag():
     assert settings["inputs"]["rcs_min_pixels"] == 3000  # a resume with another minimum is refused
 
 
+def test_a_bundle_sets_the_guidance_window_and_a_flag_wins(tmp_path):
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(generate.SHIPPED, bundle)
+    desc = json.loads((bundle / "bundle.json").read_text())
+    desc["generation"] |= {"guidance_end": 0.5}
+    (bundle / "bundle.json").write_text(json.dumps(desc))
+    sampling = lambda *a: generate.settings_from_args(  # noqa: E731
+        generate.parse_args(["--bundle", str(bundle), "--out", "unused", *a]))[0]
+    assert (sampling().guidance_start, sampling().guidance_end) == (0.0, 0.5)
+    assert sampling("--guidance-end", "0.8").guidance_end == 0.8
+    assert generate.settings_from_args(generate.parse_args(["--out", "unused"]))[0].guidance_end == 1.0
+    with pytest.raises(SystemExit):  # the bundle's end below the flag's start
+        generate.parse_args(["--bundle", str(bundle), "--out", "unused", "--guidance-start", "0.6"])
+
+
 def test_preset_and_view_settings():
     fusion = lambda *a: generate.settings_from_args(generate.parse_args(["--out", "unused", *a]))[1]  # noqa: E731
     assert (fusion().stride, fusion().component_threshold) == (8, 512)  # the shipped bundle's own
@@ -371,5 +415,8 @@ def test_corrupt_run_record_and_bundle_description_are_named(full_run, labels, t
         load_bundle(tmp_path / "b")
     (tmp_path / "b" / "bundle.json").write_text(json.dumps({"generation": {"size": "64", "weather_words": []}}))
     with pytest.raises(BundleError, match=r"wrong type or range: size='64', weather_words=\[\]"):
+        load_bundle(tmp_path / "b")
+    (tmp_path / "b" / "bundle.json").write_text(json.dumps({"generation": {"guidance_end": 1.5, "weather_prob": -1}}))
+    with pytest.raises(BundleError, match=r"wrong type or range: guidance_end=1.5, weather_prob=-1"):
         load_bundle(tmp_path / "b")
 

@@ -9,7 +9,7 @@ from helpers import randomize_, rel_err
 from ldm.sd import StableDiffusion
 from ldm.unet import UNetModel
 from mrlf.fusion import controlled_model, tiled_eps
-from mrlf.pipeline import Inpaint, MRLFSettings, Pipeline, SamplingSettings, control_window, from_pil, to_pil
+from mrlf.pipeline import Inpaint, MRLFSettings, Pipeline, SamplingSettings, step_window, from_pil, to_pil
 from mrlf.style import blend_unet_
 from mrlf.tiles import View, blend_weights, get_views
 from samplers import (SAMPLERS, SD15, cfg, ddim_sample, ddim_step, dpm_timesteps, euler_timesteps, guided_eps, randn,
@@ -66,8 +66,8 @@ def test_single_view_sampling_equals_plain_ddim_with_guidance(gen):
 def test_control_window_runs_the_unet_alone_outside_it(gen):
     """Steps outside [control_start, control_end] of the steps run are the guided U-Net without the
     ControlNet (diffusers' control_guidance_start/end); the window is over the steps an img2img run takes."""
-    assert control_window(5, 0.2, 0.6) == [False, True, True, False, False]
-    assert control_window(4, 0.0, 1.0) == [True] * 4 and control_window(10, 0.0, 0.7) == [True] * 7 + [False] * 3
+    assert step_window(5, 0.2, 0.6) == [False, True, True, False, False]
+    assert step_window(4, 0.0, 1.0) == [True] * 4 and step_window(10, 0.0, 0.7) == [True] * 7 + [False] * 3
     z0 = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     hint = gen.hint_from_labels(street_scene(128, 128, 2), 128, 128)
     ctx = _ctx(gen)
@@ -92,6 +92,37 @@ def test_control_window_runs_the_unet_alone_outside_it(gen):
     assert len(calls) == 1
     for bad in (dict(control_start=0.5, control_end=0.5), dict(control_end=1.5), dict(control_start=-0.1)):
         with pytest.raises(ValueError, match="control window"):
+            SamplingSettings(**bad)
+
+
+def test_guidance_window_takes_the_conditional_prediction_alone_outside_it(gen):
+    """Steps outside [guidance_start, guidance_end] of the steps run take the conditional prediction
+    alone (one half-size call, the ControlNet still on); inside, guidance as usual."""
+    z0 = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    hint = gen.hint_from_labels(street_scene(128, 128, 2), 128, 128)
+    ctx = _ctx(gen)
+    ours = gen.sample(z0, ctx, hint, SamplingSettings(steps=5, guidance_start=0.2, guidance_end=0.6))
+    model = controlled_model(gen.sd.unet, gen.controlnet)
+    guided, cond = cfg(model, 7.5, context=ctx, hint=hint), cfg(model, 1.0, context=ctx, hint=hint)
+    on = SD15.timesteps(5).tolist()[1:3]
+    ref = ddim_sample(lambda x, t: (guided if t in on else cond)(x, t), z0, 5, SD15)
+    assert rel_err(ours, ref) < 1e-5
+    assert rel_err(ours, gen.sample(z0, ctx, hint, SamplingSettings(steps=5))) > 1e-3
+    batches = []  # outside the window the U-Net sees the conditional half only
+    handle = gen.sd.unet.register_forward_hook(lambda m, a, out: batches.append(out.shape[0]))
+    try:
+        gen.sample(z0, ctx, hint, SamplingSettings(steps=4, guidance_end=0.5))
+    finally:
+        handle.remove()
+    assert batches == [2, 2, 1, 1]
+    # both windows at once: the ControlNet's and the guidance's are independent
+    both = gen.sample(z0, ctx, hint, SamplingSettings(steps=4, control_end=0.5, guidance_start=0.5))
+    alone = cfg(controlled_model(gen.sd.unet, None), 7.5, context=ctx)  # the last two steps: guided, no ControlNet
+    first = SD15.timesteps(4).tolist()[:2]  # the first two: the ControlNet, unguided
+    ref = ddim_sample(lambda x, t: (cond if t in first else alone)(x, t), z0, 4, SD15)
+    assert rel_err(both, ref) < 1e-5
+    for bad in (dict(guidance_start=0.5, guidance_end=0.5), dict(guidance_end=1.5), dict(guidance_start=-0.1)):
+        with pytest.raises(ValueError, match="guidance window"):
             SamplingSettings(**bad)
 
 
