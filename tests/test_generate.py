@@ -189,43 +189,19 @@ def test_keep_source_changes_the_image_is_recorded_and_checked(full_run, labels,
         generate.parse_args(["--random-tiny", "--keep-source", "out"])
 
 
-def test_control_window_flags_are_recorded_checked_and_old_folders_resume(full_run, labels, tmp_path):
-    """--control-end 0.5 (the ControlNet off for the second of the two steps) changes the image and is
-    recorded; a bad window and --faithful refuse it; a folder whose run.json predates the window resumes."""
-    assert _run(tmp_path / "end", labels, "--control-end", "0.5", "--only", "0") == 0
-    row = _manifest(tmp_path / "end")[0]
-    assert (row["settings"]["sampling"]["control_start"], row["settings"]["sampling"]["control_end"]) == (0.0, 0.5)
-    image = lambda root: np.asarray(Image.open(root / row["image"]))  # noqa: E731
-    assert not np.array_equal(image(tmp_path / "end"), image(full_run))
-    for argv in (["--control-start", "0.6", "--control-end", "0.4"], ["--control-end", "0"],
-                 ["--control-start", "1"], ["--control-end", "0.5", "--faithful"]):
-        with pytest.raises(SystemExit):
-            generate.parse_args(argv)
-
-    import shutil
-
-    out = tmp_path / "old"
-    shutil.copytree(full_run, out)
-    run = json.loads((out / "run.json").read_text())
-    for key in ("control_start", "control_end"):
-        del run["sampling"][key]
-    (out / "run.json").write_text(json.dumps(run))
-    with pytest.raises(ValueError, match=r"sampling.control_end: 1.0 in the folder, 0.5 now"):
-        _run(out, labels, "--control-end", "0.5", n=4)
-    assert _run(out, labels, n=4) == 0 and len(_manifest(out)) == 4
-
-
-def test_guidance_window_flags_are_recorded_checked_and_old_folders_resume(full_run, labels, tmp_path):
-    """--guidance-end 0.5 (the second of the two steps unguided) changes the image and is recorded; a bad
-    window and --faithful refuse it; a folder whose run.json predates the window resumes."""
-    assert _run(tmp_path / "end", labels, "--guidance-end", "0.5", "--only", "0") == 0
+@pytest.mark.parametrize("window", ["control", "guidance"])
+def test_step_window_flags_are_recorded_checked_and_old_folders_resume(full_run, labels, tmp_path, window):
+    """--control-end 0.5 (the ControlNet off for the second of the two steps) and --guidance-end 0.5 (that
+    step unguided) change the image and are recorded; a bad window and --faithful refuse them; a folder
+    whose run.json predates the window resumes."""
+    start, end = f"--{window}-start", f"--{window}-end"
+    assert _run(tmp_path / "end", labels, end, "0.5", "--only", "0") == 0
     row = _manifest(tmp_path / "end")[0]
     sampling = row["settings"]["sampling"]
-    assert (sampling["guidance_start"], sampling["guidance_end"]) == (0.0, 0.5)
+    assert (sampling[f"{window}_start"], sampling[f"{window}_end"]) == (0.0, 0.5)
     image = lambda root: np.asarray(Image.open(root / row["image"]))  # noqa: E731
     assert not np.array_equal(image(tmp_path / "end"), image(full_run))
-    for argv in (["--guidance-start", "0.6", "--guidance-end", "0.4"], ["--guidance-end", "0"],
-                 ["--guidance-start", "1"], ["--guidance-end", "0.5", "--faithful"]):
+    for argv in ([start, "0.6", end, "0.4"], [end, "0"], [start, "1"], [end, "0.5", "--faithful"]):
         with pytest.raises(SystemExit):
             generate.parse_args(argv)
 
@@ -234,11 +210,11 @@ def test_guidance_window_flags_are_recorded_checked_and_old_folders_resume(full_
     out = tmp_path / "old"
     shutil.copytree(full_run, out)
     run = json.loads((out / "run.json").read_text())
-    for key in ("guidance_start", "guidance_end"):
+    for key in (f"{window}_start", f"{window}_end"):
         del run["sampling"][key]
     (out / "run.json").write_text(json.dumps(run))
-    with pytest.raises(ValueError, match=r"sampling.guidance_end: 1.0 in the folder, 0.5 now"):
-        _run(out, labels, "--guidance-end", "0.5", n=4)
+    with pytest.raises(ValueError, match=rf"sampling.{window}_end: 1.0 in the folder, 0.5 now"):
+        _run(out, labels, end, "0.5", n=4)
     assert _run(out, labels, n=4) == 0 and len(_manifest(out)) == 4
 
 
