@@ -375,14 +375,15 @@ def add_guidance_window_arguments(g, bundle: bool = False) -> None:
     """When classifier-free guidance acts (SamplingSettings.guidance_start/end). With `bundle`, unset
     flags are None, to be filled from a bundle's generation settings or else the defaults."""
     d = SamplingSettings
+    note = " (default: the bundle's, else {:g})" if bundle else ""
     g.add_argument("--guidance-start", type=cli.real(0, 1, open_max=True), metavar="F",
                    default=None if bundle else d.guidance_start,
                    help="fraction of the steps run before classifier-free guidance starts; the steps before take "
-                        "the conditional prediction alone" + (" (default: the bundle's, else 0)" if bundle else ""))
+                        "the conditional prediction alone" + note.format(d.guidance_start))
     g.add_argument("--guidance-end", type=cli.real(0, 1, open_min=True), metavar="F",
                    default=None if bundle else d.guidance_end,
                    help="fraction of the steps run after which classifier-free guidance stops, the last steps "
-                        "then the conditional prediction alone" + (" (default: the bundle's, else 1)" if bundle else ""))
+                        "then the conditional prediction alone" + note.format(d.guidance_end))
 
 
 def check_guidance_window(args, p: argparse.ArgumentParser) -> None:
